@@ -1,0 +1,100 @@
+"""PhiAttention and `attend`, the one place that chooses an attention implementation.
+
+q/k/v are `[batch, seq, heads, head_dim]` at every boundary (B T N H; keys B S K H).
+Masks are bool, True = attend, shaped `[B, 1, T, S]`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from phi_jax.layernorm import layer_norm, make_layer_norm
+from phi_jax.rotary import apply_partial_rotary
+
+ATTN_IMPLEMENTATIONS = ("xla",)
+
+
+def attend_xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+               dropout: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+    """Plain-jnp scaled dot-product attention with grouped keys; softmax in float32.
+
+    Args:
+      q: `[B, T, N, H]`; k, v: `[B, S, K, H]` with N a multiple of K; mask: `[B, 1, T, S]` bool.
+      dropout: applied to the attention probabilities (training only).
+    Returns:
+      `[B, T, N, H]` in q's dtype.
+    """
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * (h ** -0.5)
+    # A finite floor (not -inf): a fully masked row (a left-pad query) averages instead of giving NaN.
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)  # [B, K, G, T, S]
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    if dropout is not None:
+        probs = dropout(probs)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)  # [B, T, K, G, H]
+    return out.reshape(b, t, n, h)
+
+
+def get_attention_fn(attn_implementation: str):
+    """Maps the `attn_implementation` string to a function, once, at construction."""
+    if attn_implementation == "xla":
+        return attend_xla
+    raise ValueError(f"attn_implementation={attn_implementation!r} is not supported; "
+                     f"expected one of {ATTN_IMPLEMENTATIONS}")
+
+
+class PhiAttention(nnx.Module):
+    """Biased q/k/v/dense projections, optional per-head q/k LayerNorm, partial rotary, GQA."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, *, qk_layernorm: bool,
+                 layer_norm_eps: float, attention_dropout: float, attn_implementation: str,
+                 dtype, param_dtype, rngs: nnx.Rngs):
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = hidden_size // num_heads
+        self.attn_fn = get_attention_fn(attn_implementation)
+        linear = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = nnx.Linear(hidden_size, num_heads * self.head_dim, **linear)
+        self.k_proj = nnx.Linear(hidden_size, num_kv_heads * self.head_dim, **linear)
+        self.v_proj = nnx.Linear(hidden_size, num_kv_heads * self.head_dim, **linear)
+        self.dense = nnx.Linear(num_heads * self.head_dim, hidden_size, **linear)
+        if qk_layernorm:
+            self.q_layernorm = make_layer_norm(self.head_dim, layer_norm_eps, param_dtype, rngs)
+            self.k_layernorm = make_layer_norm(self.head_dim, layer_norm_eps, param_dtype, rngs)
+        else:
+            self.q_layernorm = self.k_layernorm = None
+        self.attn_dropout = (nnx.Dropout(attention_dropout, deterministic=True, rngs=rngs)
+                             if attention_dropout else None)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 cache: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | None = None):
+        """
+        Args:
+          x: `[B, T, D]`; cos, sin: `[B, T, R]`; mask: `[B, 1, T, S]` bool.
+          cache: optional `(k, v)`, each `[B, S, K, H]`; this call's keys are written at `cache_index`.
+        Returns:
+          `([B, T, D], new_cache or None)`.
+        """
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)  # [B, T, N, H]
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
+        if self.q_layernorm is not None:
+            q = layer_norm(self.q_layernorm, q)
+            k = layer_norm(self.k_layernorm, k)
+        q = apply_partial_rotary(q, cos, sin)
+        k = apply_partial_rotary(k, cos, sin)
+        new_cache = None
+        if cache is not None:
+            k_cache, v_cache = cache
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)  # [B, S, K, H]
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)  # [B, S, K, H]
+            new_cache = (k, v)
+        out = self.attn_fn(q, k.astype(q.dtype), v.astype(q.dtype), mask, dropout=self.attn_dropout)
+        return self.dense(out.reshape(b, t, self.num_heads * self.head_dim)), new_cache

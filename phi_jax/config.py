@@ -1,0 +1,211 @@
+"""PhiConfig: transformers' PhiConfig as a frozen dataclass.
+
+Field names are transformers' names. `from_pretrained` reads a `config.json` in
+both layouts transformers has written:
+
+- 4.x: `rope_theta`, `partial_rotary_factor` and `rope_scaling` at top level;
+- 5.x: `rope_parameters = {"rope_type", "rope_theta", "partial_rotary_factor", "factor"}`.
+
+`to_dict` writes the 5.x layout, which transformers 5 loads. Anything this port does
+not implement (an unknown `hidden_act`, rope type or config key, a `model_type`
+other than `phi`) raises `ValueError` naming the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+SUPPORTED_ACTIVATIONS = (
+    "gelu_new", "gelu", "gelu_fast", "gelu_pytorch_tanh", "gelu_python_tanh", "quick_gelu", "relu", "silu", "swish",
+)
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic")
+
+# Keys that PretrainedConfig (4.x and 5.x) writes for every model; they carry no Phi semantics.
+_GENERIC_KEYS = frozenset({
+    "transformers_version", "architectures", "output_hidden_states", "output_attentions", "return_dict", "dtype",
+    "torch_dtype", "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "add_cross_attention",
+    "tie_encoder_decoder", "cross_attention_hidden_size", "_name_or_path", "auto_map", "tokenizer_class", "prefix",
+    "task_specific_params", "finetuning_task", "_attn_implementation", "_attn_implementation_autoset",
+    "use_bfloat16", "pruned_heads", "torchscript", "decoder_start_token_id", "sep_token_id", "tf_legacy_loss",
+    "custom_pipelines", "quantization_config", "_commit_hash", "model_type", "rope_scaling", "rope_theta",
+    "partial_rotary_factor", "id2label", "label2id", "num_labels", "max_length", "min_length", "do_sample",
+    "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p",
+    "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+    "bad_words_ids", "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens", "output_router_logits",
+})
+
+
+@dataclasses.dataclass(frozen=True)
+class PhiConfig:
+    """Hyper-parameters of a Phi model; see transformers' `PhiConfig` for each field."""
+
+    vocab_size: int = 51200
+    hidden_size: int = 2048
+    intermediate_size: int = 8192
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    resid_pdrop: float = 0.0
+    embd_pdrop: float = 0.0
+    attention_dropout: float = 0.0
+    hidden_act: str = "gelu_new"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-5
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+    rope_parameters: dict | None = None
+    qk_layernorm: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+    # Heads (PretrainedConfig's generic fields that the classification heads read).
+    id2label: dict | None = None
+    problem_type: str | None = None
+    classifier_dropout: float | None = None
+    architectures: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        rope = dict(self.rope_parameters or {})
+        rope.setdefault("rope_type", rope.pop("type", "default"))
+        rope.setdefault("rope_theta", 10000.0)
+        rope.setdefault("partial_rotary_factor", 0.5)
+        object.__setattr__(self, "rope_parameters", rope)
+        if self.id2label is None:
+            object.__setattr__(self, "id2label", {0: "LABEL_0", 1: "LABEL_1"})
+        else:
+            object.__setattr__(self, "id2label", {int(k): v for k, v in self.id2label.items()})
+        if self.architectures is not None:
+            object.__setattr__(self, "architectures", tuple(self.architectures))
+        self.validate()
+
+    # ---- derived sizes -------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_ndims(self) -> int:
+        """Channels of each head that rotate: `int(head_dim * partial_rotary_factor)`."""
+        return int(self.head_dim * self.rope_parameters["partial_rotary_factor"])
+
+    @property
+    def rope_type(self) -> str:
+        return self.rope_parameters["rope_type"]
+
+    @property
+    def rope_theta(self) -> float:
+        return float(self.rope_parameters["rope_theta"])
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    def validate(self) -> None:
+        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; expected one of {SUPPORTED_ACTIVATIONS}")
+        rope_type = self.rope_type
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(f"rope type {rope_type!r} is not supported; expected one of {SUPPORTED_ROPE_TYPES}")
+        unknown = set(self.rope_parameters) - {"rope_type", "rope_theta", "partial_rotary_factor", "factor"}
+        if unknown:
+            raise ValueError(f"rope_parameters has keys this port does not implement: {sorted(unknown)}")
+        if rope_type != "default":
+            factor = self.rope_parameters.get("factor")
+            if not isinstance(factor, (int, float)) or isinstance(factor, bool):
+                raise ValueError(f"rope type {rope_type!r} needs a numeric 'factor', got {factor!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        if self.rotary_ndims % 2:
+            raise ValueError(f"rotary dimension int(head_dim * partial_rotary_factor) = {self.rotary_ndims} is odd")
+        if self.problem_type not in (None, "regression", "single_label_classification", "multi_label_classification"):
+            raise ValueError(f"problem_type={self.problem_type!r} is not supported")
+
+    def __hash__(self):  # dict fields: hash the serialised form (NNX keeps the config in the static graph)
+        return hash(self.to_json_string())
+
+    def replace(self, **changes) -> "PhiConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ---- (de)serialisation -----------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PhiConfig":
+        """Builds a config from a transformers `config.json` dict (4.x or 5.x layout)."""
+        d = dict(d)
+        model_type = d.get("model_type", "phi")
+        if model_type != "phi":
+            raise ValueError(f"model_type={model_type!r} is not a Phi model (expected 'phi')")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in d if k not in fields and k not in _GENERIC_KEYS)
+        if unknown:
+            raise ValueError(f"config has keys phi_jax does not understand: {unknown}")
+        # 4.x layout: rope settings at top level, scaling under `rope_scaling`.
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        if "rope_theta" in d:
+            rope.setdefault("rope_theta", d["rope_theta"])
+        if "partial_rotary_factor" in d:
+            rope.setdefault("partial_rotary_factor", d["partial_rotary_factor"])
+        kwargs = {k: v for k, v in d.items() if k in fields}
+        kwargs["rope_parameters"] = rope
+        if "num_labels" in d and "id2label" not in d:
+            kwargs["id2label"] = {i: f"LABEL_{i}" for i in range(d["num_labels"])}
+        return cls(**kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "PhiConfig":
+        path = os.fspath(path)
+        file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"no config.json at {file}")
+        with open(file) as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{file} is not valid JSON: {e}") from None
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A transformers 5.x `config.json` dict."""
+        d = dataclasses.asdict(self)
+        d["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        d["label2id"] = {v: k for k, v in self.id2label.items()}
+        d["architectures"] = list(self.architectures) if self.architectures else None
+        d["model_type"] = "phi"
+        for k in ("problem_type", "classifier_dropout"):
+            if d[k] is None:
+                del d[k]
+        return d
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+def phi_1(**overrides) -> PhiConfig:
+    """microsoft/phi-1 geometry (1.3B)."""
+    return PhiConfig(**{**dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                                num_attention_heads=32, rope_parameters=dict(partial_rotary_factor=0.5)), **overrides})
+
+
+def phi_1_5(**overrides) -> PhiConfig:
+    """microsoft/phi-1_5 geometry (1.4B); the same shapes as phi-1."""
+    return phi_1(**overrides)
+
+
+def phi_2(**overrides) -> PhiConfig:
+    """microsoft/phi-2 geometry (2.7B): head_dim 80, 32 rotary channels per head."""
+    return PhiConfig(**{**dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
+                                num_attention_heads=32, bos_token_id=50256, eos_token_id=50256,
+                                rope_parameters=dict(partial_rotary_factor=0.4)), **overrides})
+
+

@@ -1,0 +1,155 @@
+"""Hugging Face directory <-> phi_jax model, through the name table in hf_names.
+
+Loading builds the model abstractly (`nnx.eval_shape`), checks the checkpoint's key set
+and every shape against it before reading any tensor, then streams tensors one at a time
+(transposing Linear kernels to `[in, out]` and casting to `param_dtype`), so the host
+never holds two full copies of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from phi_jax.checkpoint import CheckpointReader, SAFE_SINGLE, atomic_write_bytes, save_safetensors
+from phi_jax.config import PhiConfig
+from phi_jax.hf_names import HEAD_PREFIXES, hf_key, is_buffer
+
+log = logging.getLogger(__name__)
+
+
+def _build_abstract(cls, config, **kw):
+    """(graphdef, abstract params, concrete non-param state such as dropout rng keys)."""
+    make = lambda: cls(config, rngs=nnx.Rngs(0), **kw)  # noqa: E731
+    graphdef, params, _ = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
+    # Only the small rng state is materialised; XLA drops the unused parameter initialisers.
+    rest = jax.jit(lambda: nnx.split(make(), nnx.Param, ...)[2])()
+    return graphdef, params, rest
+
+
+def _checkpoint_key(cls, param_key: str, ckpt_keys) -> str:
+    """Maps our key to the checkpoint's: a PhiModel checkpoint has no `model.` prefix, a head checkpoint does."""
+    if cls.__name__ == "PhiModel":
+        prefixed = "model." + param_key
+        return prefixed if prefixed in ckpt_keys or param_key not in ckpt_keys else param_key
+    if param_key.startswith("model.") and param_key not in ckpt_keys and param_key[6:] in ckpt_keys:
+        return param_key[6:]
+    return param_key
+
+
+def load_pretrained(cls, path, *, dtype=jnp.float32, param_dtype=None, attn_implementation="xla",
+                    allow_new_head: bool = False, progress: bool = False, config: PhiConfig | None = None):
+    """Loads `cls` from a Hugging Face directory; see PhiPreTrainedModel.from_pretrained.
+
+    Args:
+      allow_new_head: initialise a classification head (`score`) that the checkpoint lacks (as when
+        fine-tuning a classifier from a causal-LM checkpoint) instead of raising.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model path not found: {path}")
+    config = config or PhiConfig.from_pretrained(path)
+    param_dtype = param_dtype or dtype
+    graphdef, params, rest = _build_abstract(cls, config, dtype=dtype, param_dtype=param_dtype,
+                                             attn_implementation=attn_implementation)
+    reader = CheckpointReader(path)
+    ckpt = set(reader.shapes)
+    flat = nnx.to_flat_state(params)
+    shapes = {p: tuple(var.value.shape) for p, var in flat}
+    plan, missing, mismatched, new_heads = [], [], [], []
+    for p, var in flat:
+        key, transpose = hf_key(p)
+        src = _checkpoint_key(cls, key, ckpt)
+        want = shapes[p]
+        if src not in ckpt:
+            if allow_new_head and key.startswith("score."):
+                new_heads.append(p)
+                continue
+            missing.append(src)
+            continue
+        got = reader.shapes[src]
+        if (got[::-1] if transpose else got) != want:
+            expected = want[::-1] if transpose else want
+            mismatched.append(f"{src}: checkpoint has {list(got)}, model expects {list(expected)}")
+        plan.append((p, src, transpose))
+    used = {src for _, src, _ in plan}
+    own_heads = {k for k, _ in (hf_key(p) for p, _ in flat) if k.startswith(HEAD_PREFIXES)}
+    unexpected = []
+    for k in sorted(ckpt - used):
+        if is_buffer(k):
+            continue
+        if k == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # tied: the embedding serves as lm_head
+        if k.startswith(HEAD_PREFIXES) and k not in own_heads:
+            log.info("skipping %s: a head that %s does not have", k, cls.__name__)
+            continue
+        unexpected.append(k)
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {missing}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {unexpected}")
+    if mismatched:
+        problems.append("shape mismatches: " + "; ".join(mismatched))
+    if problems:
+        raise ValueError(f"checkpoint {path} does not fit {cls.__name__} with its config: " + " | ".join(problems))
+
+    values = {}
+    items = plan
+    if progress:
+        from tqdm import tqdm
+        items = tqdm(plan, desc="loading", unit="tensor")
+    for p, src, transpose in items:
+        arr = reader.get(src)
+        if transpose:
+            arr = arr.T
+        values[p] = jnp.asarray(arr, dtype=param_dtype)
+        del arr
+    reader.close()
+    if new_heads:
+        key = jax.random.key(0)
+        for p in new_heads:
+            key, sub = jax.random.split(key)
+            values[p] = (config.initializer_range * jax.random.normal(sub, shapes[p])).astype(param_dtype)
+    for p, var in flat:
+        var.value = values[p]
+    params = nnx.from_flat_state(flat)
+    return nnx.merge(graphdef, params, rest)
+
+
+def state_dict(model, dtype=None) -> dict[str, np.ndarray]:
+    """The model's parameters under transformers' names and layouts, as numpy arrays (optionally cast)."""
+    out = {}
+    for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        key, transpose = hf_key(p)
+        arr = np.asarray(jax.device_get(var.value))
+        if transpose:
+            arr = arr.T
+        if dtype is not None:
+            arr = arr.astype(dtype)
+        out[key] = np.ascontiguousarray(arr)
+    return out
+
+
+def config_dict_for(model) -> dict:
+    d = model.config.to_dict()
+    d["architectures"] = [type(model).__name__]
+    params = jax.tree.leaves(nnx.state(model, nnx.Param))
+    d["dtype"] = str(np.dtype(params[0].dtype)) if params else "float32"
+    return d
+
+
+def save_pretrained(model, path, dtype=None) -> None:
+    """Writes config.json and model.safetensors (each atomically) that transformers loads."""
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    tensors = state_dict(model, dtype)
+    save_safetensors(tensors, os.path.join(path, SAFE_SINGLE))
+    atomic_write_bytes(os.path.join(path, "config.json"),
+                       (json.dumps(config_dict_for(model), indent=2, sort_keys=True) + "\n").encode())

@@ -1,0 +1,46 @@
+"""Losses with transformers' conventions (labels of -100 are ignored; causal labels shift inside)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IGNORE_INDEX = -100
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int = IGNORE_INDEX) -> jax.Array:
+    """Mean cross-entropy over labels != ignore_index. `logits: [..., V]`, `labels: [...]`."""
+    logits = logits.astype(jnp.float32)
+    valid = labels != ignore_index
+    safe = jnp.where(valid, labels, 0)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.sum(valid)
+
+
+def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Token t predicts label t+1, as transformers' ForCausalLMLoss. `logits: [B, T, V]`, `labels: [B, T]`."""
+    shifted = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
+    return cross_entropy(logits, shifted)
+
+
+def sequence_classification_loss(pooled: jax.Array, labels: jax.Array, problem_type: str | None) -> jax.Array:
+    """transformers' ForSequenceClassificationLoss; `pooled: [B, C]`."""
+    num_labels = pooled.shape[-1]
+    if problem_type is None:
+        if num_labels == 1:
+            problem_type = "regression"
+        elif jnp.issubdtype(labels.dtype, jnp.integer):
+            problem_type = "single_label_classification"
+        else:
+            problem_type = "multi_label_classification"
+    pooled = pooled.astype(jnp.float32)
+    if problem_type == "regression":
+        if num_labels == 1:
+            return jnp.mean((jnp.squeeze(pooled) - jnp.squeeze(labels)) ** 2)
+        return jnp.mean((pooled - labels) ** 2)
+    if problem_type == "single_label_classification":
+        return cross_entropy(pooled.reshape(-1, num_labels), labels.reshape(-1))
+    # multi-label: BCE with logits, mean over all elements.
+    labels = labels.astype(jnp.float32)
+    return jnp.mean(jnp.maximum(pooled, 0) - pooled * labels + jnp.log1p(jnp.exp(-jnp.abs(pooled))))

@@ -1,0 +1,45 @@
+"""PhiMLP: fc1 -> activation (gelu_new for every released Phi) -> fc2."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def _gelu_tanh(x):  # transformers' gelu_new / gelu_pytorch_tanh
+    return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _gelu_fast(x):
+    return 0.5 * x * (1.0 + jnp.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+
+ACTIVATIONS = {
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_python_tanh": _gelu_tanh,
+    "gelu_fast": _gelu_fast,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+class PhiMLP(nnx.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, *, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        if hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={hidden_act!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
+        self.activation_fn = ACTIVATIONS[hidden_act]
+        linear = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc1 = nnx.Linear(hidden_size, intermediate_size, **linear)
+        self.fc2 = nnx.Linear(intermediate_size, hidden_size, **linear)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """`[B, T, D] -> [B, T, F] -> [B, T, D]`."""
+        return self.fc2(self.activation_fn(self.fc1(x)))

@@ -1,0 +1,239 @@
+"""PhiModel and its heads: PhiForCausalLM, PhiForSequenceClassification, PhiForTokenClassification.
+
+Module paths equal transformers' state-dict keys (`model.layers.0.self_attn.q_proj`, ...);
+Linear kernels are stored `[in, out]` (transposed once at load).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from phi_jax.config import PhiConfig
+from phi_jax.layer import PhiDecoderLayer
+from phi_jax.layernorm import layer_norm, make_layer_norm
+from phi_jax.losses import causal_lm_loss, cross_entropy, sequence_classification_loss
+from phi_jax.rotary import cos_sin
+
+
+@struct.dataclass
+class PhiOutput:
+    """What every model call returns.
+
+    logits: `[B, T, V]` (causal LM), `[B, C]` (sequence classification) or `[B, T, C]` (token classification);
+    `None` for PhiModel. last_hidden_state: `[B, T, D]`. hidden_states: the embeddings and each layer's output
+    (the last one after the final LayerNorm, as transformers reports them) when requested. cache: the updated
+    key/value cache when one was passed.
+    """
+
+    last_hidden_state: jax.Array
+    logits: jax.Array | None = None
+    loss: jax.Array | None = None
+    hidden_states: tuple[jax.Array, ...] | None = None
+    cache: Any = None
+
+
+def check_input_ids(input_ids, vocab_size: int) -> None:
+    """Raises ValueError for a token id outside [0, vocab_size) (a JAX gather would clamp it silently).
+
+    Traced ids cannot be inspected; they are checked where they enter as concrete arrays.
+    """
+    if isinstance(input_ids, jax.core.Tracer):
+        return
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be integers, got dtype {ids.dtype}")
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        pos = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"token id {int(ids[pos])} at position {pos} is outside [0, {vocab_size}) (vocab_size)")
+
+
+def _check_mask(name: str, mask, shape) -> None:
+    if mask is not None and tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {tuple(shape)}")
+
+
+def build_mask(attention_mask: jax.Array | None, batch: int, q_len: int, kv_len: int, q_offset) -> jax.Array:
+    """Causal & padding mask `[B, 1, T, S]` bool: query t (slot q_offset+t) sees key slots s <= it that are real."""
+    q_slots = q_offset + jnp.arange(q_len)[:, None]  # [T, 1]
+    causal = jnp.arange(kv_len)[None, :] <= q_slots  # [T, S]
+    mask = jnp.broadcast_to(causal[None, None], (batch, 1, q_len, kv_len))
+    if attention_mask is not None:
+        mask = mask & attention_mask.astype(bool)[:, None, None, :]
+    return mask
+
+
+class PhiPreTrainedModel(nnx.Module):
+    """Loading, saving and the compiled forward shared by every Phi class."""
+
+    config: PhiConfig
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None,
+                        attn_implementation: str = "xla", **kwargs):
+        """Loads a Hugging Face directory (config.json + safetensors / sharded safetensors / pytorch_model.bin)."""
+        from phi_jax.loading import load_pretrained
+        return load_pretrained(cls, path, dtype=dtype, param_dtype=param_dtype,
+                               attn_implementation=attn_implementation, **kwargs)
+
+    def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
+        """Writes config.json + model.safetensors that transformers' PyTorch classes load."""
+        from phi_jax.loading import save_pretrained
+        save_pretrained(self, path, **kwargs)
+
+
+class PhiModel(PhiPreTrainedModel):
+    def __init__(self, config: PhiConfig, *, dtype=jnp.float32, param_dtype=None, attn_implementation: str = "xla",
+                 rngs: nnx.Rngs):
+        param_dtype = param_dtype or dtype
+        self.config = config
+        self.dtype = dtype
+        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                                      rngs=rngs)
+        self.embed_dropout = nnx.Dropout(config.embd_pdrop, deterministic=True, rngs=rngs)
+        self.layers = nnx.List([
+            PhiDecoderLayer(config, attn_implementation=attn_implementation, dtype=dtype, param_dtype=param_dtype,
+                            rngs=rngs)
+            for _ in range(config.num_hidden_layers)])
+        self.final_layernorm = make_layer_norm(config.hidden_size, config.layer_norm_eps, param_dtype, rngs)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 position_ids: jax.Array | None = None, *, cache=None, cache_index=None,
+                 output_hidden_states: bool = False) -> PhiOutput:
+        """
+        Args:
+          input_ids: `[B, T]` int.
+          attention_mask: `[B, T]` (or `[B, S]` over the cache slots when `cache` is given); 1/True = real token.
+          position_ids: `[B, T]`; default `cache_index + 0..T-1`.
+          cache: optional tuple of per-layer `(k, v)`, each `[B, S, K, H]`, written at slot `cache_index`.
+        Returns:
+          PhiOutput with `last_hidden_state: [B, T, D]`.
+        """
+        check_input_ids(input_ids, self.config.vocab_size)
+        b, t = input_ids.shape
+        kv_len = t if cache is None else cache[0][0].shape[1]
+        offset = 0 if cache is None else cache_index
+        _check_mask("attention_mask", attention_mask, (b, kv_len))
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(offset + jnp.arange(t, dtype=jnp.int32), (b, t))
+        _check_mask("position_ids", position_ids, (b, t))
+        mask = build_mask(attention_mask, b, t, kv_len, offset)
+
+        x = self.embed_dropout(self.embed_tokens(input_ids))  # [B, T, D]
+        cos, sin = cos_sin(self.config, position_ids, x.dtype)  # [B, T, R]
+        hidden_states = [x] if output_hidden_states else None
+        new_cache = [] if cache is not None else None
+        for i, layer in enumerate(self.layers):
+            x, layer_cache = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index)
+            if cache is not None:
+                new_cache.append(layer_cache)
+            if output_hidden_states and i < len(self.layers) - 1:
+                hidden_states.append(x)
+        x = layer_norm(self.final_layernorm, x)
+        if output_hidden_states:
+            hidden_states.append(x)
+        return PhiOutput(last_hidden_state=x, hidden_states=None if hidden_states is None else tuple(hidden_states),
+                         cache=None if new_cache is None else tuple(new_cache))
+
+
+class TiedLMHead(nnx.Module):
+    """lm_head when `tie_word_embeddings`: the embedding matrix (transposed) plus lm_head's own bias."""
+
+    def __init__(self, vocab_size: int, *, param_dtype):
+        self.bias = nnx.Param(jnp.zeros((vocab_size,), param_dtype))
+
+    def __call__(self, x: jax.Array, embedding: jax.Array) -> jax.Array:
+        """`x: [B, T, D]`, `embedding: [V, D]` -> `[B, T, V]`."""
+        return jnp.einsum("BTD,VD->BTV", x, embedding.astype(x.dtype)) + self.bias[...].astype(x.dtype)
+
+
+class PhiForCausalLM(PhiPreTrainedModel):
+    def __init__(self, config: PhiConfig, *, dtype=jnp.float32, param_dtype=None, attn_implementation: str = "xla",
+                 rngs: nnx.Rngs):
+        param_dtype = param_dtype or dtype
+        self.config = config
+        self.model = PhiModel(config, dtype=dtype, param_dtype=param_dtype,
+                              attn_implementation=attn_implementation, rngs=rngs)
+        if config.tie_word_embeddings:
+            self.lm_head = TiedLMHead(config.vocab_size, param_dtype=param_dtype)
+        else:
+            self.lm_head = nnx.Linear(config.hidden_size, config.vocab_size, use_bias=True, dtype=dtype,
+                                      param_dtype=param_dtype, rngs=rngs)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """`[B, T, D] -> [B, T, V]`."""
+        if isinstance(self.lm_head, TiedLMHead):
+            return self.lm_head(hidden, self.model.embed_tokens.embedding[...])
+        return self.lm_head(hidden)
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, *, labels=None, cache=None,
+                 cache_index=None, output_hidden_states: bool = False) -> PhiOutput:
+        """See PhiModel; `labels: [B, T]` (-100 ignored) adds the shifted causal-LM loss."""
+        out = self.model(input_ids, attention_mask, position_ids, cache=cache, cache_index=cache_index,
+                         output_hidden_states=output_hidden_states)
+        logits = self.logits(out.last_hidden_state)
+        loss = None if labels is None else causal_lm_loss(logits, labels)
+        return out.replace(logits=logits, loss=loss)
+
+
+class PhiForSequenceClassification(PhiPreTrainedModel):
+    """Scores the last non-pad token of each row (the rightmost token != pad_token_id), as transformers does."""
+
+    def __init__(self, config: PhiConfig, *, dtype=jnp.float32, param_dtype=None, attn_implementation: str = "xla",
+                 rngs: nnx.Rngs):
+        param_dtype = param_dtype or dtype
+        self.config = config
+        self.model = PhiModel(config, dtype=dtype, param_dtype=param_dtype,
+                              attn_implementation=attn_implementation, rngs=rngs)
+        self.score = nnx.Linear(config.hidden_size, config.num_labels, use_bias=False, dtype=dtype,
+                                param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, *, labels=None,
+                 output_hidden_states: bool = False) -> PhiOutput:
+        """`logits: [B, C]`; `labels: [B]` (or `[B, C]` floats for regression / multi-label)."""
+        out = self.model(input_ids, attention_mask, position_ids, output_hidden_states=output_hidden_states)
+        logits = self.score(out.last_hidden_state)  # [B, T, C]
+        b, t = input_ids.shape
+        pad = self.config.pad_token_id
+        if pad is None:
+            if b != 1:
+                raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined (pad_token_id is None)")
+            last = jnp.full((b,), t - 1)
+        else:
+            last = jnp.argmax(jnp.arange(t) * (input_ids != pad), axis=-1)  # [B]
+        pooled = logits[jnp.arange(b), last]  # [B, C]
+        loss = None if labels is None else sequence_classification_loss(pooled, labels, self.config.problem_type)
+        return out.replace(logits=pooled, loss=loss)
+
+
+class PhiForTokenClassification(PhiPreTrainedModel):
+    def __init__(self, config: PhiConfig, *, dtype=jnp.float32, param_dtype=None, attn_implementation: str = "xla",
+                 rngs: nnx.Rngs):
+        param_dtype = param_dtype or dtype
+        self.config = config
+        self.model = PhiModel(config, dtype=dtype, param_dtype=param_dtype,
+                              attn_implementation=attn_implementation, rngs=rngs)
+        rate = 0.1 if config.classifier_dropout is None else config.classifier_dropout
+        self.dropout = nnx.Dropout(rate, deterministic=True, rngs=rngs)
+        self.score = nnx.Linear(config.hidden_size, config.num_labels, use_bias=True, dtype=dtype,
+                                param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, *, labels=None,
+                 output_hidden_states: bool = False) -> PhiOutput:
+        """`logits: [B, T, C]`; `labels: [B, T]` (-100 ignored)."""
+        out = self.model(input_ids, attention_mask, position_ids, output_hidden_states=output_hidden_states)
+        logits = self.score(self.dropout(out.last_hidden_state))
+        loss = None if labels is None else cross_entropy(logits, labels)
+        return out.replace(logits=logits, loss=loss)
+
+
+MODEL_CLASSES = {cls.__name__: cls for cls in
+                 (PhiModel, PhiForCausalLM, PhiForSequenceClassification, PhiForTokenClassification)}
