@@ -1,5 +1,6 @@
 """phi_jax: Microsoft's Phi language models (phi-1, phi-1.5, phi-2) in JAX / Flax NNX."""
 
+from phi_jax.compiled import compiled
 from phi_jax.config import PhiConfig, phi_1, phi_1_5, phi_2
 from phi_jax.model import (
     PhiForCausalLM,
@@ -11,6 +12,6 @@ from phi_jax.model import (
 
 __all__ = [
     "PhiConfig", "phi_1", "phi_1_5", "phi_2", "PhiModel", "PhiForCausalLM", "PhiForSequenceClassification",
-    "PhiForTokenClassification", "PhiOutput",
+    "PhiForTokenClassification", "PhiOutput", "compiled",
 ]
 __version__ = "0.1.0"

@@ -54,6 +54,11 @@ def load_pretrained(cls, path, *, dtype=jnp.float32, param_dtype=None, attn_impl
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"model path not found: {path}")
+    from phi_jax import convert, orbax_io  # other layouts: phi_jax's Orbax directory, Microsoft's originals
+    for is_layout, load in ((orbax_io.is_orbax_dir, orbax_io.load_model), (convert.is_legacy_dir, convert.load_legacy)):
+        if is_layout(path):
+            return load(cls, path, dtype=dtype, param_dtype=param_dtype, attn_implementation=attn_implementation,
+                        allow_new_head=allow_new_head, config=config)
     config = config or PhiConfig.from_pretrained(path)
     param_dtype = param_dtype or dtype
     graphdef, params, rest = _build_abstract(cls, config, dtype=dtype, param_dtype=param_dtype,
@@ -61,7 +66,7 @@ def load_pretrained(cls, path, *, dtype=jnp.float32, param_dtype=None, attn_impl
     reader = CheckpointReader(path)
     ckpt = set(reader.shapes)
     flat = nnx.to_flat_state(params)
-    shapes = {p: tuple(var.value.shape) for p, var in flat}
+    shapes = {p: tuple(var.get_value().shape) for p, var in flat}
     plan, missing, mismatched, new_heads = [], [], [], []
     for p, var in flat:
         key, transpose = hf_key(p)
@@ -118,7 +123,7 @@ def load_pretrained(cls, path, *, dtype=jnp.float32, param_dtype=None, attn_impl
             key, sub = jax.random.split(key)
             values[p] = (config.initializer_range * jax.random.normal(sub, shapes[p])).astype(param_dtype)
     for p, var in flat:
-        var.value = values[p]
+        var.set_value(values[p])
     params = nnx.from_flat_state(flat)
     return nnx.merge(graphdef, params, rest)
 
@@ -128,7 +133,7 @@ def state_dict(model, dtype=None) -> dict[str, np.ndarray]:
     out = {}
     for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         key, transpose = hf_key(p)
-        arr = np.asarray(jax.device_get(var.value))
+        arr = np.asarray(jax.device_get(var.get_value()))
         if transpose:
             arr = arr.T
         if dtype is not None:

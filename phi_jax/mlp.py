@@ -37,9 +37,11 @@ class PhiMLP(nnx.Module):
             raise ValueError(f"hidden_act={hidden_act!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
         self.activation_fn = ACTIVATIONS[hidden_act]
         linear = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.fc1 = nnx.Linear(hidden_size, intermediate_size, **linear)
+        self.dtype = dtype
+        # fc1 accumulates and returns float32 so that the activation runs in float32.
+        self.fc1 = nnx.Linear(hidden_size, intermediate_size, preferred_element_type=jnp.float32, **linear)
         self.fc2 = nnx.Linear(intermediate_size, hidden_size, **linear)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[B, T, D] -> [B, T, F] -> [B, T, D]`."""
-        return self.fc2(self.activation_fn(self.fc1(x)))
+        return self.fc2(self.activation_fn(self.fc1(x)).astype(self.dtype))

@@ -128,7 +128,8 @@ class PhiModel(PhiPreTrainedModel):
         mask = build_mask(attention_mask, b, t, kv_len, offset)
 
         x = self.embed_dropout(self.embed_tokens(input_ids))  # [B, T, D]
-        cos, sin = cos_sin(self.config, position_ids, x.dtype)  # [B, T, R]
+        cos, sin = cos_sin(self.config, position_ids, x.dtype)  # [B, T, R] in the compute dtype
+        x = x.astype(jnp.float32)  # the residual stream is float32
         hidden_states = [x] if output_hidden_states else None
         new_cache = [] if cache is not None else None
         for i, layer in enumerate(self.layers):
@@ -152,7 +153,8 @@ class TiedLMHead(nnx.Module):
 
     def __call__(self, x: jax.Array, embedding: jax.Array) -> jax.Array:
         """`x: [B, T, D]`, `embedding: [V, D]` -> `[B, T, V]`."""
-        return jnp.einsum("BTD,VD->BTV", x, embedding.astype(x.dtype)) + self.bias[...].astype(x.dtype)
+        logits = jnp.einsum("BTD,VD->BTV", x, embedding.astype(x.dtype), preferred_element_type=jnp.float32)
+        return logits + self.bias[...].astype(jnp.float32)
 
 
 class PhiForCausalLM(PhiPreTrainedModel):
@@ -166,10 +168,11 @@ class PhiForCausalLM(PhiPreTrainedModel):
             self.lm_head = TiedLMHead(config.vocab_size, param_dtype=param_dtype)
         else:
             self.lm_head = nnx.Linear(config.hidden_size, config.vocab_size, use_bias=True, dtype=dtype,
-                                      param_dtype=param_dtype, rngs=rngs)
+                                      param_dtype=param_dtype, preferred_element_type=jnp.float32, rngs=rngs)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """`[B, T, D] -> [B, T, V]`."""
+        """`[B, T, D] -> [B, T, V]` float32 (matmul in the compute dtype, float32 accumulation)."""
+        hidden = hidden.astype(self.model.dtype)
         if isinstance(self.lm_head, TiedLMHead):
             return self.lm_head(hidden, self.model.embed_tokens.embedding[...])
         return self.lm_head(hidden)
