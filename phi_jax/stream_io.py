@@ -1,0 +1,232 @@
+"""Streaming safetensors I/O and atomic output directories, for conversion in bounded memory.
+
+`SafetensorsFile` reads one tensor (or a range of its rows) with plain `readinto` calls: no mmap,
+so pages of the input never accumulate in the process' resident set. `ShardedSafetensorsWriter`
+lays out every shard from the list of (key, shape, dtype) up front, then writes tensors one at a
+time straight to disk (a transposed view is written in row blocks), so no shard is ever held in
+memory. `atomic_output_dir` builds an output in a hidden sibling directory and renames it into
+place only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import math
+import os
+import shutil
+import struct
+import uuid
+
+import ml_dtypes
+import numpy as np
+
+_DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+_CODES = {v: k for k, v in _DTYPES.items()}
+BLOCK_BYTES = 32 << 20  # a transposed or cast tensor is written in row blocks of about this size
+_MAX_HEADER = 100 << 20
+
+
+class SafetensorsFile:
+    """Header of one safetensors file; tensors read on demand without mmap.
+
+    Raises ValueError naming the file (and tensor) for a truncated or corrupt file.
+    """
+
+    def __init__(self, path: str):
+        self.path = os.fspath(path)
+        size = os.path.getsize(self.path)
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{self.path}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(_MAX_HEADER, size - 8):
+                raise ValueError(f"{self.path}: truncated or corrupt safetensors file (header of {n} bytes, "
+                                 f"file of {size})")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{self.path}: corrupt safetensors header: {e}") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + n
+        self.entries = {}  # key -> (shape, dtype, begin, end) with absolute file offsets
+        for key, e in header.items():
+            try:
+                dtype, shape, (begin, end) = _DTYPES[e["dtype"]], tuple(e["shape"]), e["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{self.path}: corrupt header entry for tensor {key!r}: {e}") from None
+            if end - begin != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"{self.path}: tensor {key!r} has {end - begin} bytes for shape {list(shape)} "
+                                 f"{e['dtype']}")
+            if self.data_start + end > size:
+                raise ValueError(f"{self.path}: truncated file: tensor {key!r} ends at byte {self.data_start + end}, "
+                                 f"the file has {size} bytes")
+            self.entries[key] = (shape, dtype, self.data_start + begin, self.data_start + end)
+
+    def read(self, key: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """Tensor `key` (or rows [start, stop) of its first axis) as a fresh array."""
+        shape, dtype, begin, end = self.entries[key]
+        if rows is not None:
+            row_bytes = (end - begin) // shape[0] if shape[0] else 0
+            begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
+            shape = (rows[1] - rows[0], *shape[1:])
+        out = np.empty(shape, dtype)
+        buf = memoryview(out.reshape(-1).view(np.uint8))
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(begin)
+            got = 0
+            while got < end - begin:
+                n = f.readinto(buf[got:])
+                if not n:
+                    raise ValueError(f"{self.path}: truncated file while reading tensor {key!r}")
+                got += n
+        return out
+
+
+def write_array(f, arr: np.ndarray, dtype=None) -> int:
+    """Writes `arr` C-ordered (cast to `dtype`), in row blocks when it is not already contiguous; returns bytes."""
+    dtype = np.dtype(dtype or arr.dtype)
+    if arr.flags.c_contiguous and arr.dtype == dtype:
+        f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+        return arr.nbytes
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    row = max(1, math.prod(arr.shape[1:]) * max(dtype.itemsize, arr.dtype.itemsize))
+    step = max(1, BLOCK_BYTES // row)
+    n = 0
+    for i in range(0, arr.shape[0], step):
+        block = np.ascontiguousarray(arr[i:i + step], dtype=dtype)
+        f.write(memoryview(block.reshape(-1).view(np.uint8)))
+        n += block.nbytes
+    return n
+
+
+def plan_shards(tensors: list[tuple[str, tuple, np.dtype]], max_shard_bytes: int) -> list[list[int]]:
+    """Greedy split, in order, into shards of at most `max_shard_bytes` (a larger tensor gets its own shard)."""
+    shards, size = [[]], 0
+    for i, (_, shape, dtype) in enumerate(tensors):
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += nbytes
+    return shards
+
+
+def shard_name(i: int, n: int) -> str:
+    return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+class ShardedSafetensorsWriter:
+    """Writes tensors, in the order given at construction, into `model.safetensors` or shards plus an index.
+
+    Usage: `w = ShardedSafetensorsWriter(dir, [(key, shape, dtype), ...], max_shard_bytes)`, then `w.put(key, arr)`
+    for each key in that order, then `w.close()`.
+    """
+
+    def __init__(self, directory: str, tensors: list[tuple[str, tuple, np.dtype]], max_shard_bytes: int):
+        self.directory = directory
+        self.tensors = [(k, tuple(s), np.dtype(d)) for k, s, d in tensors]
+        self.shards = plan_shards(self.tensors, max_shard_bytes)
+        self.shard_of = {self.tensors[i][0]: s for s, idx in enumerate(self.shards) for i in idx}
+        self._next, self._file, self._shard = 0, None, -1
+
+    def _open(self, s: int) -> None:
+        self._close_file()
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for i in self.shards[s]:
+            key, shape, dtype = self.tensors[i]
+            nbytes = math.prod(shape) * dtype.itemsize
+            header[key] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._file = open(os.path.join(self.directory, shard_name(s, len(self.shards))), "wb")
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._shard = s
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+    def put(self, key: str, arr: np.ndarray) -> None:
+        want_key, shape, dtype = self.tensors[self._next]
+        if key != want_key or tuple(arr.shape) != shape:
+            raise ValueError(f"writer expected {want_key} {list(shape)} next, got {key} {list(arr.shape)}")
+        if self.shard_of[key] != self._shard:
+            self._open(self.shard_of[key])
+        write_array(self._file, arr, dtype)
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self.tensors):
+            raise ValueError(f"writer closed after {self._next} of {len(self.tensors)} tensors")
+        self._close_file()
+        n = len(self.shards)
+        if n > 1:
+            total = sum(math.prod(s) * d.itemsize for _, s, d in self.tensors)
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {k: shard_name(self.shard_of[k], n) for k, _, _ in self.tensors}}
+            with open(os.path.join(self.directory, "model.safetensors.index.json"), "w") as f:
+                json.dump(index, f, indent=2, sort_keys=True)
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def atomic_output_dir(dst: str, overwrite: bool = False):
+    """Yields a hidden temporary directory beside `dst`, renamed to `dst` when the block completes.
+
+    On any exception (KeyboardInterrupt included) the temporary directory is removed and `dst` is
+    untouched. An existing `dst` raises FileExistsError unless `overwrite`. Temporary directories left
+    by killed processes (their pid no longer running) are removed on the next call for the same `dst`.
+    """
+    dst = os.path.abspath(os.fspath(dst))
+    parent, name = os.path.dirname(dst), os.path.basename(dst)
+    if os.path.lexists(dst) and not overwrite:
+        raise FileExistsError(f"output {dst} already exists; pass --overwrite (overwrite=True) to replace it")
+    os.makedirs(parent, exist_ok=True)
+    for stale in glob.glob(os.path.join(parent, f".{glob.escape(name)}.partial-*")):
+        try:
+            pid = int(stale.rsplit("-", 2)[-2])
+        except ValueError:
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = os.path.join(parent, f".{name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.mkdir(tmp)
+    try:
+        yield tmp
+        if os.path.lexists(dst):
+            old = os.path.join(parent, f".{name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            os.rename(dst, old)
+            os.rename(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
