@@ -1,0 +1,271 @@
+"""Text generation with a preallocated KV cache: one prefill pass, then one compiled step per token.
+
+`generate` runs prefill and the whole decode loop (`lax.while_loop`, stopping early once every
+row has produced an end-of-sequence token) in one compiled program; `generate_stream` runs the
+same prefill and step functions from Python, one compiled step per token, and yields each token
+as it is produced. Both match transformers' `generate`: a row that has produced `eos_token_id`
+is padded with `pad_token_id` from there on.
+
+Prompts are left-padded (or carry any 0/1 `attention_mask`): slot s of the cache holds prompt
+column s; positions are `cumsum(mask) - 1`, and masked slots are masked as keys in every step.
+
+What compiles: the model weights and the sampler's float settings (temperature, top_p), the
+seed, `max_new_tokens`, `eos_token_id` and `pad_token_id` are traced. A compilation happens on
+the first call for each combination of
+  - batch size and prompt bucket: prompts are left-padded to the next of 16, 32, 48, 64, 96,
+    128, 192, 256, ... (powers of two and 1.5x powers of two), so prompt lengths 65..96 share one;
+  - cache length: `cache_length` if given, else prompt bucket + `max_new_tokens` (pass a fixed
+    `cache_length` to vary `max_new_tokens` without compiling again);
+  - sampler kind (greedy / sampling, with or without top_p) and `top_k`; the number of eos ids;
+  - the model's structure and dtypes.
+`generate` and `generate_stream` compile separately (the stream compiles prefill and one step).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from phi_jax.cache import KVCache
+from phi_jax.model import check_input_ids
+from phi_jax.sampling import Greedy, Sampling, make_sampler
+
+Sampler = Greedy | Sampling
+
+
+def bucket_length(n: int, minimum: int = 16) -> int:
+    """Smallest of 16, 32, 48, 64, 96, 128, 192, 256, ... (2^k, and 3 * 2^(k-1) from 48 on) that is >= n."""
+    size = minimum
+    while size < n:
+        if size >= 32 and size * 3 // 2 >= n:
+            return size * 3 // 2
+        size *= 2
+    return size
+
+
+# ---- model steps (traced) ----------------------------------------------------------------------
+
+def forward_step(model, ids: jax.Array, cache: KVCache, ids_mask: jax.Array) -> tuple[jax.Array, KVCache]:
+    """Runs `ids` through the model at the cache's next slots and returns the last column's logits.
+
+    Args:
+      model: a PhiForCausalLM.
+      ids: `[B, T]` int; written at slots `[cache.index, cache.index + T)`.
+      ids_mask: `[B, T]` bool, True for real tokens (False for left padding).
+    Returns:
+      (logits of column T-1 `[B, V]` float32, the updated cache).
+    """
+    b, t = ids.shape
+    cache.check_room(t)
+    mask = jax.lax.dynamic_update_slice(cache.mask, ids_mask, (0, cache.index))  # [B, S]
+    offsets = jnp.cumsum(ids_mask.astype(jnp.int32), axis=1) - 1  # [B, T]
+    positions = jnp.maximum(cache.positions[:, None] + offsets, 0)  # [B, T]; pads take position 0
+    out = model.model(ids, mask, positions, cache=cache.layers, cache_index=cache.index)
+    logits = model.logits(out.last_hidden_state[:, -1:])[:, 0].astype(jnp.float32)  # [B, V]
+    cache = KVCache(layers=out.cache, mask=mask, index=cache.index + t,
+                    positions=cache.positions + ids_mask.sum(axis=1, dtype=jnp.int32))
+    return logits, cache
+
+
+@struct.dataclass
+class DecodeState:
+    """cache; tokens: `[B, N]` new tokens (pad past `step`); step: int32, tokens produced so far;
+    done: `[B]` bool, rows that have produced an eos; rng: the key that each step folds its index into."""
+
+    cache: KVCache
+    tokens: jax.Array
+    step: jax.Array
+    done: jax.Array
+    rng: jax.Array
+
+
+def _is_eos(tokens: jax.Array, eos: jax.Array) -> jax.Array:
+    return jnp.any(tokens[:, None] == eos[None, :], axis=-1)  # [B]; False for an empty eos list
+
+
+def prefill(model, ids, mask, sampler: Sampler, seed, eos, *, cache_length: int, out_length: int) -> DecodeState:
+    """Fills the cache with the prompt `ids: [B, T]` and samples the first new token."""
+    b = ids.shape[0]
+    cache = KVCache.init(model.config, b, cache_length, model.model.dtype)
+    logits, cache = forward_step(model, ids, cache, mask)
+    rng = jax.random.key(seed)
+    tok = sampler.next_tokens(logits, jax.random.fold_in(rng, 0))  # [B]
+    tokens = jnp.zeros((b, out_length), jnp.int32).at[:, 0].set(tok)  # [B, N]
+    return DecodeState(cache=cache, tokens=tokens, step=jnp.int32(1), done=_is_eos(tok, eos), rng=rng)
+
+
+def decode_step(model, s: DecodeState, sampler: Sampler, eos, pad) -> DecodeState:
+    """Feeds the last token, samples the next; rows already done get `pad`."""
+    last = jax.lax.dynamic_slice_in_dim(s.tokens, s.step - 1, 1, axis=1)  # [B, 1]
+    logits, cache = forward_step(model, last, s.cache, jnp.ones(last.shape, bool))
+    tok = sampler.next_tokens(logits, jax.random.fold_in(s.rng, s.step))  # [B]
+    tok = jnp.where(s.done, pad, tok)
+    tokens = jax.lax.dynamic_update_slice(s.tokens, tok[:, None], (0, s.step))
+    return DecodeState(cache=cache, tokens=tokens, step=s.step + 1, done=s.done | _is_eos(tok, eos), rng=s.rng)
+
+
+# ---- compiled programs (split state in, so the HLO holds no Python objects) ---------------------
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_length", "out_length"))
+def _generate_program(graphdef, params, ids, mask, max_new_tokens, sampler, seed, eos, pad, *,
+                      cache_length, out_length):
+    """Prefill + the whole decode loop; returns (new tokens `[B, N]`, tokens produced)."""
+    s = prefill(nnx.merge(graphdef, params), ids, mask, sampler, seed, eos,
+                cache_length=cache_length, out_length=out_length)
+
+    def cond(s):
+        return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+    def body(s):
+        return decode_step(nnx.merge(graphdef, params), s, sampler, eos, pad)
+
+    s = jax.lax.while_loop(cond, body, s)
+    tokens = jnp.where(jnp.arange(out_length)[None, :] < s.step, s.tokens, pad)  # pad past the stop
+    return tokens, s.step
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_length", "out_length"))
+def _prefill_program(graphdef, params, ids, mask, sampler, seed, eos, *, cache_length, out_length):
+    s = prefill(nnx.merge(graphdef, params), ids, mask, sampler, seed, eos,
+                cache_length=cache_length, out_length=out_length)
+    return s, s.tokens[:, 0], jnp.all(s.done)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("s",))
+def _step_program(graphdef, params, s, sampler, eos, pad):
+    new = decode_step(nnx.merge(graphdef, params), s, sampler, eos, pad)
+    return new, jax.lax.dynamic_index_in_dim(new.tokens, s.step, axis=1, keepdims=False), jnp.all(new.done)
+
+
+# ---- public API -----------------------------------------------------------------------------------
+
+@struct.dataclass
+class _Prepared:
+    ids: np.ndarray  # [B, T_bucket] left-padded
+    mask: np.ndarray  # [B, T_bucket] bool
+    eos: np.ndarray  # [E] int32
+    pad: int
+    cache_length: int = struct.field(pytree_node=False)
+    out_length: int = struct.field(pytree_node=False)
+
+
+def _as_id_list(value, name: str) -> list[int]:
+    if value is None:
+        return []
+    values = [value] if np.ndim(value) == 0 else list(np.asarray(value).reshape(-1))
+    for v in values:
+        if isinstance(v, (bool, np.bool_)) or not np.issubdtype(np.asarray(v).dtype, np.integer) or v < 0:
+            raise ValueError(f"{name} must be a non-negative int or a list of them, got {value!r}")
+    return [int(v) for v in values]
+
+
+def _check_seed(seed) -> jax.Array:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 32:
+        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+    return jnp.uint32(seed)
+
+
+def _prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, cache_length):
+    """Checks every input on the host and left-pads the prompt to its bucket."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    ids = np.asarray(input_ids)
+    check_input_ids(ids, model.config.vocab_size)
+    b, t = ids.shape
+    if t < 1 or b < 1:
+        raise ValueError(f"input_ids has shape {ids.shape}; generate needs at least one prompt token per row")
+    if attention_mask is None:
+        mask = np.ones((b, t), bool)
+    else:
+        mask = np.asarray(attention_mask)
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask has shape {mask.shape} but input_ids has shape {ids.shape}")
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError("attention_mask must hold only 0/1 (or False/True)")
+        mask = mask.astype(bool)
+        empty = np.flatnonzero(~mask.any(axis=1))
+        if empty.size:
+            raise ValueError(f"attention_mask row {int(empty[0])} has no real token")
+    need = t + int(max_new_tokens)
+    if cache_length is None:
+        bucket = bucket_length(t)
+        cache_length = bucket + int(max_new_tokens)
+    else:
+        if need > cache_length:
+            raise ValueError(f"the prompt ({t} tokens) plus max_new_tokens ({max_new_tokens}) needs {need} cache "
+                             f"slots; cache_length is {cache_length}")
+        bucket = min(bucket_length(t), cache_length - int(max_new_tokens))
+    eos = _as_id_list(model.config.eos_token_id if eos_token_id is None else eos_token_id, "eos_token_id")
+    pad = model.config.pad_token_id if pad_token_id is None else pad_token_id
+    if pad is None:
+        pad = eos[0] if eos else 0  # transformers pads with the (first) eos id when there is no pad id
+    pad = _as_id_list(pad, "pad_token_id")
+    if len(pad) != 1:
+        raise ValueError(f"pad_token_id must be one int, got {pad_token_id!r}")
+    lead = bucket - t
+    ids = np.pad(ids.astype(np.int32), ((0, 0), (lead, 0)), constant_values=pad[0])
+    mask = np.pad(mask, ((0, 0), (lead, 0)), constant_values=False)
+    return _Prepared(ids=ids, mask=mask, eos=np.asarray(eos, np.int32), pad=pad[0], cache_length=cache_length,
+                     out_length=cache_length - bucket)
+
+
+def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 20, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None, seed: int = 0,
+             cache_length: int | None = None) -> np.ndarray:
+    """Generates `max_new_tokens` tokens after each prompt, as transformers' `generate` does.
+
+    Args:
+      model: a PhiForCausalLM.
+      input_ids: `[B, T]` int prompts, left-padded when their lengths differ.
+      attention_mask: `[B, T]`, 1/True for real tokens; default all real.
+      max_new_tokens: >= 1.
+      do_sample, temperature, top_k, top_p: see `phi_jax.sampling`; greedy by default.
+      eos_token_id: an id or a list of ids that end a row; default the config's.
+      pad_token_id: what follows a row's eos; default the config's, else the first eos id.
+      seed: the sampling key is `jax.random.key(seed)`; the same seed gives the same tokens.
+      cache_length: cache slots to allocate (>= T + max_new_tokens); default the prompt bucket + max_new_tokens.
+    Returns:
+      `[B, T + max_new_tokens]` int32 numpy array: the prompt, then the new tokens; after a row's eos
+      (and after the loop stops because every row is done) only `pad_token_id`.
+    """
+    sampler = make_sampler(do_sample, temperature, top_k, top_p)
+    seed = _check_seed(seed)
+    p = _prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, cache_length)
+    graphdef, params = nnx.split(model)
+    tokens, _ = _generate_program(graphdef, params, p.ids, p.mask, jnp.int32(max_new_tokens), sampler,
+                                  seed, p.eos, jnp.int32(p.pad), cache_length=p.cache_length,
+                                  out_length=p.out_length)
+    new = np.asarray(tokens)[:, :max_new_tokens]
+    return np.concatenate([np.asarray(input_ids).astype(np.int32), new], axis=1)
+
+
+def generate_stream(model, input_ids, attention_mask=None, *, max_new_tokens: int = 20, do_sample: bool = False,
+                    temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                    eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None, seed: int = 0,
+                    cache_length: int | None = None) -> Iterator[np.ndarray]:
+    """Yields the new tokens, `[B]` int32 per step, as they are produced; the same tokens as `generate`.
+
+    Stops after `max_new_tokens` steps or once every row has produced an eos. Each step is dispatched
+    before the previous step's token is read back, so the host never stalls the device. Arguments as
+    for `generate`.
+    """
+    sampler = make_sampler(do_sample, temperature, top_k, top_p)
+    seed = _check_seed(seed)
+    p = _prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, cache_length)
+    graphdef, params = nnx.split(model)
+    eos, pad = p.eos, jnp.int32(p.pad)
+    s, tok, all_done = _prefill_program(graphdef, params, p.ids, p.mask, sampler, seed, eos,
+                                        cache_length=p.cache_length, out_length=p.out_length)
+    for step in range(1, max_new_tokens + 1):
+        if step < max_new_tokens:
+            s, next_tok, next_done = _step_program(graphdef, params, s, sampler, eos, pad)  # dispatched, not awaited
+        yield np.asarray(tok)
+        if step == max_new_tokens or bool(all_done):
+            return
+        tok, all_done = next_tok, next_done
