@@ -186,6 +186,16 @@ class PhiForCausalLM(PhiPreTrainedModel):
         loss = None if labels is None else causal_lm_loss(logits, labels)
         return out.replace(logits=logits, loss=loss)
 
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        """Prompt + new tokens `[B, T + max_new_tokens]`; see `phi_jax.generate.generate`."""
+        from phi_jax.generate import generate
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+    def generate_stream(self, input_ids, attention_mask=None, **kwargs):
+        """Yields new tokens `[B]` as produced; see `phi_jax.generate.generate_stream`."""
+        from phi_jax.generate import generate_stream
+        return generate_stream(self, input_ids, attention_mask, **kwargs)
+
 
 class PhiForSequenceClassification(PhiPreTrainedModel):
     """Scores the last non-pad token of each row (the rightmost token != pad_token_id), as transformers does."""
