@@ -1,0 +1,8 @@
+"""Command-line script: `python convert/legacy_to_hf.py SRC DST [--dtype ...] [--overwrite]` (same as `phi-jax convert legacy-to-hf`)."""
+
+import sys
+
+from phi_jax.commands.convert import main
+
+if __name__ == "__main__":
+    sys.exit(main("legacy-to-hf"))
