@@ -151,7 +151,7 @@ class PhiConfig:
         if unknown:
             raise ValueError(f"config has keys phi_jax does not understand: {unknown}")
         # 4.x layout: rope settings at top level, scaling under `rope_scaling`.
-        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        rope = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})  # transformers: rope_scaling wins
         if "rope_theta" in d:
             rope.setdefault("rope_theta", d["rope_theta"])
         if "partial_rotary_factor" in d:
