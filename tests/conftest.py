@@ -9,13 +9,14 @@ weights spread so that logits are a few units, LayerNorm weights and biases pert
 from __future__ import annotations
 
 import json
-import math
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np
 import pytest
+
+from phi_jax.parity import randomize  # noqa: F401  (re-exported for tests)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -31,22 +32,6 @@ GEOMETRIES = {
 }
 
 CLASSES = ("PhiModel", "PhiForCausalLM", "PhiForSequenceClassification", "PhiForTokenClassification")
-
-
-def randomize(model: "torch.nn.Module", seed: int = 0) -> None:
-    """Weights ~ N(0, 1/fan_in), embeddings ~ N(0, 1), biases ~ 0.1 N, LayerNorm weight 1 + 0.2 N, bias 0.2 N."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "layernorm" in name or "final_layernorm" in name:
-                p.copy_(1.0 + 0.2 * noise if name.endswith("weight") else 0.2 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.1 * noise)
-            elif "embed_tokens" in name:
-                p.copy_(noise)
-            else:
-                p.copy_(noise / math.sqrt(p.shape[-1]))
 
 
 def torch_config(geometry: str = "phi1", **overrides) -> "transformers.PhiConfig":
