@@ -27,7 +27,7 @@ import numpy as np
 from phi_jax import checkpoint, legacy_names, orbax_io
 from phi_jax.config import PhiConfig
 from phi_jax.hf_names import hf_key, is_buffer
-from phi_jax.stream_io import SafetensorsFile, ShardedSafetensorsWriter, atomic_output_dir
+from phi_jax.stream_io import BLOCK_BYTES, SafetensorsFile, ShardedSafetensorsWriter, atomic_output_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "generation_config.json")
@@ -100,8 +100,8 @@ class HFSource:
         self.tensors = {k: (self._w.shapes[k], self._w.dtypes[k], self._w.files[k])
                         for k in self._w.shapes if not is_buffer(k)}
 
-    def get(self, key: str) -> np.ndarray:
-        return self._w.get(key)
+    def get(self, key: str, rows=None) -> np.ndarray:
+        return self._w.get(key, rows)
 
 
 class LegacySource:
@@ -133,8 +133,10 @@ class LegacySource:
                 shape = (rows[1] - rows[0], *shape[1:])
             self.tensors[key] = (shape, self._w.dtypes[src], self._w.files[src])
 
-    def get(self, key: str) -> np.ndarray:
-        src, rows = self._table[key]
+    def get(self, key: str, rows=None) -> np.ndarray:
+        src, fused = self._table[key]
+        if fused is not None:
+            rows = (fused[0] + rows[0], fused[0] + rows[1]) if rows is not None else fused
         return self._w.get(src, rows)
 
 
@@ -154,10 +156,11 @@ class OrbaxSource:
             self._paths[key] = (path, transpose)
             self.tensors[key] = (shape[::-1] if transpose else shape, self._r.dtypes[path], self._r.state_dir)
 
-    def get(self, key: str) -> np.ndarray:
+    def get(self, key: str, rows=None) -> np.ndarray:
         path, transpose = self._paths[key]
         arr = self._r.get(path)
-        return arr.T if transpose else arr
+        arr = arr.T if transpose else arr
+        return arr if rows is None else arr[rows[0]:rows[1]]
 
 
 def detect_layout(directory: str) -> str:
@@ -242,6 +245,20 @@ def plan(source, cls=None) -> list[Entry]:
     return entries
 
 
+def _our_layout(source, e: Entry, dtype: np.dtype) -> np.ndarray:
+    """Tensor `e` in our layout and `dtype`, contiguous; a transposed kernel is filled in row blocks of the
+    source, so only the output (plus one block) is ever in memory."""
+    if not e.transpose:
+        return np.ascontiguousarray(source.get(e.key), dtype=dtype)
+    out = np.empty(e.shape[::-1], dtype)  # [in, out]
+    step = max(1, BLOCK_BYTES // max(1, math.prod(e.shape[1:]) * 4))
+    for r in range(0, e.shape[0], step):
+        block = source.get(e.key, (r, min(r + step, e.shape[0])))  # [rows, in]
+        out[:, r:r + block.shape[0]] = block.T
+        del block
+    return out
+
+
 def _config_json(config: PhiConfig, cls, dtype: np.dtype) -> bytes:
     d = config.to_dict()
     d["architectures"] = [cls.__name__]
@@ -286,12 +303,13 @@ def convert(src, dst, *, to: str, layout: str = "auto", dtype=None, shard_size="
             writer = orbax_io.OrbaxWriter(os.path.join(tmp, orbax_io.PARAMS), parse_size(chunk_size))
         try:
             for i, (e, d) in enumerate(out):
-                arr = source.get(e.key)  # HF layout
-                read += arr.nbytes
                 if to == "hf":
+                    arr = source.get(e.key)  # HF layout (a transposed view for Orbax sources)
                     writer.put(e.key, arr)
                 else:
-                    writer.put(e.path, np.ascontiguousarray(arr.T if e.transpose else arr, dtype=d))
+                    arr = _our_layout(source, e, d)
+                    writer.put(e.path, arr)
+                read += math.prod(e.shape) * e.dtype.itemsize
                 del arr
                 if bar is not None:
                     bar.update(math.prod(e.shape) * d.itemsize)

@@ -61,7 +61,18 @@ class OrbaxWriter:
         from orbax.checkpoint.experimental import v1 as ocp
         self._partial = ocp.partial
         self.path, self.chunk_bytes = path, chunk_bytes
+        self.storage_chunk_bytes, self.compress = 16 << 20, False
         self._chunk, self._size, self._saved = [], 0, False
+
+    def _context(self):
+        # No defensive copy of our host arrays (nothing modifies them); arrays stored in chunks of at most
+        # `storage_chunk_bytes`, so tensorstore encodes piece by piece.
+        from orbax.checkpoint.experimental import v1 as ocp
+        ctx = ocp.Context()
+        ctx.memory.deepcopy_host_arrays = False
+        ctx.array.saving.storage_options.chunk_byte_size = self.storage_chunk_bytes
+        ctx.array.saving.use_compression = self.compress
+        return ctx
 
     def put(self, path: tuple, arr: np.ndarray) -> None:
         self._chunk.append((path, arr))
@@ -71,7 +82,8 @@ class OrbaxWriter:
 
     def flush(self) -> None:
         if self._chunk:
-            self._partial.save(self.path, nest(self._chunk))
+            with self._context():
+                self._partial.save(self.path, nest(self._chunk))
             self._chunk, self._size, self._saved = [], 0, True
 
     def close(self) -> None:
