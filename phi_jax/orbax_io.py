@@ -105,7 +105,7 @@ class OrbaxReader:
         self._ocp = ocp
         try:
             from orbax.checkpoint.experimental import v1
-            meta = v1.pytree_metadata(os.path.join(self.directory, PARAMS)).metadata
+            meta = v1.metadata(os.path.join(self.directory, PARAMS)).metadata
         except Exception as e:  # Orbax raises several types for unreadable metadata
             raise ValueError(f"cannot read Orbax metadata in {self.state_dir} (incomplete or corrupt?): {e}") from None
         self.shapes, self.dtypes = {}, {}
