@@ -194,3 +194,36 @@ def test_bad_input(make_checkpoint):
     cache = KVCache.init(model.config, 1, 5, jnp.float32)
     with pytest.raises(ValueError, match="do not fit a cache of 5 slots"):
         forward_step(model, jnp.asarray(np.array([[1, 2, 3, 4, 5, 6]])), cache, jnp.ones((1, 6), bool))
+
+
+def _char_tokenizer(directory, vocab_size):
+    """A character-level tokenizer (transformers' fast tokenizer format) with ids below `vocab_size`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+    chars = [chr(c) for c in range(ord(" "), ord(" ") + vocab_size - 3)]
+    vocab = {"<unk>": 0, "<bos>": 1, "<eos>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>").save_pretrained(directory)
+
+
+def test_cli_streams_completion(make_checkpoint, capsys):
+    from phi_jax.cli import main
+    from transformers import AutoTokenizer
+    d, ref_model = make_checkpoint("phi1")
+    _char_tokenizer(d, ref_model.config.vocab_size)
+    tokenizer = AutoTokenizer.from_pretrained(d)
+    prompt = "def add(a, b):"
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    assert ids.shape[1] == len(prompt)
+    with torch.no_grad():
+        ref = ref_model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=2)[0, ids.shape[1]:].tolist()
+    if 2 in ref:
+        ref = ref[:ref.index(2)]
+    assert main(["generate", "--model", d, "--max-new-tokens", "10", prompt]) == 0
+    out, err = capsys.readouterr()
+    assert out == tokenizer.decode(ref) + "\n"
+    assert "prefill: 14 tokens" in err and "tokens/s" in err and "compilation" in err
+    assert main(["generate", "--model", d, "--max-new-tokens", "0", prompt]) == 2
+    assert "max_new_tokens" in capsys.readouterr().err
