@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from phi_jax.layernorm import layer_norm, make_layer_norm
+from phi_jax.layernorm import layer_norm, make_layer_norm, matmul_precision
 from phi_jax.rotary import apply_partial_rotary
 
 ATTN_IMPLEMENTATIONS = ("xla",)
@@ -31,13 +31,15 @@ def attend_xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * (h ** -0.5)
+    precision = matmul_precision(q.dtype)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32,
+                        precision=precision) * (h ** -0.5)
     # A finite floor (not -inf): a fully masked row (a left-pad query) averages instead of giving NaN.
     scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)  # [B, K, G, T, S]
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     if dropout is not None:
         probs = dropout(probs)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)  # [B, T, K, G, H]
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, precision=precision)  # [B, T, K, G, H]
     return out.reshape(b, t, n, h)
 
 
@@ -58,7 +60,8 @@ class PhiAttention(nnx.Module):
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = hidden_size // num_heads
         self.attn_fn = get_attention_fn(attn_implementation)
-        linear = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        linear = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, precision=matmul_precision(dtype),
+                      rngs=rngs)
         self.q_proj = nnx.Linear(hidden_size, num_heads * self.head_dim, **linear)
         self.k_proj = nnx.Linear(hidden_size, num_kv_heads * self.head_dim, **linear)
         self.v_proj = nnx.Linear(hidden_size, num_kv_heads * self.head_dim, **linear)

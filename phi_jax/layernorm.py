@@ -13,6 +13,11 @@ def make_layer_norm(size: int, eps: float, param_dtype, rngs: nnx.Rngs) -> nnx.L
                          param_dtype=param_dtype, rngs=rngs)
 
 
+def matmul_precision(dtype):
+    """float32 compute means float32 matmuls (no TF32 on GPUs, as PyTorch's default); else the backend's."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
 def layer_norm(norm: nnx.LayerNorm, x: jax.Array) -> jax.Array:
     """Applies `norm` in float32 and casts back to `x.dtype`."""
     return norm(x.astype(jnp.float32)).astype(x.dtype)

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from phi_jax.layernorm import matmul_precision
+
 
 def _gelu_tanh(x):  # transformers' gelu_new / gelu_pytorch_tanh
     return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
@@ -36,7 +38,8 @@ class PhiMLP(nnx.Module):
         if hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act={hidden_act!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
         self.activation_fn = ACTIVATIONS[hidden_act]
-        linear = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        linear = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, precision=matmul_precision(dtype),
+                      rngs=rngs)
         self.dtype = dtype
         # fc1 accumulates and returns float32 so that the activation runs in float32.
         self.fc1 = nnx.Linear(hidden_size, intermediate_size, preferred_element_type=jnp.float32, **linear)

@@ -16,7 +16,7 @@ from flax import nnx, struct
 
 from phi_jax.config import PhiConfig
 from phi_jax.layer import PhiDecoderLayer
-from phi_jax.layernorm import layer_norm, make_layer_norm
+from phi_jax.layernorm import layer_norm, make_layer_norm, matmul_precision
 from phi_jax.losses import causal_lm_loss, cross_entropy, sequence_classification_loss
 from phi_jax.rotary import cos_sin
 
@@ -153,7 +153,8 @@ class TiedLMHead(nnx.Module):
 
     def __call__(self, x: jax.Array, embedding: jax.Array) -> jax.Array:
         """`x: [B, T, D]`, `embedding: [V, D]` -> `[B, T, V]`."""
-        logits = jnp.einsum("BTD,VD->BTV", x, embedding.astype(x.dtype), preferred_element_type=jnp.float32)
+        logits = jnp.einsum("BTD,VD->BTV", x, embedding.astype(x.dtype), preferred_element_type=jnp.float32,
+                            precision=matmul_precision(x.dtype))
         return logits + self.bias[...].astype(jnp.float32)
 
 
@@ -168,7 +169,8 @@ class PhiForCausalLM(PhiPreTrainedModel):
             self.lm_head = TiedLMHead(config.vocab_size, param_dtype=param_dtype)
         else:
             self.lm_head = nnx.Linear(config.hidden_size, config.vocab_size, use_bias=True, dtype=dtype,
-                                      param_dtype=param_dtype, preferred_element_type=jnp.float32, rngs=rngs)
+                                      param_dtype=param_dtype, preferred_element_type=jnp.float32,
+                                      precision=matmul_precision(dtype), rngs=rngs)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """`[B, T, D] -> [B, T, V]` float32 (matmul in the compute dtype, float32 accumulation)."""
@@ -207,7 +209,7 @@ class PhiForSequenceClassification(PhiPreTrainedModel):
         self.model = PhiModel(config, dtype=dtype, param_dtype=param_dtype,
                               attn_implementation=attn_implementation, rngs=rngs)
         self.score = nnx.Linear(config.hidden_size, config.num_labels, use_bias=False, dtype=dtype,
-                                param_dtype=param_dtype, rngs=rngs)
+                                param_dtype=param_dtype, precision=matmul_precision(dtype), rngs=rngs)
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, *, labels=None,
                  output_hidden_states: bool = False) -> PhiOutput:
@@ -237,7 +239,7 @@ class PhiForTokenClassification(PhiPreTrainedModel):
         rate = 0.1 if config.classifier_dropout is None else config.classifier_dropout
         self.dropout = nnx.Dropout(rate, deterministic=True, rngs=rngs)
         self.score = nnx.Linear(config.hidden_size, config.num_labels, use_bias=True, dtype=dtype,
-                                param_dtype=param_dtype, rngs=rngs)
+                                param_dtype=param_dtype, precision=matmul_precision(dtype), rngs=rngs)
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, *, labels=None,
                  output_hidden_states: bool = False) -> PhiOutput:
