@@ -367,3 +367,24 @@ def load_legacy(cls, path, *, dtype=None, param_dtype=None, attn_implementation=
         var.set_value(jnp.asarray(arr.T if entries[p].transpose else arr, dtype=param_dtype))
         del arr
     return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+
+
+def write_random_hf(directory, config: PhiConfig, *, dtype="float32", seed: int = 0, shard_size="5GB") -> str:
+    """Writes a random-weight HF checkpoint of `config`'s geometry tensor by tensor (tests and benchmarks)."""
+    from flax import nnx
+    cls = model_class(config)
+    abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
+    tensors = []
+    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        key, transpose = hf_key(path)
+        shape = tuple(var.get_value().shape)
+        tensors.append((key, shape[::-1] if transpose else shape, _dtype(dtype)))
+    os.makedirs(directory)
+    writer = ShardedSafetensorsWriter(os.fspath(directory), tensors, parse_size(shard_size))
+    rng = np.random.default_rng(seed)
+    for key, shape, d in tensors:
+        writer.put(key, (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(d))
+    writer.close()
+    with open(os.path.join(directory, "config.json"), "wb") as f:
+        f.write(_config_json(config, cls, _dtype(dtype)))
+    return os.fspath(directory)
