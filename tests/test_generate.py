@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 import phi_jax
 from conftest import rel_err
@@ -116,25 +117,33 @@ def test_cached_step_logits_equal_full_forward(make_checkpoint):
     ids, mask = _prompts([5, 9, 3], ref_model.config.vocab_size, seed=11)
     new = np.random.default_rng(1).integers(3, ref_model.config.vocab_size, (3, 6))
     b, t = ids.shape
+    graphdef, params = nnx.split(model)
+    step_fn = jax.jit(lambda params, ids, cache, ids_mask: forward_step(nnx.merge(graphdef, params), ids, cache,
+                                                                        ids_mask))
     cache = KVCache.init(model.config, b, 16, jnp.float32)
-    logits, cache = forward_step(model, jnp.asarray(ids), cache, jnp.asarray(mask, bool))
+    logits, cache = step_fn(params, jnp.asarray(ids), cache, jnp.asarray(mask, bool))
     steps = [logits]
     for i in range(new.shape[1]):
-        logits, cache = forward_step(model, jnp.asarray(new[:, i:i + 1]), cache, jnp.ones((b, 1), bool))
+        logits, cache = step_fn(params, jnp.asarray(new[:, i:i + 1]), cache, jnp.ones((b, 1), bool))
         steps.append(logits)
     full_ids = np.concatenate([ids, new], 1)
     full_mask = np.concatenate([mask, np.ones_like(new)], 1)
     positions = np.maximum(np.cumsum(full_mask, 1) - 1, 0)
+    # Causal: column c of one forward over the whole sequence is the forward over the prefix [0, c].
+    full = np.asarray(model(jnp.asarray(full_ids), jnp.asarray(full_mask), jnp.asarray(positions)).logits)
     with torch.no_grad():
         ref = ref_model(torch.from_numpy(full_ids), attention_mask=torch.from_numpy(full_mask),
                         position_ids=torch.from_numpy(positions)).logits.numpy()
+    assert rel_err(full[mask.astype(bool).nonzero()], ref[mask.astype(bool).nonzero()]) <= 1e-4
     for i, step in enumerate(steps):
         assert not np.isnan(np.asarray(step)).any()
         end = t - 1 + i  # step i's last token sits at column t - 1 + i
-        full = model(jnp.asarray(full_ids[:, :end + 1]), jnp.asarray(full_mask[:, :end + 1]),
-                     jnp.asarray(positions[:, :end + 1])).logits[:, -1]
-        assert rel_err(step, full) <= 1e-4, i
+        assert rel_err(step, full[:, end]) <= 1e-4, i
         assert rel_err(step, ref[:, end]) <= 1e-4, i
+    # the prefix forward itself, for the last step
+    prefix = model(jnp.asarray(full_ids[:, :end + 1]), jnp.asarray(full_mask[:, :end + 1]),
+                   jnp.asarray(positions[:, :end + 1])).logits[:, -1]
+    assert rel_err(steps[-1], prefix) <= 1e-4
 
 
 def test_bucket_length():
