@@ -18,16 +18,8 @@ from phi_jax.rotary import apply_partial_rotary
 ATTN_IMPLEMENTATIONS = ("xla",)
 
 
-def attend_xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-               dropout: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
-    """Plain-jnp scaled dot-product attention with grouped keys; softmax in float32.
-
-    Args:
-      q: `[B, T, N, H]`; k, v: `[B, S, K, H]` with N a multiple of K; mask: `[B, 1, T, S]` bool.
-      dropout: applied to the attention probabilities (training only).
-    Returns:
-      `[B, T, N, H]` in q's dtype.
-    """
+def _attend_block(q, k, v, mask, dropout):
+    """Attention of one query block. q: `[B, T, N, H]`; k, v: `[B, S, K, H]`; mask: `[B, 1, T, S]`."""
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
@@ -41,6 +33,31 @@ def attend_xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
         probs = dropout(probs)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, precision=precision)  # [B, T, K, G, H]
     return out.reshape(b, t, n, h)
+
+
+def attend_xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, causal: bool = False,
+               dropout: Callable[[jax.Array], jax.Array] | None = None, max_blocks: int = 8,
+               min_block: int = 128) -> jax.Array:
+    """Plain-jnp scaled dot-product attention with grouped keys; softmax in float32.
+
+    Args:
+      q: `[B, T, N, H]`; k, v: `[B, S, K, H]` with N a multiple of K; mask: `[B, 1, T, S]` bool.
+      causal: the caller promises that `mask` already hides key s > query t (T == S, no offset).
+        Long sequences are then split into at most `max_blocks` query blocks, each attending only to
+        the keys up to its end: about half the score and softmax work of the full square.
+      dropout: applied to the attention probabilities (training only).
+    Returns:
+      `[B, T, N, H]` in q's dtype.
+    """
+    t, s = q.shape[1], k.shape[1]
+    if not causal or t != s or t < 2 * min_block:
+        return _attend_block(q, k, v, mask, dropout)
+    block = max(min_block, -(-t // max_blocks))
+    outs = []
+    for start in range(0, t, block):
+        end = min(start + block, t)
+        outs.append(_attend_block(q[:, start:end], k[:, :end], v[:, :end], mask[:, :, start:end, :end], dropout))
+    return jnp.concatenate(outs, axis=1)  # [B, T, N, H]
 
 
 def get_attention_fn(attn_implementation: str):
@@ -99,5 +116,6 @@ class PhiAttention(nnx.Module):
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)  # [B, S, K, H]
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)  # [B, S, K, H]
             new_cache = (k, v)
-        out = self.attn_fn(q, k.astype(q.dtype), v.astype(q.dtype), mask, dropout=self.attn_dropout)
+        out = self.attn_fn(q, k.astype(q.dtype), v.astype(q.dtype), mask, causal=cache is None,
+                           dropout=self.attn_dropout)
         return self.dense(out.reshape(b, t, self.num_heads * self.head_dim)), new_cache

@@ -36,6 +36,7 @@ CASES = {
     "bin": (dict(geometry="phi1", fmt="bin"), 24),
     "gelu_exact": (dict(geometry="phi1", hidden_act="gelu"), 24),
     "layer_norm_eps": (dict(geometry="phi1", layer_norm_eps=1e-3), 24),
+    "long_gqa": (dict(geometry="phi1", num_key_value_heads=2, max_position_embeddings=512), 300),  # blocked attention
 }
 
 
