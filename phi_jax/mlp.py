@@ -38,13 +38,13 @@ class PhiMLP(nnx.Module):
         if hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act={hidden_act!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
         self.activation_fn = ACTIVATIONS[hidden_act]
+        # float32 accumulation and output: the activation runs in float32, fc2 rounds once to the compute dtype.
         linear = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, precision=matmul_precision(dtype),
-                      rngs=rngs)
+                      preferred_element_type=jnp.float32, rngs=rngs)
         self.dtype = dtype
-        # fc1 accumulates and returns float32 so that the activation runs in float32.
-        self.fc1 = nnx.Linear(hidden_size, intermediate_size, preferred_element_type=jnp.float32, **linear)
+        self.fc1 = nnx.Linear(hidden_size, intermediate_size, **linear)
         self.fc2 = nnx.Linear(intermediate_size, hidden_size, **linear)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[B, T, D] -> [B, T, F] -> [B, T, D]`."""
-        return self.fc2(self.activation_fn(self.fc1(x)).astype(self.dtype))
+        return self.fc2(self.activation_fn(self.fc1(x)).astype(self.dtype)).astype(self.dtype)

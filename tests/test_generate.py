@@ -236,3 +236,24 @@ def test_cli_streams_completion(make_checkpoint, capsys):
     assert "prefill: 14 tokens" in err and "tokens/s" in err and "compilation" in err
     assert main(["generate", "--model", d, "--max-new-tokens", "0", prompt]) == 2
     assert "max_new_tokens" in capsys.readouterr().err
+
+
+def test_min_decode_batch_duplicates_a_single_prompt(make_checkpoint, monkeypatch):
+    """The GPU path (a single prompt decoded as two rows) gives the same tokens; exercised here on the CPU."""
+    import jax
+
+    from phi_jax import generate as gen
+
+    d, ref_model = make_checkpoint(geometry="phi2")
+    model = phi_jax.PhiForCausalLM.from_pretrained(d)
+    ids = np.random.default_rng(5).integers(0, 96, (1, 11))
+    plain = model.generate(ids, max_new_tokens=6, eos_token_id=[])
+    monkeypatch.setitem(gen.MIN_DECODE_BATCH, jax.default_backend(), 2)
+    assert gen._prepare(model, ids, None, 6, [], None, None).ids.shape[0] == 2
+    assert np.array_equal(model.generate(ids, max_new_tokens=6, eos_token_id=[]), plain)
+    streamed = np.stack(list(model.generate_stream(ids, max_new_tokens=6, eos_token_id=[])), axis=1)
+    assert streamed.shape == (1, 6) and np.array_equal(streamed, plain[:, 11:])
+    with torch.no_grad():
+        ref = ref_model.generate(torch.from_numpy(ids), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0).numpy()
+    assert np.array_equal(plain, ref)
