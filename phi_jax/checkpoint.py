@@ -2,7 +2,8 @@
 
 `CheckpointReader` indexes a directory (model.safetensors, a sharded
 model.safetensors.index.json, or pytorch_model.bin[.index.json]) without loading
-tensors, then reads them one at a time as numpy arrays. `.bin` files load with
+tensors, then reads them one at a time as numpy arrays: safetensors with plain reads
+(stream_io.SafetensorsFile, no mmap), `.bin` files with
 `torch.load(weights_only=True, mmap=True)`: no untrusted pickle is executed and the
 file is paged in lazily.
 """
@@ -15,6 +16,8 @@ import tempfile
 from typing import Iterator
 
 import numpy as np
+
+from phi_jax.stream_io import SafetensorsFile
 
 SAFE_INDEX, SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
 BIN_INDEX, BIN_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
@@ -46,10 +49,10 @@ def weight_files(directory: str) -> tuple[str, dict[str, str] | None]:
 
 
 class CheckpointReader:
-    """Shapes of every tensor of a checkpoint, and each tensor on demand.
+    """Shapes of every tensor of a checkpoint, and each tensor (or a range of its rows) on demand.
 
     Attributes:
-      shapes: key -> shape tuple; dtypes: key -> numpy dtype name; files: key -> file path.
+      shapes: key -> shape tuple; dtypes: key -> numpy dtype; files: key -> file path.
     """
 
     def __init__(self, directory: str):
@@ -70,36 +73,28 @@ class CheckpointReader:
                 self.shapes[key], self.dtypes[key], self.files[key] = shape, dtype, p
         if weight_map is not None:
             for key, p in weight_map.items():
-                if key not in self.files:
+                if self.files.get(key) != p:
                     raise ValueError(f"index lists tensor {key!r} in {p}, but that file does not hold it")
 
-    def _scan(self, path: str) -> Iterator[tuple[str, tuple, str]]:
+    def _scan(self, path: str) -> Iterator[tuple[str, tuple, np.dtype]]:
         if self.kind == "safetensors":
-            from safetensors import SafetensorError, safe_open
-            try:
-                handle = safe_open(path, framework="numpy")
-            except (SafetensorError, OSError, Exception) as e:  # safetensors raises several types
-                raise ValueError(f"cannot read safetensors file {path} (truncated or corrupt?): {e}") from None
+            handle = SafetensorsFile(path)  # checks the header and that every tensor lies inside the file
             self._handles[path] = handle
-            for key in handle.keys():
-                sl = handle.get_slice(key)
-                yield key, tuple(sl.get_shape()), sl.get_dtype()
+            for key, (shape, dtype, _, _) in handle.entries.items():
+                yield key, shape, dtype
         else:
             state = _torch_load(path)
             self._handles[path] = state
             for key, t in state.items():
-                yield key, tuple(t.shape), str(t.dtype).replace("torch.", "")
+                yield key, tuple(t.shape), _numpy_dtype(t.dtype)
 
-    def get(self, key: str) -> np.ndarray:
-        """The tensor `key` as a numpy array (bf16 as ml_dtypes.bfloat16)."""
-        path = self.files[key]
-        handle = self._handles[path]
+    def get(self, key: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor `key` (or rows [start, stop) of its first axis) as a numpy array (bf16 as ml_dtypes)."""
+        handle = self._handles[self.files[key]]
         if self.kind == "safetensors":
-            try:
-                return handle.get_tensor(key)
-            except Exception as e:
-                raise ValueError(f"cannot read tensor {key!r} from {path} (truncated or corrupt?): {e}") from None
-        return _torch_to_numpy(handle[key])
+            return handle.read(key, rows)
+        t = handle[key] if rows is None else handle[key][rows[0]:rows[1]]
+        return _torch_to_numpy(t)
 
     def close(self) -> None:
         self._handles.clear()
@@ -117,6 +112,14 @@ def _torch_load(path: str) -> dict:
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
     return state
+
+
+def _numpy_dtype(torch_dtype) -> np.dtype:
+    import torch
+    if torch_dtype == torch.bfloat16:
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(str(torch_dtype).replace("torch.", ""))
 
 
 def _torch_to_numpy(t) -> np.ndarray:

@@ -27,7 +27,7 @@ import numpy as np
 from phi_jax import checkpoint, legacy_names, orbax_io
 from phi_jax.config import PhiConfig
 from phi_jax.hf_names import hf_key, is_buffer
-from phi_jax.stream_io import BLOCK_BYTES, SafetensorsFile, ShardedSafetensorsWriter, atomic_output_dir
+from phi_jax.stream_io import BLOCK_BYTES, ShardedSafetensorsWriter, atomic_output_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "generation_config.json")
@@ -56,38 +56,6 @@ def _dtype(dtype) -> np.dtype | None:
     return np.dtype(dtype)
 
 
-class _WeightFiles:
-    """The raw tensors of a weights directory (safetensors read without mmap, or weights-only .bin)."""
-
-    def __init__(self, directory: str):
-        self.kind, weight_map = checkpoint.weight_files(directory)
-        self.shapes, self.dtypes, self.files = {}, {}, {}
-        if self.kind == "safetensors":
-            paths = sorted(set(weight_map.values())) if weight_map else [os.path.join(directory, checkpoint.SAFE_SINGLE)]
-            self._st = {}
-            for p in paths:
-                if not os.path.exists(p):
-                    raise FileNotFoundError(f"weight file listed in the index is missing: {p}")
-                f = SafetensorsFile(p)
-                self._st[p] = f
-                for key, (shape, dtype, _, _) in f.entries.items():
-                    self.shapes[key], self.dtypes[key], self.files[key] = shape, dtype, p
-            for key, p in (weight_map or {}).items():
-                if self.files.get(key) != p:
-                    raise ValueError(f"index lists tensor {key!r} in {p}, but that file does not hold it")
-        else:
-            self._reader = checkpoint.CheckpointReader(directory)
-            self.shapes, self.files = self._reader.shapes, self._reader.files
-            self.dtypes = {k: np.dtype(ml_dtypes.bfloat16) if d == "bfloat16" else np.dtype(d)
-                           for k, d in self._reader.dtypes.items()}
-
-    def get(self, key: str, rows=None) -> np.ndarray:
-        if self.kind == "safetensors":
-            return self._st[self.files[key]].read(key, rows)
-        arr = self._reader.get(key)
-        return arr if rows is None else np.array(arr[rows[0]:rows[1]])
-
-
 class HFSource:
     """A Hugging Face directory (config.json + safetensors / sharded safetensors / pytorch_model.bin)."""
 
@@ -96,7 +64,7 @@ class HFSource:
     def __init__(self, directory: str, config: PhiConfig | None = None):
         self.directory = os.fspath(directory)
         self.config = config or PhiConfig.from_pretrained(self.directory)
-        self._w = _WeightFiles(self.directory)
+        self._w = checkpoint.CheckpointReader(self.directory)
         self.tensors = {k: (self._w.shapes[k], self._w.dtypes[k], self._w.files[k])
                         for k in self._w.shapes if not is_buffer(k)}
 
@@ -119,7 +87,7 @@ class LegacySource:
                 d = json.load(f)
             config = legacy_names.legacy_config(d, file) if d.get("model_type") != "phi" else PhiConfig.from_dict(d)
         self.config = config
-        self._w = _WeightFiles(self.directory)
+        self._w = checkpoint.CheckpointReader(self.directory)
         self._table = legacy_names.legacy_table(self._w.shapes, config, where=self.directory)
         c = config
         fused = c.hidden_size + 2 * c.num_key_value_heads * c.head_dim

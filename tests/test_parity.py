@@ -219,7 +219,7 @@ def test_dropout_only_in_training(make_checkpoint):
     d, ref_model = make_checkpoint(geometry="phi1", resid_pdrop=0.3, embd_pdrop=0.2, attention_dropout=0.2)
     model = phi_jax.PhiForCausalLM.from_pretrained(d)
     ids = jnp.asarray(_ids(1, 12, 96).numpy())
-    ref = _torch_logits(ref_model, torch.from_numpy(np.asarray(ids)))
+    ref = _torch_logits(ref_model, torch.from_numpy(np.array(ids)))
     assert rel_err(model(ids).logits, ref) <= TOL  # eval mode by default
     model.train()
     a, b = model(ids).logits, model(ids).logits
