@@ -27,7 +27,7 @@ import numpy as np
 from phi_jax import checkpoint, legacy_names, orbax_io
 from phi_jax.config import PhiConfig
 from phi_jax.hf_names import hf_key, is_buffer
-from phi_jax.stream_io import BLOCK_BYTES, ShardedSafetensorsWriter, atomic_output_dir
+from phi_jax.stream_io import BLOCK_BYTES, ShardedSafetensorsWriter, atomic_output_dir, tiled_copy
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "generation_config.json")
@@ -222,7 +222,7 @@ def _our_layout(source, e: Entry, dtype: np.dtype) -> np.ndarray:
     step = max(1, BLOCK_BYTES // max(1, math.prod(e.shape[1:]) * 4))
     for r in range(0, e.shape[0], step):
         block = source.get(e.key, (r, min(r + step, e.shape[0])))  # [rows, in]
-        out[:, r:r + block.shape[0]] = block.T
+        tiled_copy(out[:, r:r + block.shape[0]], block.T)
         del block
     return out
 

@@ -237,3 +237,16 @@ def test_cli_dispatch(make_checkpoint, tmp_path):
     out = transformers.PhiForCausalLM.from_pretrained(tmp_path / "h").eval()
     assert torch.equal(_logits(ref), _logits(out))
     assert main(["convert", "orbax-to-hf", str(tmp_path / "missing"), str(tmp_path / "x"), "--no-progress"]) == 1
+
+
+def test_tiled_copies_equal_numpy():
+    from phi_jax.stream_io import contiguous, tiled_copy
+    a = np.random.default_rng(0).standard_normal((700, 300)).astype(np.float32)
+    for view in (a.T, a.T[10:523], a[:, 5:290].T):
+        out = contiguous(view, np.float16)
+        assert out.flags.c_contiguous and out.dtype == np.float16
+        np.testing.assert_array_equal(out, view.astype(np.float16))
+    dst = np.zeros((300, 900), np.float32)
+    tiled_copy(dst[:, 100:800], a.T)
+    np.testing.assert_array_equal(dst[:, 100:800], a.T)
+    assert not dst[:, :100].any() and not dst[:, 800:].any()
