@@ -83,7 +83,7 @@ class CheckpointReader:
             for key, (shape, dtype, _, _) in handle.entries.items():
                 yield key, shape, dtype
         else:
-            state = _torch_load(path)
+            state = _load_bin_state(path)
             self._handles[path] = state
             for key, t in state.items():
                 yield key, tuple(t.shape), _numpy_dtype(t.dtype)
@@ -100,7 +100,7 @@ class CheckpointReader:
         self._handles.clear()
 
 
-def _torch_load(path: str) -> dict:
+def _load_bin_state(path: str) -> dict:
     try:
         import torch
     except ImportError:

@@ -20,6 +20,7 @@ from flax import nnx
 from phi_jax.checkpoint import CheckpointReader, SAFE_SINGLE, atomic_write_bytes, save_safetensors
 from phi_jax.config import PhiConfig
 from phi_jax.hf_names import HEAD_PREFIXES, hf_key, is_buffer
+from phi_jax.stream_io import contiguous
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +113,8 @@ def load_pretrained(cls, path, *, dtype=jnp.float32, param_dtype=None, attn_impl
         items = tqdm(plan, desc="loading", unit="tensor")
     for p, src, transpose in items:
         arr = reader.get(src)
-        if transpose:
-            arr = arr.T
-        values[p] = jnp.asarray(arr, dtype=param_dtype)
+        # one host copy in our layout and dtype (a transposed kernel copied tile by tile), then to the device
+        values[p] = jnp.asarray(contiguous(arr.T if transpose else arr, np.dtype(param_dtype)))
         del arr
     reader.close()
     if new_heads:
