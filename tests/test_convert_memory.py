@@ -111,3 +111,37 @@ def test_interrupted_conversion_leaves_no_output(make_checkpoint, tmp_path, sig)
         assert not leftovers  # cleaned up on the way out
     convert.hf_to_orbax(src, dst)  # a later run succeeds and removes what a killed one left
     assert os.path.isdir(dst) and not [n for n in os.listdir(tmp_path) if ".partial-" in n]
+
+
+_LOAD = textwrap.dedent("""
+    import json, sys
+    import jax
+    import phi_jax
+
+    def status(field):
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith(field + ":"))
+
+    phi_jax.PhiForCausalLM.from_pretrained(sys.argv[2])  # warm-up: imports, tracing machinery
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = status("VmRSS")
+    model = phi_jax.PhiForCausalLM.from_pretrained(sys.argv[1])
+    jax.block_until_ready(jax.tree.leaves(phi_jax.model.nnx.state(model)))
+    print(json.dumps({"grow": status("VmHWM") - base}))
+""")
+
+
+def test_from_pretrained_holds_one_copy(big_checkpoint):
+    """Loading streams tensor by tensor: peak growth is the model (one copy, as JAX arrays) plus about one tensor,
+    never two copies of the weights."""
+    root, src = big_checkpoint
+    size = sum(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src))
+    r = subprocess.run([sys.executable, "-c", _LOAD, src, str(root / "small")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+    grow = json.loads(r.stdout.strip().splitlines()[-1])["grow"]
+    print(f"from_pretrained peak growth {grow / MB:.0f} MB for a {size / MB:.0f} MB model")
+    assert grow <= size + 2 * LARGEST, f"grew {grow / MB:.0f} MB for a {size / MB:.0f} MB model"
+    assert grow >= 0.9 * size  # the weights really are resident: the measurement measures something
