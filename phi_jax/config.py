@@ -21,7 +21,19 @@ from typing import Any
 SUPPORTED_ACTIVATIONS = (
     "gelu_new", "gelu", "gelu_fast", "gelu_pytorch_tanh", "gelu_python_tanh", "quick_gelu", "relu", "silu", "swish",
 )
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic")
+# rope type -> the rope_parameters keys it reads (besides rope_type, rope_theta, partial_rotary_factor)
+ROPE_KEYS = {
+    "default": frozenset(),
+    "linear": frozenset({"factor"}),
+    "dynamic": frozenset({"factor"}),
+    "yarn": frozenset({"factor", "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate",
+                       "original_max_position_embeddings"}),
+    "llama3": frozenset({"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}),
+    "longrope": frozenset({"short_factor", "long_factor", "factor", "attention_factor",
+                           "original_max_position_embeddings"}),
+}
+SUPPORTED_ROPE_TYPES = tuple(ROPE_KEYS)
+_NEEDS_FACTOR = ("linear", "dynamic", "llama3")
 
 # Keys that PretrainedConfig (4.x and 5.x) writes for every model; they carry no Phi semantics.
 _GENERIC_KEYS = frozenset({
@@ -77,6 +89,8 @@ class PhiConfig:
         rope.setdefault("rope_type", rope.pop("type", "default"))
         rope.setdefault("rope_theta", 10000.0)
         rope.setdefault("partial_rotary_factor", 0.5)
+        if rope["rope_type"] in ("yarn", "llama3", "longrope"):  # as transformers' standardize_rope_params
+            rope.setdefault("original_max_position_embeddings", self.max_position_embeddings)
         object.__setattr__(self, "rope_parameters", rope)
         if self.id2label is None:
             object.__setattr__(self, "id2label", {0: "LABEL_0", 1: "LABEL_1"})
@@ -114,13 +128,23 @@ class PhiConfig:
         rope_type = self.rope_type
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(f"rope type {rope_type!r} is not supported; expected one of {SUPPORTED_ROPE_TYPES}")
-        unknown = set(self.rope_parameters) - {"rope_type", "rope_theta", "partial_rotary_factor", "factor"}
+        unknown = set(self.rope_parameters) - {"rope_type", "rope_theta", "partial_rotary_factor"} - ROPE_KEYS[rope_type]
         if unknown:
-            raise ValueError(f"rope_parameters has keys this port does not implement: {sorted(unknown)}")
-        if rope_type != "default":
-            factor = self.rope_parameters.get("factor")
-            if not isinstance(factor, (int, float)) or isinstance(factor, bool):
-                raise ValueError(f"rope type {rope_type!r} needs a numeric 'factor', got {factor!r}")
+            raise ValueError(f"rope_parameters has keys that rope type {rope_type!r} does not use: {sorted(unknown)}")
+        factor = self.rope_parameters.get("factor")
+        if (rope_type in _NEEDS_FACTOR or factor is not None) and (
+                not isinstance(factor, (int, float)) or isinstance(factor, bool)):
+            raise ValueError(f"rope type {rope_type!r} needs a numeric 'factor', got {factor!r}")
+        if rope_type == "llama3":
+            missing = {"low_freq_factor", "high_freq_factor"} - set(self.rope_parameters)
+            if missing:
+                raise ValueError(f"rope type 'llama3' needs {sorted(missing)}")
+        if rope_type == "longrope":
+            for key in ("short_factor", "long_factor"):
+                value = self.rope_parameters.get(key)
+                if not isinstance(value, (list, tuple)) or len(value) != self.rotary_ndims // 2:
+                    raise ValueError(f"rope type 'longrope' needs {key!r}, a list of rotary_ndims // 2 = "
+                                     f"{self.rotary_ndims // 2} numbers, got {value!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}")

@@ -38,8 +38,11 @@ def test_to_dict_loads_in_transformers():
 @pytest.mark.parametrize("change, culprit", [
     (dict(hidden_act="swiglu"), "swiglu"),
     (dict(model_type="llama"), "llama"),
-    (dict(rope_parameters=dict(rope_type="yarn", factor=2.0)), "yarn"),
-    (dict(rope_scaling=dict(type="longrope", factor=2.0)), "longrope"),
+    (dict(rope_parameters=dict(rope_type="proportional", factor=2.0)), "proportional"),
+    (dict(rope_scaling=dict(type="su", factor=2.0)), "'su'"),
+    (dict(rope_scaling=dict(type="longrope", short_factor=[1.0] * 3, long_factor=[1.0] * 3)), "short_factor"),
+    (dict(rope_parameters=dict(rope_type="llama3", factor=8.0)), "high_freq_factor"),
+    (dict(rope_parameters=dict(rope_type="linear", factor=2.0, beta_fast=3)), "beta_fast"),
     (dict(rope_parameters=dict(rope_type="linear")), "factor"),
     (dict(some_new_field=3), "some_new_field"),
     (dict(num_attention_heads=3), "num_attention_heads=3"),
@@ -64,3 +67,20 @@ def test_full_size_presets_have_transformers_param_count(preset, hf_kwargs):
     count = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
     assert count == ref_count
     assert abstract.model.layers[0].self_attn.q_proj.kernel.shape == (preset().hidden_size,) * 2
+
+
+@pytest.mark.parametrize("rope", [
+    dict(rope_type="yarn", factor=4.0, beta_fast=8, original_max_position_embeddings=64),
+    dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0),
+    dict(rope_type="longrope", short_factor=[1.0] * 4, long_factor=[2.0] * 4, original_max_position_embeddings=32),
+])
+def test_long_context_ropes_round_trip_through_transformers(rope):
+    cfg = PhiConfig(vocab_size=100, hidden_size=64, num_attention_heads=4, num_hidden_layers=1,
+                    max_position_embeddings=128, rope_parameters=dict(rope, partial_rotary_factor=0.5))
+    t = transformers.PhiConfig.from_dict(cfg.to_dict())
+    assert t.rope_parameters["rope_type"] == rope["rope_type"]
+    back = PhiConfig.from_dict(t.to_dict())
+    assert back == cfg
+    # transformers' defaulting of original_max_position_embeddings is mirrored
+    assert back.rope_parameters["original_max_position_embeddings"] == rope.get("original_max_position_embeddings",
+                                                                                  128)

@@ -76,10 +76,24 @@ def test_causal_lm_float32(make_checkpoint, case):
     assert rel_err(out, ref) <= TOL
 
 
-def test_dynamic_rope_matches_fresh_transformers_model(make_checkpoint):
-    """Dynamic NTK rope, below and past max_position_embeddings, each against a freshly loaded model."""
-    rope = dict(rope_type="dynamic", factor=2.0, partial_rotary_factor=0.5)
-    d, _ = make_checkpoint(geometry="phi1", max_position_embeddings=16, rope_parameters=rope)
+LONG_ROPES = {
+    "dynamic": dict(rope_type="dynamic", factor=2.0),
+    "yarn": dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=8, beta_fast=8, beta_slow=2),
+    "yarn_mscale": dict(rope_type="yarn", factor=3.0, mscale=0.8, mscale_all_dim=0.5),
+    "yarn_attention_factor": dict(rope_type="yarn", factor=2.0, attention_factor=1.3, truncate=False),
+    "llama3": dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8),
+    "longrope": dict(rope_type="longrope", short_factor=[1.0, 1.5, 2.0, 3.0], long_factor=[1.2, 2.5, 4.0, 7.0],
+                     original_max_position_embeddings=16, factor=4.0),
+}
+
+
+@pytest.mark.parametrize("rope", sorted(LONG_ROPES))
+def test_long_context_ropes_match_fresh_transformers_model(make_checkpoint, rope):
+    """Each rope type, below and past max_position_embeddings / original_max_position_embeddings, each call
+    against a freshly loaded transformers model (transformers' dynamic and longrope keep state between calls)."""
+    params = dict(LONG_ROPES[rope], partial_rotary_factor=0.5)
+    d, _ = make_checkpoint(geometry="phi1", max_position_embeddings=16, rope_parameters=params)
     model = phi_jax.PhiForCausalLM.from_pretrained(d)
     errs = {}
     for seq in (40, 12, 16, 17):
@@ -88,7 +102,7 @@ def test_dynamic_rope_matches_fresh_transformers_model(make_checkpoint):
         ref = _torch_logits(fresh, ids)
         errs[seq] = rel_err(model(jnp.asarray(ids.numpy())).logits, ref)
     assert max(errs.values()) <= TOL, errs
-    # The grown base changes the result past max_position_embeddings (the path is exercised).
+    # The rope type changes the result (the path is exercised).
     static = phi_jax.PhiForCausalLM.from_pretrained(d, config=model.config.replace(
         rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5)))
     ids = jnp.asarray(_ids(2, 40, 96, seed=40).numpy())
