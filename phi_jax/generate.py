@@ -23,8 +23,6 @@ the first call for each combination of
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import functools
 from typing import Iterator
 
@@ -34,6 +32,7 @@ import numpy as np
 from flax import nnx, struct
 
 from phi_jax.cache import KVCache
+from phi_jax.compilation import Compilations, count_compilations  # noqa: F401  (part of this module's API)
 from phi_jax.model import check_input_ids
 from phi_jax.sampling import Greedy, Sampling, make_sampler
 
@@ -151,36 +150,6 @@ def _step_program(graphdef, params, s, sampler, eos, pad):
 
 
 # ---- compilation accounting ----------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Compilations:
-    """What `count_compilations` saw: XLA backend compilations and the seconds spent tracing, lowering and
-    compiling."""
-
-    count: int = 0
-    seconds: float = 0.0
-
-
-_COMPILE_EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/core/compile/jaxpr_trace_duration",
-                   "/jax/core/compile/jaxpr_to_mlir_module_duration")
-
-
-@contextlib.contextmanager
-def count_compilations() -> Iterator[Compilations]:
-    """Counts the XLA compilations (of any jitted function) inside the `with` block, and their time."""
-    seen = Compilations()
-
-    def listener(event: str, duration: float, **kwargs) -> None:
-        if event in _COMPILE_EVENTS:
-            seen.seconds += duration
-            seen.count += event == _COMPILE_EVENTS[0]
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield seen
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-
 
 # ---- public API -----------------------------------------------------------------------------------
 

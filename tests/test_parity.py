@@ -213,20 +213,28 @@ def test_bfloat16_top1_agreement(tmp_path):
 
 
 def test_compiled_forward_compiles_once_per_shape(make_checkpoint):
-    from phi_jax.compiled import compilations
+    from phi_jax.compilation import count_compilations
     d, ref_model = make_checkpoint(geometry="phi1")
     model = phi_jax.PhiForCausalLM.from_pretrained(d)
     fwd = phi_jax.compiled(model)
-    ids = _ids(2, 16, 96)
-    ref = _torch_logits(ref_model, ids)
-    before = compilations()
-    assert rel_err(fwd(jnp.asarray(ids.numpy())).logits, ref) <= TOL
-    assert compilations() == before + 1
-    for seed in (1, 2):  # same shape, new values: no new program
-        fwd(jnp.asarray(_ids(2, 16, 96, seed).numpy()))
-    assert compilations() == before + 1
-    fwd(jnp.asarray(_ids(2, 9, 96).numpy()))  # new shape: one more
-    assert compilations() == before + 2
+    ids = jnp.asarray(_ids(2, 16, 96).numpy())
+    others = [jnp.asarray(_ids(2, 16, 96, seed).numpy()) for seed in (1, 2)]
+    shorter = jnp.asarray(_ids(2, 9, 96).numpy())
+    ref = _torch_logits(ref_model, _ids(2, 16, 96))
+    with count_compilations() as first:
+        out = fwd(ids).logits
+    assert rel_err(out, ref) <= TOL
+    assert first.count >= 1
+    with count_compilations() as same_shape:  # same shape, new values: no new program
+        for x in others:
+            fwd(x).logits.block_until_ready()
+    assert same_shape.count == 0
+    with count_compilations() as new_shape:
+        fwd(shorter).logits.block_until_ready()
+    assert new_shape.count >= 1
+    # weight updates are seen by the cached forward
+    model.lm_head.bias[...] = model.lm_head.bias[...] + 1.0
+    np.testing.assert_allclose(np.asarray(fwd(ids).logits), np.asarray(out) + 1.0, rtol=1e-5, atol=1e-5)
 
 
 def test_dropout_only_in_training(make_checkpoint):
