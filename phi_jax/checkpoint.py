@@ -142,9 +142,3 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-def save_safetensors(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str] | None = None) -> None:
-    """Writes one safetensors file atomically."""
-    from safetensors.numpy import save
-    atomic_write_bytes(path, save(tensors, metadata=metadata or {"format": "pt"}))

@@ -317,12 +317,14 @@ def legacy_to_orbax(src, dst, **kw) -> dict:
 
 
 def load_legacy(cls, path, *, dtype=None, param_dtype=None, attn_implementation="xla",
-                config: PhiConfig | None = None, **unused):
+                config: PhiConfig | None = None, allow_new_head: bool = False):
     """Builds `cls` (our model) straight from a Microsoft-layout directory, one tensor at a time."""
     import jax.numpy as jnp
     from flax import nnx
 
-    from phi_jax.loading import _build_abstract
+    from phi_jax.loading import _build_abstract, to_param
+    if allow_new_head:
+        raise ValueError("allow_new_head is only supported for Hugging Face directories")
     dtype = dtype or jnp.float32
     param_dtype = param_dtype or dtype
     source = LegacySource(path, config)
@@ -332,7 +334,7 @@ def load_legacy(cls, path, *, dtype=None, param_dtype=None, attn_implementation=
     flat = nnx.to_flat_state(params)
     for p, var in flat:
         arr = source.get(entries[p].key)
-        var.set_value(jnp.asarray(arr.T if entries[p].transpose else arr, dtype=param_dtype))
+        var.set_value(to_param(arr, entries[p].transpose, param_dtype))
         del arr
     return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
 

@@ -11,16 +11,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from phi_jax.checkpoint import CheckpointReader, SAFE_SINGLE, atomic_write_bytes, save_safetensors
+from phi_jax.checkpoint import SAFE_SINGLE, CheckpointReader, atomic_write_bytes
 from phi_jax.config import PhiConfig
 from phi_jax.hf_names import HEAD_PREFIXES, hf_key, is_buffer
-from phi_jax.stream_io import contiguous
+from phi_jax.stream_io import ShardedSafetensorsWriter, contiguous
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +115,7 @@ def load_pretrained(cls, path, *, dtype=jnp.float32, param_dtype=None, attn_impl
         items = tqdm(plan, desc="loading", unit="tensor")
     for p, src, transpose in items:
         arr = reader.get(src)
-        # one host copy in our layout and dtype (a transposed kernel copied tile by tile), then to the device
-        values[p] = jnp.asarray(contiguous(arr.T if transpose else arr, np.dtype(param_dtype)))
+        values[p] = to_param(arr, transpose, param_dtype)
         del arr
     reader.close()
     if new_heads:
@@ -128,33 +129,38 @@ def load_pretrained(cls, path, *, dtype=jnp.float32, param_dtype=None, attn_impl
     return nnx.merge(graphdef, params, rest)
 
 
-def state_dict(model, dtype=None) -> dict[str, np.ndarray]:
-    """The model's parameters under transformers' names and layouts, as numpy arrays (optionally cast)."""
-    out = {}
-    for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        key, transpose = hf_key(p)
-        arr = np.asarray(jax.device_get(var.get_value()))
-        if transpose:
-            arr = arr.T
-        if dtype is not None:
-            arr = arr.astype(dtype)
-        out[key] = np.ascontiguousarray(arr)
-    return out
-
-
-def config_dict_for(model) -> dict:
-    d = model.config.to_dict()
-    d["architectures"] = [type(model).__name__]
-    params = jax.tree.leaves(nnx.state(model, nnx.Param))
-    d["dtype"] = str(np.dtype(params[0].dtype)) if params else "float32"
-    return d
+def to_param(arr: np.ndarray, transpose: bool, param_dtype) -> jax.Array:
+    """One checkpoint tensor as a parameter: one host copy in our layout and dtype (a transposed kernel copied
+    tile by tile), then to the device."""
+    return jnp.asarray(contiguous(arr.T if transpose else arr, np.dtype(param_dtype)))
 
 
 def save_pretrained(model, path, dtype=None) -> None:
-    """Writes config.json and model.safetensors (each atomically) that transformers loads."""
+    """Writes config.json and model.safetensors (each atomically) that transformers loads.
+
+    Tensors stream to disk one at a time (a kernel is written from a transposed view), so saving holds no
+    second copy of the weights.
+    """
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    tensors = state_dict(model, dtype)
-    save_safetensors(tensors, os.path.join(path, SAFE_SINGLE))
-    atomic_write_bytes(os.path.join(path, "config.json"),
-                       (json.dumps(config_dict_for(model), indent=2, sort_keys=True) + "\n").encode())
+    entries = []
+    for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        key, transpose = hf_key(p)
+        shape = tuple(var.get_value().shape)
+        entries.append((key, var, transpose, shape[::-1] if transpose else shape,
+                        np.dtype(dtype or var.get_value().dtype)))
+    tmp = tempfile.mkdtemp(dir=path, prefix=".tmp-save-")
+    try:
+        writer = ShardedSafetensorsWriter(tmp, [(k, s, d) for k, _, _, s, d in entries], max_shard_bytes=1 << 62)
+        for key, var, transpose, _, _ in entries:
+            arr = np.asarray(jax.device_get(var.get_value()))
+            writer.put(key, arr.T if transpose else arr)
+            del arr
+        writer.close()
+        os.replace(os.path.join(tmp, SAFE_SINGLE), os.path.join(path, SAFE_SINGLE))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    config = model.config.to_dict()
+    config["architectures"] = [type(model).__name__]
+    config["dtype"] = str(entries[0][4]) if entries else "float32"
+    atomic_write_bytes(os.path.join(path, "config.json"), (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())

@@ -154,6 +154,8 @@ def test_microsoft_layouts(make_checkpoint, tmp_path, style, geometry, fmt):
     # straight into our model, and through Orbax
     ours = phi_jax.PhiForCausalLM.from_pretrained(src)
     assert rel_err(ours(IDS.numpy()).logits, _logits(ref).numpy()) <= 1e-4
+    with pytest.raises(ValueError, match="allow_new_head"):
+        phi_jax.PhiForSequenceClassification.from_pretrained(src, allow_new_head=True)
     convert.legacy_to_orbax(src, tmp_path / "orbax")
     ours = phi_jax.PhiForCausalLM.from_pretrained(tmp_path / "orbax")
     assert rel_err(ours(IDS.numpy()).logits, _logits(ref).numpy()) <= 1e-4

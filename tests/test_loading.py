@@ -67,6 +67,15 @@ def test_bfloat16_save_roundtrip(make_checkpoint, tmp_path):
     assert cfg["dtype"] == "bfloat16"
     back = transformers.PhiForCausalLM.from_pretrained(tmp_path / "bf16")
     assert back.model.embed_tokens.weight.dtype == torch.bfloat16
+    # a float32 model saved cast to bf16: tensors and config.json both say bfloat16
+    phi_jax.PhiForCausalLM.from_pretrained(d).save_pretrained(tmp_path / "cast", dtype=jnp.bfloat16)
+    assert json.load(open(tmp_path / "cast" / "config.json"))["dtype"] == "bfloat16"
+    cast = load_file(str(tmp_path / "cast" / "model.safetensors"))
+    orig = load_file(os.path.join(d, "model.safetensors"))
+    assert all(v.dtype == np.dtype("bfloat16") for v in cast.values())
+    np.testing.assert_array_equal(cast["model.layers.0.mlp.fc1.weight"].astype(np.float32),
+                                  orig["model.layers.0.mlp.fc1.weight"].astype("bfloat16").astype(np.float32))
+    assert not [f for f in os.listdir(tmp_path / "cast") if f.startswith(".tmp")]
 
 
 def test_inv_freq_buffer_is_skipped(make_checkpoint):
