@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from phi_jax.layernorm import matmul_precision  # noqa: E402
+from phi_jax.modeling.layernorm import matmul_precision  # noqa: E402
 
 
 def forward_flops(cfg, batch: int, seq: int) -> float:

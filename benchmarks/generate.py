@@ -25,8 +25,8 @@ import numpy as np
 from flax import nnx
 
 import phi_jax
-from phi_jax.generate import _prefill_program, _prepare, count_compilations, generate
-from phi_jax.sampling import Greedy
+from phi_jax.generation.generate import _prefill_program, _prepare, count_compilations, generate
+from phi_jax.generation.sampling import Greedy
 
 
 def parse_args(argv=None):

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 import phi_jax
-from phi_jax.generate import generate_stream
+from phi_jax.generation.generate import generate_stream
 
 
 def kernel_totals(trace_dir: str) -> dict[str, float]:

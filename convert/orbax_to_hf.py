@@ -2,7 +2,7 @@
 
 import sys
 
-from phi_jax.commands.convert import main
+from phi_jax.cli.convert import main
 
 if __name__ == "__main__":
     sys.exit(main("orbax-to-hf"))

@@ -2,7 +2,7 @@
 
 from phi_jax.compiled import compiled
 from phi_jax.config import PhiConfig, phi_1, phi_1_5, phi_2
-from phi_jax.model import (
+from phi_jax.modeling.model import (
     PhiForCausalLM,
     PhiForSequenceClassification,
     PhiForTokenClassification,

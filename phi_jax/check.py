@@ -72,7 +72,7 @@ def check_parity(path, *, dtype: str = "float32", batch: int = 2, seq_len: int =
 
     from phi_jax import convert
     from phi_jax.compiled import compiled
-    from phi_jax.model import PhiForCausalLM
+    from phi_jax.modeling.model import PhiForCausalLM
     if dtype not in TOLERANCES:
         raise ValueError(f"dtype {dtype!r} is not supported; choose from {sorted(TOLERANCES)}")
     path = os.fspath(path)

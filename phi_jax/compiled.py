@@ -15,7 +15,8 @@ import functools
 import jax
 from flax import nnx
 
-from phi_jax.model import PhiOutput, check_input_ids
+from phi_jax.modeling.inputs import check_input_ids
+from phi_jax.modeling.model import PhiOutput
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "output_hidden_states"))

@@ -24,10 +24,10 @@ import time
 import ml_dtypes
 import numpy as np
 
-from phi_jax import checkpoint, legacy_names, orbax_io
+from phi_jax.io import hf as checkpoint, legacy as legacy_names, orbax as orbax_io
 from phi_jax.config import PhiConfig
-from phi_jax.hf_names import hf_key, is_buffer
-from phi_jax.stream_io import BLOCK_BYTES, ShardedSafetensorsWriter, atomic_output_dir, tiled_copy
+from phi_jax.io.names import hf_key, is_buffer
+from phi_jax.io.safetensors import BLOCK_BYTES, ShardedSafetensorsWriter, atomic_output_dir, tiled_copy
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "generation_config.json")
@@ -175,7 +175,7 @@ class Entry:
 
 
 def model_class(config: PhiConfig):
-    from phi_jax.model import MODEL_CLASSES, PhiForCausalLM
+    from phi_jax.modeling.model import MODEL_CLASSES, PhiForCausalLM
     name = (config.architectures or ("PhiForCausalLM",))[0]
     return MODEL_CLASSES.get(name, PhiForCausalLM)
 

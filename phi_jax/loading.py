@@ -19,12 +19,28 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from phi_jax.checkpoint import SAFE_SINGLE, CheckpointReader, atomic_write_bytes
+from phi_jax.io.hf import SAFE_SINGLE, CheckpointReader, atomic_write_bytes
 from phi_jax.config import PhiConfig
-from phi_jax.hf_names import HEAD_PREFIXES, hf_key, is_buffer
-from phi_jax.stream_io import ShardedSafetensorsWriter, contiguous
+from phi_jax.io.names import HEAD_PREFIXES, hf_key, is_buffer
+from phi_jax.io.safetensors import ShardedSafetensorsWriter, contiguous
 
 log = logging.getLogger(__name__)
+
+
+class PretrainedMixin:
+    """`from_pretrained` / `save_pretrained` for the model classes, which inherit this (no model import here)."""
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None,
+                        attn_implementation: str = "xla", **kwargs):
+        """Loads a Hugging Face directory (config.json + safetensors / sharded safetensors / pytorch_model.bin),
+        a phi_jax Orbax directory or a Microsoft-layout directory."""
+        return load_pretrained(cls, path, dtype=dtype, param_dtype=param_dtype,
+                               attn_implementation=attn_implementation, **kwargs)
+
+    def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
+        """Writes config.json + model.safetensors that transformers' PyTorch classes load."""
+        save_pretrained(self, path, **kwargs)
 
 
 def _build_abstract(cls, config, **kw):
@@ -57,7 +73,8 @@ def load_pretrained(cls, path, *, dtype=jnp.float32, param_dtype=None, attn_impl
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"model path not found: {path}")
-    from phi_jax import convert, orbax_io  # other layouts: phi_jax's Orbax directory, Microsoft's originals
+    from phi_jax import convert
+    from phi_jax.io import orbax as orbax_io
     for is_layout, load in ((orbax_io.is_orbax_dir, orbax_io.load_model), (convert.is_legacy_dir, convert.load_legacy)):
         if is_layout(path):
             return load(cls, path, dtype=dtype, param_dtype=param_dtype, attn_implementation=attn_implementation,

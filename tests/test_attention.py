@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from phi_jax.attention import attend_xla, get_attention_fn
-from phi_jax.model import build_mask
+from phi_jax.modeling.attention import attend_xla, get_attention_fn
+from phi_jax.modeling.model import build_mask
 
 
 @pytest.mark.parametrize("t, n, kv", [(300, 4, 2), (1024, 2, 2), (256, 3, 1)])

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import phi_jax
 from phi_jax import convert
-from phi_jax.commands import convert as convert_cmd
+from phi_jax.cli import convert as convert_cmd
 
 IDS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
 
@@ -242,7 +242,7 @@ def test_cli_dispatch(make_checkpoint, tmp_path):
 
 
 def test_tiled_copies_equal_numpy():
-    from phi_jax.stream_io import contiguous, tiled_copy
+    from phi_jax.io.safetensors import contiguous, tiled_copy
     a = np.random.default_rng(0).standard_normal((700, 300)).astype(np.float32)
     for view in (a.T, a.T[10:523], a[:, 5:290].T):
         out = contiguous(view, np.float16)

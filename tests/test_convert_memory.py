@@ -88,7 +88,7 @@ _SLOW = textwrap.dedent("""
         time.sleep(0.05)
         return get(self, key, rows)
     convert.HFSource.get = slow_get
-    from phi_jax.commands.convert import main
+    from phi_jax.cli.convert import main
     sys.exit(main("hf-to-orbax", [sys.argv[1], sys.argv[2], "--no-progress", "--chunk-size", "1MB"]))
 """)
 
@@ -127,7 +127,7 @@ _LOAD = textwrap.dedent("""
         f.write("5")
     base = status("VmRSS")
     model = phi_jax.PhiForCausalLM.from_pretrained(sys.argv[1])
-    jax.block_until_ready(jax.tree.leaves(phi_jax.model.nnx.state(model)))
+    jax.block_until_ready(jax.tree.leaves(phi_jax.modeling.model.nnx.state(model)))
     print(json.dumps({"grow": status("VmHWM") - base}))
 """)
 

@@ -15,8 +15,8 @@ from flax import nnx
 
 import phi_jax
 from conftest import rel_err
-from phi_jax.cache import KVCache
-from phi_jax.generate import bucket_length, count_compilations, forward_step
+from phi_jax.generation.cache import KVCache
+from phi_jax.generation.generate import bucket_length, count_compilations, forward_step
 
 torch.set_num_threads(1)
 
@@ -242,7 +242,7 @@ def test_min_decode_batch_duplicates_a_single_prompt(make_checkpoint, monkeypatc
     """The GPU path (a single prompt decoded as two rows) gives the same tokens; exercised here on the CPU."""
     import jax
 
-    from phi_jax import generate as gen
+    from phi_jax.generation import generate as gen
 
     d, ref_model = make_checkpoint(geometry="phi2")
     model = phi_jax.PhiForCausalLM.from_pretrained(d)

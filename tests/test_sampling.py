@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import phi_jax
-from phi_jax.sampling import Greedy, Sampling, make_sampler
+from phi_jax.generation.sampling import Greedy, Sampling, make_sampler
 
 PROBS = np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])  # token i has probability PROBS[i]
 

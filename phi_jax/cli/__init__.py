@@ -1,4 +1,4 @@
-"""`phi-jax` console command: one subcommand per module in phi_jax.commands.
+"""`phi-jax` console command: one subcommand per module in phi_jax.cli.
 
 Each module defines `HELP`, `add_arguments(parser)` and `run(args) -> int`.
 """
@@ -18,9 +18,9 @@ def main(argv=None) -> int:
     modules = {}
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"phi_jax.commands.{name}")
+            module = importlib.import_module(f"phi_jax.cli.{name}")
         except ModuleNotFoundError as e:
-            if e.name != f"phi_jax.commands.{name}":
+            if e.name != f"phi_jax.cli.{name}":
                 raise
             continue
         modules[name] = module

@@ -6,7 +6,6 @@ Linear kernels are stored `[in, out]` (transposed once at load).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -15,10 +14,13 @@ import numpy as np
 from flax import nnx, struct
 
 from phi_jax.config import PhiConfig
-from phi_jax.layer import PhiDecoderLayer
-from phi_jax.layernorm import layer_norm, make_layer_norm, matmul_precision
-from phi_jax.losses import causal_lm_loss, cross_entropy, sequence_classification_loss
-from phi_jax.rotary import cos_sin
+from phi_jax.modeling.layer import PhiDecoderLayer
+from phi_jax.modeling.layernorm import layer_norm, make_layer_norm, matmul_precision
+from phi_jax.modeling.losses import causal_lm_loss, cross_entropy, sequence_classification_loss
+from phi_jax.modeling.inputs import check_input_ids
+from phi_jax.modeling.rotary import cos_sin
+from phi_jax.generation.mixin import GenerationMixin
+from phi_jax.loading import PretrainedMixin
 
 
 @struct.dataclass
@@ -38,24 +40,6 @@ class PhiOutput:
     cache: Any = None
 
 
-def check_input_ids(input_ids, vocab_size: int) -> None:
-    """Raises ValueError for a token id outside [0, vocab_size) (a JAX gather would clamp it silently).
-
-    Traced ids cannot be inspected; they are checked where they enter as concrete arrays.
-    """
-    if isinstance(input_ids, jax.core.Tracer):
-        return
-    ids = np.asarray(input_ids)
-    if ids.ndim != 2:
-        raise ValueError(f"input_ids must be [batch, seq], got shape {ids.shape}")
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"input_ids must be integers, got dtype {ids.dtype}")
-    bad = (ids < 0) | (ids >= vocab_size)
-    if bad.any():
-        pos = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(f"token id {int(ids[pos])} at position {pos} is outside [0, {vocab_size}) (vocab_size)")
-
-
 def _check_mask(name: str, mask, shape) -> None:
     if mask is not None and tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {tuple(shape)}")
@@ -71,23 +55,11 @@ def build_mask(attention_mask: jax.Array | None, batch: int, q_len: int, kv_len:
     return mask
 
 
-class PhiPreTrainedModel(nnx.Module):
-    """Loading, saving and the compiled forward shared by every Phi class."""
+class PhiPreTrainedModel(nnx.Module, PretrainedMixin):
+    """The base of every Phi class: `from_pretrained` / `save_pretrained` come from `phi_jax.loading`'s mixin,
+    which imports no model class (the class is passed in)."""
 
     config: PhiConfig
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None,
-                        attn_implementation: str = "xla", **kwargs):
-        """Loads a Hugging Face directory (config.json + safetensors / sharded safetensors / pytorch_model.bin)."""
-        from phi_jax.loading import load_pretrained
-        return load_pretrained(cls, path, dtype=dtype, param_dtype=param_dtype,
-                               attn_implementation=attn_implementation, **kwargs)
-
-    def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
-        """Writes config.json + model.safetensors that transformers' PyTorch classes load."""
-        from phi_jax.loading import save_pretrained
-        save_pretrained(self, path, **kwargs)
 
 
 class PhiModel(PhiPreTrainedModel):
@@ -158,7 +130,7 @@ class TiedLMHead(nnx.Module):
         return logits + self.bias[...].astype(jnp.float32)
 
 
-class PhiForCausalLM(PhiPreTrainedModel):
+class PhiForCausalLM(PhiPreTrainedModel, GenerationMixin):
     def __init__(self, config: PhiConfig, *, dtype=jnp.float32, param_dtype=None, attn_implementation: str = "xla",
                  rngs: nnx.Rngs):
         param_dtype = param_dtype or dtype
@@ -187,16 +159,6 @@ class PhiForCausalLM(PhiPreTrainedModel):
         logits = self.logits(out.last_hidden_state)
         loss = None if labels is None else causal_lm_loss(logits, labels)
         return out.replace(logits=logits, loss=loss)
-
-    def generate(self, input_ids, attention_mask=None, **kwargs):
-        """Prompt + new tokens `[B, T + max_new_tokens]`; see `phi_jax.generate.generate`."""
-        from phi_jax.generate import generate
-        return generate(self, input_ids, attention_mask, **kwargs)
-
-    def generate_stream(self, input_ids, attention_mask=None, **kwargs):
-        """Yields new tokens `[B]` as produced; see `phi_jax.generate.generate_stream`."""
-        from phi_jax.generate import generate_stream
-        return generate_stream(self, input_ids, attention_mask, **kwargs)
 
 
 class PhiForSequenceClassification(PhiPreTrainedModel):

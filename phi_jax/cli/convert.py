@@ -40,7 +40,8 @@ def _sigterm(signum, frame):
 
 
 def run(args) -> int:
-    from phi_jax import convert, legacy_names
+    from phi_jax import convert
+    from phi_jax.io import legacy as legacy_names
     from phi_jax.config import PhiConfig
     layout, to = MODES[args.mode]
     kw = {}

@@ -31,10 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from phi_jax.cache import KVCache
+from phi_jax.generation.cache import KVCache
 from phi_jax.compilation import Compilations, count_compilations  # noqa: F401  (part of this module's API)
-from phi_jax.model import check_input_ids
-from phi_jax.sampling import Greedy, Sampling, make_sampler
+from phi_jax.modeling.inputs import check_input_ids
+from phi_jax.generation.sampling import Greedy, Sampling, make_sampler
 
 Sampler = Greedy | Sampling
 
@@ -237,7 +237,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 20,
       input_ids: `[B, T]` int prompts, left-padded when their lengths differ.
       attention_mask: `[B, T]`, 1/True for real tokens; default all real.
       max_new_tokens: >= 1.
-      do_sample, temperature, top_k, top_p: see `phi_jax.sampling`; greedy by default.
+      do_sample, temperature, top_k, top_p: see `phi_jax.generation.sampling`; greedy by default.
       eos_token_id: an id or a list of ids that end a row; default the config's.
       pad_token_id: what follows a row's eos; default the config's, else the first eos id.
       seed: the sampling key is `jax.random.key(seed)`; the same seed gives the same tokens.

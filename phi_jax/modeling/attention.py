@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from phi_jax.layernorm import layer_norm, make_layer_norm, matmul_precision
-from phi_jax.rotary import apply_partial_rotary
+from phi_jax.modeling.layernorm import layer_norm, make_layer_norm, matmul_precision
+from phi_jax.modeling.rotary import apply_partial_rotary
 
 ATTN_IMPLEMENTATIONS = ("xla",)
 

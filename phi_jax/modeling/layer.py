@@ -11,10 +11,10 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from phi_jax.attention import PhiAttention
+from phi_jax.modeling.attention import PhiAttention
 from phi_jax.config import PhiConfig
-from phi_jax.layernorm import layer_norm, make_layer_norm
-from phi_jax.mlp import PhiMLP
+from phi_jax.modeling.layernorm import layer_norm, make_layer_norm
+from phi_jax.modeling.mlp import PhiMLP
 
 
 class PhiDecoderLayer(nnx.Module):

@@ -51,8 +51,8 @@ def run(args) -> int:
     import numpy as np
     from transformers import AutoTokenizer
 
-    from phi_jax.generate import count_compilations, generate_stream
-    from phi_jax.model import PhiForCausalLM
+    from phi_jax.generation.generate import count_compilations, generate_stream
+    from phi_jax.modeling.model import PhiForCausalLM
 
     do_sample = args.do_sample or any(v is not None for v in (args.temperature, args.top_k, args.top_p))
     sampling = dict(do_sample=do_sample, temperature=1.0 if args.temperature is None else args.temperature,

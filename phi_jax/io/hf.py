@@ -17,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from phi_jax.stream_io import SafetensorsFile
+from phi_jax.io.safetensors import SafetensorsFile
 
 SAFE_INDEX, SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
 BIN_INDEX, BIN_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"

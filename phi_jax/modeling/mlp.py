@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from phi_jax.layernorm import matmul_precision
+from phi_jax.modeling.layernorm import matmul_precision
 
 
 def _gelu_tanh(x):  # transformers' gelu_new / gelu_pytorch_tanh

@@ -1,0 +1,1 @@
+"""Checkpoint I/O: safetensors, the Hugging Face layout, Microsoft layouts, Orbax. Imports no model."""

@@ -1,0 +1,24 @@
+"""Checks of concrete inputs on the host, before any jitted call (JAX gathers would clamp bad ids silently)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+
+def check_input_ids(input_ids, vocab_size: int) -> None:
+    """Raises ValueError for a token id outside [0, vocab_size) (a JAX gather would clamp it silently).
+
+    Traced ids cannot be inspected; they are checked where they enter as concrete arrays.
+    """
+    if isinstance(input_ids, jax.core.Tracer):
+        return
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be integers, got dtype {ids.dtype}")
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        pos = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"token id {int(ids[pos])} at position {pos} is outside [0, {vocab_size}) (vocab_size)")
