@@ -9,9 +9,10 @@ from phi_jax.modeling.model import (
     PhiModel,
     PhiOutput,
 )
+from phi_jax.shipped.paths import shipped_model_path
 
 __all__ = [
     "PhiConfig", "phi_1", "phi_1_5", "phi_2", "PhiModel", "PhiForCausalLM", "PhiForSequenceClassification",
-    "PhiForTokenClassification", "PhiOutput", "compiled",
+    "PhiForTokenClassification", "PhiOutput", "compiled", "shipped_model_path",
 ]
 __version__ = "0.1.0"
