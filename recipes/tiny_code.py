@@ -50,21 +50,21 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "phi_jax", "shipped"))
     p.add_argument("--work", default="/tmp/tiny_code")
     p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--hidden-size", type=int, default=192)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--intermediate-size", type=int, default=1024)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--intermediate-size", type=int, default=768)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=250)
-    p.add_argument("--eval-rows", type=int, default=128, help="validation rows of the periodic evaluations")
-    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-rows", type=int, default=64, help="validation rows of the periodic evaluations")
+    p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--slice-rows", type=int, default=16)
     p.add_argument("--measure", type=int, default=0, help="only time this many train steps and exit")
     return p.parse_args(argv)
@@ -114,16 +114,21 @@ def hardware() -> str:
 
 
 def samples(model, tok, max_new_tokens: int = 48) -> list[dict]:
+    """Greedy completions of every prompt, then sampled ones (temperature 0.7, top-k 40, seed 0) of the first two."""
     from phi_jax.generation.generate import generate
 
+    settings = [(p, {}) for p in PROMPTS] + [(p, dict(do_sample=True, temperature=0.7, top_k=40, seed=0))
+                                             for p in PROMPTS[:2]]
     out = []
-    for prompt in PROMPTS:
+    for prompt, sampling in settings:
         ids = np.asarray([tok.encode(prompt).ids], np.int32)
-        new = generate(model, ids, max_new_tokens=max_new_tokens)[0, ids.shape[1]:]
+        new = list(generate(model, ids, max_new_tokens=max_new_tokens, **sampling)[0, ids.shape[1]:])
         eos = model.config.eos_token_id
-        new = new[: list(new).index(eos)] if eos in new else new
-        out.append({"prompt": prompt, "completion": tok.decode([int(t) for t in new]),
-                    "max_new_tokens": max_new_tokens})
+        new = new[: new.index(eos)] if eos in new else new
+        flags = f"--max-new-tokens {max_new_tokens}" + "".join(
+            f" --{k.replace('_', '-')} {v}" for k, v in sampling.items() if k != "do_sample")
+        out.append({"prompt": prompt, "completion": tok.decode([int(t) for t in new]), "flags": flags,
+                    **sampling})
     return out
 
 

@@ -33,7 +33,7 @@ def card(m: dict, png: str) -> str:
         f"context {m['seq_len']} |",
         f"| Parameters | {m['parameters']:,} |",
         f"| Tokenizer | byte-level BPE, {m['config']['vocab_size']} tokens (`tokenizers`), trained on the training "
-        "files; `<|endoftext|>` ends each file |",
+        "files; `<\\|endoftext\\|>` ends each file |",
         f"| Training data | the standard library of {m['python']}: {len(m['train_files'])} `.py` files, "
         f"{m['train_tokens']:,} tokens (tests, site-packages, idlelib, lib2to3, turtledemo, encodings and "
         "pydoc_data left out) |",
@@ -51,12 +51,12 @@ def card(m: dict, png: str) -> str:
         "",
         f"![loss curve]({png})",
         "",
-        "Greedy completions (`phi-jax generate PROMPT --max-new-tokens "
-        f"{m['samples'][0]['max_new_tokens']}`):",
+        "Completions of the prompts by the shipped model, as recorded at training time (`metrics.json`):",
         "",
     ]
     for s in m["samples"]:
-        lines += ["```python", (s["prompt"] + s["completion"]).rstrip("\n"), "```", ""]
+        lines += [f"`phi-jax generate {json.dumps(s['prompt'])} {s['flags']}`".replace("  ", " "), "",
+                  "```python", (s["prompt"] + s["completion"]).rstrip("\n"), "```", ""]
     lines += [
         "Reproduce (fixed seeds; resumes from `--work` if interrupted):",
         "",
