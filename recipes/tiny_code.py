@@ -160,7 +160,8 @@ def main(argv=None) -> int:
     log_path = os.path.join(args.work, "log.jsonl")
     wall = loop.train(model, train_rows, valid_rows, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip, seed=args.seed,
-                      eval_every=args.eval_every, eval_rows=args.eval_rows, ckpt_dir=os.path.join(args.work, "checkpoints"),
+                      eval_every=args.eval_every, eval_rows=args.eval_rows,
+                      ckpt_dir=os.path.join(args.work, "checkpoints"),
                       log_path=log_path, save_every=args.save_every)
 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -185,7 +186,8 @@ def main(argv=None) -> int:
         "holdout": f"sha256(relative path) % {data.HOLDOUT_MODULUS} == 0",
         "train_files": {f: data.file_digest(root, f) for f in train_files},
         "valid_files": {f: data.file_digest(root, f) for f in valid_files},
-        "train_tokens": int(sum(len(d) + 1 for d in train_docs)), "valid_tokens": int(sum(len(d) + 1 for d in valid_docs)),
+        "train_tokens": int(sum(len(d) + 1 for d in train_docs)),
+        "valid_tokens": int(sum(len(d) + 1 for d in valid_docs)),
         "parameters": int(n_params), "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size,
         "seq_len": args.seq_len, "tokens_seen": args.steps * args.batch_size * args.seq_len,
         "epochs": round(args.steps * args.batch_size / len(train_rows), 2),

@@ -167,7 +167,8 @@ def plot_losses(log_path: str, png_path: str, unigram: float, eval_rows: int) ->
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
     ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1, label="train (batch)")
     val = [r for r in records if "valid_loss" in r]
-    ax.plot([r["step"] for r in val], [r["valid_loss"] for r in val], "o-", ms=3, label=f"validation (first {eval_rows} held-out rows)")
+    ax.plot([r["step"] for r in val], [r["valid_loss"] for r in val], "o-", ms=3,
+            label=f"validation (first {eval_rows} held-out rows)")
     ax.axhline(unigram, color="gray", ls="--", lw=1, label=f"unigram baseline ({unigram:.2f})")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
