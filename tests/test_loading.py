@@ -138,8 +138,17 @@ def test_misshaped_tensor(make_checkpoint):
     d, _ = make_checkpoint(geometry="phi1")
     _edit_safetensors(d, lambda t: t.__setitem__("model.layers.0.self_attn.k_proj.weight",
                                                  np.zeros((32, 64), np.float32)))
-    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.k_proj.weight: checkpoint has \[32, 64\], "
-                                         r"model expects \[64, 64\]"):
+    # the config's kv heads cannot give 32 rows: named before any model is built
+    with pytest.raises(ValueError, match=r"config num_key_value_heads=4 does not fit the checkpoint: .*"
+                                         r"model.layers.0.self_attn.k_proj.weight, which has shape \[32, 64\]"):
+        phi_jax.PhiForCausalLM.from_pretrained(d)
+    # a shape no config field describes: the plan names the tensor, its file and both shapes
+    _edit_safetensors(d, lambda t: t.__setitem__("model.layers.0.self_attn.k_proj.weight",
+                                                 np.zeros((64, 64), np.float32)))
+    _edit_safetensors(d, lambda t: t.__setitem__("model.layers.1.self_attn.dense.weight",
+                                                 np.zeros((64, 32), np.float32)))
+    with pytest.raises(ValueError, match=r"model.layers.1.self_attn.dense.weight in .*model.safetensors: "
+                                         r"checkpoint has \[64, 32\], the config expects \[64, 64\]"):
         phi_jax.PhiForCausalLM.from_pretrained(d)
 
 
