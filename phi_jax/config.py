@@ -251,9 +251,9 @@ class PhiConfig:
             rope.setdefault("partial_rotary_factor", d["partial_rotary_factor"])
         kwargs = {k: v for k, v in d.items() if k in fields}
         kwargs["rope_parameters"] = rope
+        if "num_labels" in d and (not _is_int(d["num_labels"]) or d["num_labels"] < 1):
+            raise ValueError(f"num_labels={d['num_labels']!r} must be a positive integer")
         if "num_labels" in d and "id2label" not in d:
-            if not _is_int(d["num_labels"]) or d["num_labels"] < 1:
-                raise ValueError(f"num_labels={d['num_labels']!r} must be a positive integer")
             kwargs["id2label"] = {i: f"LABEL_{i}" for i in range(d["num_labels"])}
         return cls(**kwargs)
 
