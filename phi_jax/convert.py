@@ -26,8 +26,7 @@ import numpy as np
 from phi_jax.config import PhiConfig
 from phi_jax.io import orbax as orbax_io
 from phi_jax.io.atomic import atomic_output_dir
-from phi_jax.io.names import hf_key
-from phi_jax.io.plan import plan
+from phi_jax.io.plan import abstract_params, hf_layout, plan
 from phi_jax.io.safetensors import ShardedSafetensorsWriter
 from phi_jax.io.sources import (  # noqa: F401  (HFSource, OrbaxSource, detect_layout: convert's API before io/)
     HFSource, LegacySource, OrbaxSource, detect_layout, is_legacy_dir, open_source)
@@ -65,12 +64,6 @@ def model_class(config: PhiConfig):
     return MODEL_CLASSES.get(name, PhiForCausalLM)
 
 
-def abstract_params(cls, config: PhiConfig):
-    """The `nnx.Param` state of `cls(config)`, shapes only (nothing is allocated)."""
-    from flax import nnx
-    return nnx.state(nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0))), nnx.Param)
-
-
 def convert(src, dst, *, to: str, layout: str = "auto", dtype=None, shard_size="2GB", chunk_size="256MB",
             overwrite: bool = False, progress: bool = False, config: PhiConfig | None = None) -> dict:
     """Converts the checkpoint directory `src` into `dst`, tensor by tensor.
@@ -93,7 +86,7 @@ def convert(src, dst, *, to: str, layout: str = "auto", dtype=None, shard_size="
     if os.path.realpath(src) == dst:
         raise ValueError(f"source and destination are the same directory: {src}")
     cls = model_class(source.config)
-    entries = plan(source, abstract_params(cls, source.config), cls.__name__).entries
+    entries = plan(source, abstract_params(cls, source.config)[1], cls.__name__).entries
     out = [(e, out_dtype or e.dtype) for e in entries]
     total_out = sum(math.prod(e.shape) * d.itemsize for e, d in out)
     start, read = time.perf_counter(), 0
@@ -156,17 +149,13 @@ def legacy_to_orbax(src, dst, **kw) -> dict:
 
 def write_random_hf(directory, config: PhiConfig, *, dtype="float32", seed: int = 0, shard_size="5GB") -> str:
     """Writes a random-weight HF checkpoint of `config`'s geometry tensor by tensor (tests and benchmarks)."""
-    from flax import nnx
     cls, d = model_class(config), _dtype(dtype)
-    tensors = []
-    for path, var in nnx.to_flat_state(abstract_params(cls, config)):
-        key, transpose = hf_key(path)
-        shape = tuple(var.get_value().shape)
-        tensors.append((key, shape[::-1] if transpose else shape, d))
+    layout = hf_layout(abstract_params(cls, config)[1])
     os.makedirs(directory)
-    writer = ShardedSafetensorsWriter(os.fspath(directory), tensors, parse_size(shard_size))
+    writer = ShardedSafetensorsWriter(os.fspath(directory), [(key, shape, d) for _, key, _, shape in layout],
+                                      parse_size(shard_size))
     rng = np.random.default_rng(seed)
-    for key, shape, _ in tensors:
+    for _, key, _, shape in layout:
         writer.put(key, (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(d))
     writer.close()
     config.save_pretrained(directory, architecture=cls.__name__, dtype=d)

@@ -10,7 +10,6 @@ copies of the weights. Saving streams the parameters into a new directory beside
 
 from __future__ import annotations
 
-import logging
 import os
 
 import jax
@@ -21,12 +20,10 @@ from flax import nnx
 from phi_jax.config import PhiConfig
 from phi_jax.io.atomic import atomic_output_dir
 from phi_jax.io.hf import is_checkpoint_file
-from phi_jax.io.names import hf_key
-from phi_jax.io.plan import plan
+from phi_jax.io.plan import abstract_params, hf_layout, plan
 from phi_jax.io.safetensors import ShardedSafetensorsWriter
 from phi_jax.io.sources import open_source
 
-log = logging.getLogger(__name__)
 
 
 class PretrainedMixin:
@@ -47,10 +44,9 @@ class PretrainedMixin:
 
 def _build_abstract(cls, config, **kw):
     """(graphdef, abstract params, concrete non-param state such as dropout rng keys)."""
-    make = lambda: cls(config, rngs=nnx.Rngs(0), **kw)  # noqa: E731
-    graphdef, params, _ = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
+    graphdef, params = abstract_params(cls, config, **kw)
     # Only the small rng state is materialised; XLA drops the unused parameter initialisers.
-    rest = jax.jit(lambda: nnx.split(make(), nnx.Param, ...)[2])()
+    rest = jax.jit(lambda: nnx.split(cls(config, rngs=nnx.Rngs(0), **kw), nnx.Param, ...)[2])()
     return graphdef, params, rest
 
 
@@ -113,17 +109,16 @@ def save_pretrained(model, path, dtype=None) -> None:
     Tensors stream to disk one at a time (a kernel is written from a transposed view): no second copy of the
     weights is held.
     """
-    entries = []
-    for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        key, transpose = hf_key(p)
-        shape = tuple(var.get_value().shape)
-        entries.append((key, var, transpose, shape[::-1] if transpose else shape,
-                        np.dtype(dtype or var.get_value().dtype)))
+    params = nnx.state(model, nnx.Param)
+    variables = dict(nnx.to_flat_state(params))
+    layout = hf_layout(params)
+    dtypes = [np.dtype(dtype or variables[p].get_value().dtype) for p, *_ in layout]
     with atomic_output_dir(path, overwrite=True, keep=lambda name: not is_checkpoint_file(name)) as tmp:
-        writer = ShardedSafetensorsWriter(tmp, [(k, s, d) for k, _, _, s, d in entries], max_shard_bytes=1 << 62)
+        writer = ShardedSafetensorsWriter(tmp, [(key, shape, d) for (_, key, _, shape), d in zip(layout, dtypes)],
+                                          max_shard_bytes=1 << 62)
         try:
-            for key, var, transpose, _, _ in entries:
-                arr = np.asarray(jax.device_get(var.get_value()))
+            for p, key, transpose, _ in layout:
+                arr = np.asarray(jax.device_get(variables[p].get_value()))
                 writer.put(key, arr.T if transpose else arr)
                 del arr
             writer.close()
@@ -131,4 +126,4 @@ def save_pretrained(model, path, dtype=None) -> None:
             writer.abort()
             raise
         model.config.save_pretrained(tmp, architecture=type(model).__name__,
-                                     dtype=entries[0][4] if entries else np.float32)
+                                     dtype=dtypes[0] if dtypes else np.float32)

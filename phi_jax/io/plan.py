@@ -46,6 +46,24 @@ class Plan:
     new_heads: list[tuple]
 
 
+def hf_layout(params: nnx.State) -> list[tuple[tuple, str, bool, tuple]]:
+    """(NNX path, HF key, transposed?, HF-layout shape) of every parameter in `params` (abstract or concrete),
+    in NNX order: the one map from our parameters to transformers' tensors."""
+    out = []
+    for path, var in nnx.to_flat_state(params):
+        key, transpose = hf_key(path)
+        shape = tuple(var.get_value().shape)
+        out.append((path, key, transpose, shape[::-1] if transpose else shape))
+    return out
+
+
+def abstract_params(cls, config: PhiConfig, **kwargs) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, `nnx.Param` state) of `cls(config, **kwargs)`, shapes only: nothing is allocated. The class is
+    passed in; io imports no model."""
+    graphdef, params, _ = nnx.split(nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), **kwargs)), nnx.Param, ...)
+    return graphdef, params
+
+
 def check_config(config: PhiConfig, tensors: dict, where: str = "checkpoint") -> None:
     """Raises ValueError naming the first config field whose value the tensors contradict, its value, and the
     tensor (name, file, shape) that says otherwise. Tensors the config does not mention are left to `plan`."""
@@ -98,9 +116,9 @@ def plan(source, params: nnx.State, class_name: str, *, allow_new_head: bool = F
 
     Raises ValueError naming each missing, unexpected or mis-shaped tensor and the file holding it.
     """
-    flat = [(path, tuple(var.get_value().shape)) for path, var in nnx.to_flat_state(params)]
+    layout = hf_layout(params)
     tensors, config = source.tensors, source.config
-    ours_prefixed = any(path[0] == "model" for path, _ in flat)
+    ours_prefixed = any(path[0] == "model" for path, *_ in layout)
     theirs_prefixed = any(k.startswith("model.") for k in tensors)
 
     def checkpoint_key(key: str) -> str:  # a PhiModel has no `model.` prefix; a head checkpoint does
@@ -112,12 +130,10 @@ def plan(source, params: nnx.State, class_name: str, *, allow_new_head: bool = F
 
     entries, new_heads, missing, mismatched = [], [], [], []
     own_heads = set()
-    for path, shape in flat:
-        key, transpose = hf_key(path)
+    for path, key, transpose, want in layout:
         if key.startswith(HEAD_PREFIXES):
             own_heads.add(key)
         src = checkpoint_key(key)
-        want = shape[::-1] if transpose else shape
         if src not in tensors:
             if allow_new_head and key.startswith("score."):
                 new_heads.append(path)
