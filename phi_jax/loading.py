@@ -82,12 +82,11 @@ def fill(params: nnx.State, source, checked, param_dtype, *, progress: bool = Fa
     `io.plan.Plan`) maps them; new heads are drawn from N(0, initializer_range)."""
     flat = nnx.to_flat_state(params)
     variables = dict(flat)
-    items = checked.entries
+    items = source.read_ours(checked.entries, np.dtype(param_dtype))
     if progress:
         from tqdm import tqdm
-        items = tqdm(items, desc="loading", unit="tensor")
-    for entry in items:
-        host = source.get_ours(entry, np.dtype(param_dtype))
+        items = tqdm(items, desc="loading", unit="tensor", total=len(checked.entries))
+    for entry, host in items:
         variables[entry.path].set_value(place(entry.path, host))
         del host
     key = jax.random.key(0)

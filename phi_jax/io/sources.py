@@ -58,6 +58,11 @@ class Source:
             del block
         return out
 
+    def read_ours(self, entries, dtype):
+        """Yields `(entry, get_ours(entry, dtype))` for each entry in turn (one tensor in memory at a time)."""
+        for entry in entries:
+            yield entry, self.get_ours(entry, dtype)
+
     def close(self) -> None:
         pass
 
@@ -147,6 +152,24 @@ class OrbaxSource(Source):
 
     def get_ours(self, entry, dtype) -> np.ndarray:
         return np.ascontiguousarray(self._r.get(self._paths[entry.key][0]), dtype=dtype)  # stored in our layout
+
+    def read_ours(self, entries, dtype, chunk_bytes: int = 256 << 20):
+        """As Source.read_ours, restoring up to `chunk_bytes` of tensors per Orbax call."""
+        entries, start = list(entries), 0
+        while start < len(entries):
+            stop, size = start, 0
+            while stop < len(entries) and (stop == start or size + _nbytes(entries[stop]) <= chunk_bytes):
+                size += _nbytes(entries[stop])
+                stop += 1
+            chunk = entries[start:stop]
+            arrays = self._r.get_many([self._paths[e.key][0] for e in chunk])
+            for e in chunk:
+                yield e, np.ascontiguousarray(arrays.pop(tuple(map(str, self._paths[e.key][0]))), dtype=dtype)
+            start = stop
+
+
+def _nbytes(entry) -> int:
+    return math.prod(entry.shape) * np.dtype(entry.dtype).itemsize
 
 
 def is_legacy_dir(directory) -> bool:
