@@ -3,7 +3,7 @@
 `CheckpointReader` indexes a directory (model.safetensors, a sharded
 model.safetensors.index.json, or pytorch_model.bin[.index.json]) without loading
 tensors, then reads them one at a time as numpy arrays: safetensors with plain reads
-(stream_io.SafetensorsFile, no mmap), `.bin` files with
+(io.safetensors.SafetensorsFile, no mmap), `.bin` files with
 `torch.load(weights_only=True, mmap=True)`: no untrusted pickle is executed and the
 file is paged in lazily.
 """
