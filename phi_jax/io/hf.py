@@ -27,8 +27,10 @@ def _load_index(path: str) -> dict[str, str]:
     try:
         with open(path) as f:
             weight_map = json.load(f)["weight_map"]
-    except (json.JSONDecodeError, KeyError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not a valid weight index: {e!r}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{path} is not a valid weight index: weight_map must map tensor names to file names")
     return weight_map
 
 

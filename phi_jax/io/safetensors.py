@@ -27,6 +27,10 @@ BLOCK_BYTES = 32 << 20  # a transposed or cast tensor is written in row blocks o
 _MAX_HEADER = 100 << 20
 
 
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 class SafetensorsFile:
     """Header of one safetensors file; tensors read on demand without mmap.
 
@@ -48,12 +52,16 @@ class SafetensorsFile:
                 header = json.loads(f.read(n))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise ValueError(f"{self.path}: corrupt safetensors header: {e}") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{self.path}: corrupt safetensors header: a JSON {type(header).__name__}, not an object")
         self.metadata = header.pop("__metadata__", None) or {}
         self.data_start = 8 + n
         self.entries = {}  # key -> (shape, dtype, begin, end) with absolute file offsets
         for key, e in header.items():
             try:
                 dtype, shape, (begin, end) = _DTYPES[e["dtype"]], tuple(e["shape"]), e["data_offsets"]
+                if not all(_is_count(v) for v in (*shape, begin, end)) or begin > end:
+                    raise ValueError
             except (KeyError, TypeError, ValueError):
                 raise ValueError(f"{self.path}: corrupt header entry for tensor {key!r}: {e}") from None
             if end - begin != math.prod(shape) * dtype.itemsize:
