@@ -85,6 +85,8 @@ class CheckpointReader:
         self._handles = {}
         for p in paths:
             for key, shape, dtype in self._scan(p):
+                if key in self.files:
+                    raise ValueError(f"tensor {key!r} is stored twice: in {self.files[key]} and in {p}")
                 self.shapes[key], self.dtypes[key], self.files[key] = shape, dtype, p
         if weight_map is not None:
             for key, p in weight_map.items():
