@@ -219,7 +219,9 @@ class PhiConfig:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}")
         if self.rotary_ndims % 2:
-            raise ValueError(f"rotary dimension int(head_dim * partial_rotary_factor) = {self.rotary_ndims} is odd")
+            factor = self.rope_parameters["partial_rotary_factor"]
+            raise ValueError(f"partial_rotary_factor={factor!r} gives int(head_dim {self.head_dim} * {factor}) = "
+                             f"{self.rotary_ndims} rotary channels, an odd number")
 
     def __hash__(self):  # dict fields: hash the serialised form (NNX keeps the config in the static graph)
         return hash(self.to_json_string())
