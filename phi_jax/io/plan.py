@@ -67,9 +67,9 @@ def abstract_params(cls, config: PhiConfig, **kwargs) -> tuple[nnx.GraphDef, nnx
 def check_config(config: PhiConfig, tensors: dict, where: str = "checkpoint") -> None:
     """Raises ValueError naming the first config field whose value the tensors contradict, its value, and the
     tensor (name, file, shape) that says otherwise. Tensors the config does not mention are left to `plan`."""
-    def find(name):
+    def find(name, ndim):  # (key, shape, file) of the tensor `name` when it has `ndim` axes (else `plan` reports it)
         for key in (name, "model." + name):
-            if key in tensors:
+            if key in tensors and len(tensors[key][0]) == ndim:
                 return key, tuple(tensors[key][0]), tensors[key][2]
         return None
 
@@ -77,8 +77,8 @@ def check_config(config: PhiConfig, tensors: dict, where: str = "checkpoint") ->
         raise ValueError(f"{where}: config {field}={value!r} does not fit the checkpoint: {what}")
 
     c = config
-    emb = find("embed_tokens.weight")
-    if emb and len(emb[1]) == 2:
+    emb = find("embed_tokens.weight", 2)
+    if emb:
         key, (vocab, hidden), file = emb
         if hidden != c.hidden_size:
             fail("hidden_size", c.hidden_size, f"{key} in {file} has shape {[vocab, hidden]} (hidden size {hidden})")
@@ -89,25 +89,25 @@ def check_config(config: PhiConfig, tensors: dict, where: str = "checkpoint") ->
         n = max(layers) + 1
         fail("num_hidden_layers", c.num_hidden_layers, f"it holds {n} layer{'s' * (n != 1)} (layers.0 to "
                                                        f"layers.{n - 1})")
-    fc1 = find("layers.0.mlp.fc1.weight")
+    fc1 = find("layers.0.mlp.fc1.weight", 2)
     if fc1 and fc1[1][0] != c.intermediate_size:
         fail("intermediate_size", c.intermediate_size, f"{fc1[0]} in {fc1[2]} has shape {list(fc1[1])}")
-    q_norm = find("layers.0.self_attn.q_layernorm.weight")
+    q_norm = find("layers.0.self_attn.q_layernorm.weight", 1)
     if bool(q_norm) != c.qk_layernorm and layers:
         fail("qk_layernorm", c.qk_layernorm, "it holds q_layernorm weights" if q_norm else "it holds no q_layernorm")
     if q_norm and q_norm[1][0] != c.head_dim:
         fail("num_attention_heads", c.num_attention_heads,
              f"head_dim {c.head_dim} (hidden_size / num_attention_heads), but {q_norm[0]} in {q_norm[2]} has shape "
              f"{list(q_norm[1])} (head_dim {q_norm[1][0]}: {c.hidden_size // max(1, q_norm[1][0])} heads)")
-    k_proj = find("layers.0.self_attn.k_proj.weight")
+    k_proj = find("layers.0.self_attn.k_proj.weight", 2)
     if k_proj and k_proj[1][0] != c.num_key_value_heads * c.head_dim:
         field = "num_key_value_heads" if k_proj[1][0] % c.head_dim == 0 else "num_attention_heads"
         fail(field, getattr(c, field),
              f"{c.num_key_value_heads} kv heads of head_dim {c.head_dim} (hidden_size {c.hidden_size} / "
              f"{c.num_attention_heads} heads) need {c.num_key_value_heads * c.head_dim} rows in {k_proj[0]}, which "
              f"has shape {list(k_proj[1])} in {k_proj[2]}")
-    head = find("lm_head.weight")
-    if head and len(head[1]) == 2 and head[1][0] != c.vocab_size:
+    head = find("lm_head.weight", 2)
+    if head and head[1][0] != c.vocab_size:
         fail("vocab_size", c.vocab_size, f"{head[0]} in {head[2]} has shape {list(head[1])}")
 
 
