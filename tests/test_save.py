@@ -64,7 +64,8 @@ def test_save_over_orbax_directory_replaces_it(old_and_new, tmp_path):
     old, model = old_and_new
     convert.hf_to_orbax(old, tmp_path / "orbax")
     model.save_pretrained(tmp_path / "orbax")
-    assert sorted(os.listdir(tmp_path / "orbax")) == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(os.listdir(tmp_path / "orbax")) == ["config.json", "generation_config.json", "model.safetensors",
+                                                      "tokenizer.json"]
     np.testing.assert_array_equal(_ours(tmp_path / "orbax"), np.asarray(model(jnp.asarray(IDS)).logits))
 
 
