@@ -173,13 +173,13 @@ def main(argv=None) -> int:
     unigram_slice = loop.unigram_loss(train_rows, slice_rows, config.vocab_size)
     print(f"validation loss {valid_loss:.4f} (unigram {unigram:.4f}); slice {slice_loss:.4f}", flush=True)
 
-    os.makedirs(args.out, exist_ok=True)
-    model.save_pretrained(args.out)
+    stage = os.path.join(args.work, "shipped")  # everything is written here, then copied into --out
+    model.save_pretrained(stage)
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(os.path.join(tok_dir, name), os.path.join(args.out, name))
+        shutil.copyfile(os.path.join(tok_dir, name), os.path.join(stage, name))
     from safetensors.numpy import save_file
-    save_file({"input_ids": np.ascontiguousarray(slice_rows)}, os.path.join(args.out, "valid_slice.safetensors"))
-    loop.plot_losses(log_path, os.path.join(args.out, "loss_curve.png"), unigram, args.eval_rows)
+    save_file({"input_ids": np.ascontiguousarray(slice_rows)}, os.path.join(stage, "valid_slice.safetensors"))
+    loop.plot_losses(log_path, os.path.join(stage, "loss_curve.png"), unigram, args.eval_rows)
     metrics = {
         "python": data.python_version(), "platform": platform.platform(), "stdlib_root": root,
         "excluded_dirs": sorted(data.EXCLUDED_DIRS), "excluded_files": sorted(data.EXCLUDED_FILES),
@@ -207,11 +207,15 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {m.__name__: m.__version__ for m in (jax, np)},
     }
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+    with open(os.path.join(stage, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
         f.write("\n")
-    for name in SHIPPED:  # package data, readable by everyone (atomic writes create files 0600)
-        os.chmod(os.path.join(args.out, name), 0o644)
+    os.makedirs(args.out, exist_ok=True)
+    for name in SHIPPED:  # copies: new files, readable by everyone (atomic writes create files 0600)
+        tmp = os.path.join(args.out, f".{name}.tmp")
+        shutil.copyfile(os.path.join(stage, name), tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, os.path.join(args.out, name))
     for s in metrics["samples"]:
         print(f"--- {s['prompt']!r}\n{s['prompt']}{s['completion']}")
     return 0
