@@ -63,7 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--eval-rows", type=int, default=64, help="validation rows of the periodic evaluations")
+    p.add_argument("--eval-stride", type=int, default=8, help="periodic evaluations use every n-th validation row")
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--slice-rows", type=int, default=16)
     p.add_argument("--measure", type=int, default=0, help="only time this many train steps and exit")
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     log_path = os.path.join(args.work, "log.jsonl")
     wall = loop.train(model, train_rows, valid_rows, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip, seed=args.seed,
-                      eval_every=args.eval_every, eval_rows=args.eval_rows,
+                      eval_every=args.eval_every, eval_stride=args.eval_stride,
                       ckpt_dir=os.path.join(args.work, "checkpoints"),
                       log_path=log_path, save_every=args.save_every)
 
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
         shutil.copyfile(os.path.join(tok_dir, name), os.path.join(stage, name))
     from safetensors.numpy import save_file
     save_file({"input_ids": np.ascontiguousarray(slice_rows)}, os.path.join(stage, "valid_slice.safetensors"))
-    loop.plot_losses(log_path, os.path.join(stage, "loss_curve.png"), unigram, args.eval_rows)
+    loop.plot_losses(log_path, os.path.join(stage, "loss_curve.png"), unigram, args.eval_stride, valid_loss)
     metrics = {
         "python": data.python_version(), "platform": platform.platform(), "stdlib_root": root,
         "excluded_dirs": sorted(data.EXCLUDED_DIRS), "excluded_files": sorted(data.EXCLUDED_FILES),

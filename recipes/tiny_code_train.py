@@ -109,9 +109,9 @@ def unigram_loss(train_rows: np.ndarray, valid_rows: np.ndarray, vocab_size: int
 
 
 def train(model, train_rows, valid_rows, *, steps, batch_size, lr, warmup, weight_decay, clip, seed,
-          eval_every, eval_rows, ckpt_dir, log_path, save_every):
+          eval_every, eval_stride, ckpt_dir, log_path, save_every):
     """Trains `model` in place; resumes from the newest checkpoint in `ckpt_dir`. Every `eval_every` steps the log
-    records the loss on the first `eval_rows` validation rows. Returns the wall seconds of this run's steps plus
+    records the loss on every `eval_stride`-th validation row. Returns the wall seconds of this run's steps plus
     those recorded before a resume."""
     import orbax.checkpoint as ocp
 
@@ -144,7 +144,7 @@ def train(model, train_rows, valid_rows, *, steps, batch_size, lr, warmup, weigh
                 record = {"step": done, "loss": float(loss), "grad_norm": float(gnorm), "lr": float(schedule(step)),
                           "wall_s": round(wall, 2), "tokens_per_s": round(tokens / (time.perf_counter() - t0), 1)}
             if done % eval_every == 0 or done == steps:
-                record["valid_loss"] = evaluate(nll_sum, params, valid_rows[:eval_rows], batch_size)
+                record["valid_loss"] = evaluate(nll_sum, params, valid_rows[::eval_stride], batch_size)
             if record:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
@@ -157,7 +157,7 @@ def train(model, train_rows, valid_rows, *, steps, batch_size, lr, warmup, weigh
     return wall_before + time.perf_counter() - t0
 
 
-def plot_losses(log_path: str, png_path: str, unigram: float, eval_rows: int) -> None:
+def plot_losses(log_path: str, png_path: str, unigram: float, eval_stride: int, final_valid: float) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -168,7 +168,9 @@ def plot_losses(log_path: str, png_path: str, unigram: float, eval_rows: int) ->
     ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1, label="train (batch)")
     val = [r for r in records if "valid_loss" in r]
     ax.plot([r["step"] for r in val], [r["valid_loss"] for r in val], "o-", ms=3,
-            label=f"validation (first {eval_rows} held-out rows)")
+            label=f"validation (every {eval_stride}th held-out row)")
+    ax.plot([records[-1]["step"]], [final_valid], "*", ms=9, color="C3",
+            label=f"validation, all held-out rows ({final_valid:.2f})")
     ax.axhline(unigram, color="gray", ls="--", lw=1, label=f"unigram baseline ({unigram:.2f})")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
