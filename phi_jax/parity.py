@@ -227,6 +227,8 @@ def nonfinite_weights(model) -> list[str]:
         if bad:
             name = jax.tree_util.keystr(path, simple=True, separator=".")
             parts = name.split(".")
+            if parts[-1] == "value":  # the nnx.Variable's payload
+                parts.pop()
             if parts[-1] in ("kernel", "embedding", "scale"):  # phi_jax leaf -> transformers' `weight`
                 parts[-1] = "weight"
             found.append(f"{'.'.join(parts)}: {bad} of {x.size} values NaN/inf")
