@@ -219,3 +219,18 @@ def test_check_and_parity_fail_status_is_1(model_dir, monkeypatch, capsys):
     monkeypatch.setitem(parity.TOLERANCES, "float32", parity.Tolerance(1e-12, 1.0, True))
     assert main(["check", "--model", model_dir, "--new-tokens", "2"]) == EXIT_FAIL
     assert "result: FAIL" in capsys.readouterr().out
+
+
+def test_relative_paths_from_another_directory(model_dir, tmp_path, monkeypatch, capsys):
+    import shutil
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(model_dir, work / "m")
+    monkeypatch.chdir(work)
+    _write_lines("p.jsonl", ['"def f(x):"'])
+    assert main(["generate", "--model", "m", "--input", "p.jsonl", "--output", "c.jsonl", "--max-new-tokens", "2",
+                 "--no-progress"]) == EXIT_OK
+    assert os.path.isfile(work / "c.jsonl")
+    assert main(["convert", "hf-to-orbax", "m", "o", "--no-progress"]) == EXIT_OK
+    assert main(["generate", "--model", "o", "--tokenizer", "m/tokenizer.json", "--max-new-tokens", "2", "x"]) == EXIT_OK
+    capsys.readouterr()

@@ -238,7 +238,7 @@ def test_cli_dispatch(make_checkpoint, tmp_path):
     assert main(["convert", "orbax-to-hf", str(tmp_path / "o"), str(tmp_path / "h"), "--no-progress"]) == 0
     out = transformers.PhiForCausalLM.from_pretrained(tmp_path / "h").eval()
     assert torch.equal(_logits(ref), _logits(out))
-    assert main(["convert", "orbax-to-hf", str(tmp_path / "missing"), str(tmp_path / "x"), "--no-progress"]) == 1
+    assert main(["convert", "orbax-to-hf", str(tmp_path / "missing"), str(tmp_path / "x"), "--no-progress"]) == 3
 
 
 def test_tiled_copies_equal_numpy():

@@ -7,6 +7,7 @@ directory beside DST and renamed into place when complete; Ctrl-C or SIGTERM lea
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 
@@ -58,7 +59,7 @@ def run(args) -> int:
         kw["chunk_size"] = args.chunk_size
     previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
-        summary = convert.convert(args.src, args.dst, to=to, layout=layout, dtype=args.dtype,
+        summary = convert.convert(os.path.abspath(args.src), os.path.abspath(args.dst), to=to, layout=layout, dtype=args.dtype,
                                   overwrite=args.overwrite, progress=not args.no_progress, **kw)
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -83,7 +83,7 @@ def run(args) -> int:
     import jax.numpy as jnp
 
     from phi_jax.modeling.model import PhiForCausalLM
-    model = PhiForCausalLM.from_pretrained(args.model, dtype=getattr(jnp, args.dtype))
+    model = PhiForCausalLM.from_pretrained(os.path.abspath(args.model), dtype=getattr(jnp, args.dtype))
     if prompts is not None:
         return _run_file(args, model, tokenizer, prompts)
     ids = tokenizer.encode(args.prompt).ids
