@@ -44,6 +44,12 @@ def test_exit_code_table():
     assert exit_code(KeyError("bug")) is None  # a bug: traceback, not a one-liner
 
 
+@pytest.mark.parametrize("command", [[], ["generate"], ["check"], ["parity"], ["convert"], ["convert", "orbax-to-hf"]])
+def test_help_of_every_command(command, capsys):
+    assert main([*command, "--help"]) == EXIT_OK
+    assert "usage: phi-jax" in capsys.readouterr().out
+
+
 def test_missing_paths_fail_at_once_with_one_line(tmp_path, capsys, monkeypatch):
     """No command reaches for a model hub: a missing directory is exit 3 and one line naming it."""
     monkeypatch.chdir(tmp_path)

@@ -9,7 +9,7 @@ COMPILES = True
 
 def add_arguments(parser) -> None:
     from phi_jax.parity import TOLERANCES
-    limits = "; ".join(f"{k}: {v.describe()}" for k, v in TOLERANCES.items())
+    limits = "; ".join(f"{k}: {v.describe()}" for k, v in TOLERANCES.items()).replace("%", "%%")  # argparse formats %
     parser.add_argument("--model", required=True, help="checkpoint directory (Hugging Face, Orbax or Microsoft)")
     parser.add_argument("--dtype", choices=tuple(TOLERANCES), default="float32",
                         help=f"phi_jax compute dtype (transformers runs in float32); sets the tolerances ({limits})")
