@@ -191,10 +191,14 @@ def test_generate_jsonl_resumes_without_redoing_finished_prompts(model_dir, tmp_
 
     monkeypatch.setattr(gen, "generate", interrupted_after_one_batch)
     assert main(argv) == 130
+    _one_error_line(capsys.readouterr().err, "interrupted")
     assert not os.path.exists(tmp_path / "c.jsonl")
     with open(tmp_path / "c.jsonl.partial") as f:
         first = [json.loads(line) for line in f]
-    assert len(first) == 2
+    assert len(first) == 3 and "settings" in first[0]  # the settings, then the first batch of 2
+    other = [a if a != "3" else "4" for a in argv]  # other --max-new-tokens: not the same run
+    assert main(other) == EXIT_USAGE
+    _one_error_line(capsys.readouterr().err, "c.jsonl.partial", "max_new_tokens")
 
     calls = []
     monkeypatch.setattr(gen, "generate", lambda model, ids, *a, **k: calls.append(len(ids)) or real(model, ids, *a, **k))

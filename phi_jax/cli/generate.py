@@ -8,9 +8,10 @@ Each input line is a JSON object with a string "prompt" (other keys are copied t
 string. Prompts are grouped by length bucket (`bucket_length`), decoded `--batch-size` at a time through
 `model.generate`, and written to --output as one JSON line per prompt, in input order:
 `{"line": n, ...input keys, "prompt": ..., "completion": ..., "new_tokens": k, "stopped": "eos"|"length"}`.
-Finished prompts are appended to `OUTPUT.partial` after each batch; a rerun of an interrupted command skips
-every prompt found there (or in an existing OUTPUT) with the same line number and prompt text, and the
-complete OUTPUT is written in one rename at the end. Sampling uses seed `--seed + first line of the batch`.
+Finished prompts are appended to `OUTPUT.partial` (its first line: the settings) after each batch; a rerun of
+an interrupted command with the same settings skips every prompt found there with the same line number and
+prompt text (other settings: an error), and the complete OUTPUT is written in one rename at the end.
+Sampling uses seed `--seed + first line of the batch`.
 
 The tokenizer is `tokenizer.json` of the model directory (or of --tokenizer), read by `tokenizers`.
 """
@@ -79,13 +80,14 @@ def run(args) -> int:
     from phi_jax.cli.common import load_tokenizer
     tokenizer = load_tokenizer(args.tokenizer or args.model, option=args.tokenizer is not None)
     prompts = _read_prompts(args.input, tokenizer) if args.input else None
+    done = _finished(args.output + ".partial", prompts, _settings(args)) if args.input else None
 
     import jax.numpy as jnp
 
     from phi_jax.modeling.model import PhiForCausalLM
     model = PhiForCausalLM.from_pretrained(os.path.abspath(args.model), dtype=getattr(jnp, args.dtype))
     if prompts is not None:
-        return _run_file(args, model, tokenizer, prompts)
+        return _run_file(args, model, tokenizer, prompts, done)
     ids = tokenizer.encode(args.prompt).ids
     if not ids:
         raise ValueError("the prompt encodes to no tokens")
@@ -189,21 +191,35 @@ def _read_prompts(path: str, tokenizer) -> list[dict]:
     return prompts
 
 
-def _finished(paths, prompts) -> dict[int, dict]:
-    """Results already written (by an interrupted run, or a finished one) for the same line and prompt."""
+def _settings(args) -> dict:
+    """What the completions depend on (not --batch-size: greedy results do not depend on it)."""
+    return {"model": os.path.abspath(args.model), "tokenizer": args.tokenizer and os.path.abspath(args.tokenizer),
+            "dtype": args.dtype, "seed": args.seed, **_sampling(args)}
+
+
+def _finished(partial: str, prompts, settings: dict) -> dict[int, dict]:
+    """Results an interrupted run of the same command wrote to `partial` (its first line: the settings), keyed by
+    line number, for the lines whose prompt text is unchanged."""
+    if not os.path.isfile(partial):
+        return {}
     want = {p["line"]: p["record"]["prompt"] for p in prompts}
     done = {}
-    for path in paths:
-        if not os.path.isfile(path):
-            continue
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by the interruption
-                if isinstance(r, dict) and isinstance(r.get("line"), int) and want.get(r["line"]) == r.get("prompt") and "completion" in r:
-                    done[r["line"]] = r
+    with open(partial, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f):
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by the interruption
+            if i == 0 and isinstance(r, dict) and "settings" in r:
+                if r["settings"] != settings:
+                    changed = sorted(k for k in set(settings) | set(r["settings"])
+                                     if settings.get(k) != r["settings"].get(k))
+                    raise ValueError(f"{partial} holds results of an interrupted run with other settings "
+                                     f"({', '.join(changed)}); rerun with the same options, or delete it to start over")
+                continue
+            if isinstance(r, dict) and isinstance(r.get("line"), int) and want.get(r["line"]) == r.get("prompt") \
+                    and "completion" in r:
+                done[r["line"]] = r
     return done
 
 
@@ -257,7 +273,7 @@ def _write_atomic(path: str, lines: list[str]) -> None:
         raise
 
 
-def _run_file(args, model, tokenizer, prompts: list[dict]) -> int:
+def _run_file(args, model, tokenizer, prompts: list[dict], done: dict[int, dict]) -> int:
     from tqdm import tqdm
 
     from phi_jax.cli.common import compile_events
@@ -268,13 +284,15 @@ def _run_file(args, model, tokenizer, prompts: list[dict]) -> int:
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f"directory not found: {out_dir} (for --output {args.output})")
     partial = args.output + ".partial"
-    done = _finished((args.output, partial), prompts)
     pending = [p for p in prompts if p["line"] not in done]
     eos, sampling = _eos_ids(model.config), _sampling(args)
     new_tokens, start = 0, time.perf_counter()
     bar = tqdm(total=len(prompts), initial=len(prompts) - len(pending), unit="prompt",
                disable=True if args.no_progress else None, file=sys.stderr)
     with compile_events() as events, bar, open(partial, "a", encoding="utf-8") as log:
+        if not done:
+            log.truncate(0)
+            log.write(json.dumps({"settings": _settings(args)}) + "\n")
         for batch in _batches(pending, args.batch_size):
             results = _generate_batch(model, batch, args.batch_size, sampling, args.seed + batch[0]["line"], eos)
             for p, (tokens, at_eos) in zip(batch, results):
