@@ -61,8 +61,10 @@ def _eos_ids(config) -> set[int]:
 
 
 def _check_args(args) -> None:
-    if (args.prompt is None) == (args.input is None):
-        raise ValueError("give either a PROMPT or --input JSONL (not both)")
+    if args.prompt is None and args.input is None:
+        raise ValueError("no prompt: give PROMPT or --input JSONL")
+    if args.prompt is not None and args.input is not None:
+        raise ValueError("give PROMPT or --input JSONL, not both")
     if args.input is None and (args.output is not None):
         raise ValueError("--output goes with --input")
     if args.input is not None and args.output is None:
