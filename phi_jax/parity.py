@@ -16,6 +16,7 @@ dtype (transformers always runs in float32). torch and transformers are the `par
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -84,13 +85,29 @@ def randomize(model, seed: int = 0) -> None:
                 p.copy_(noise / math.sqrt(p.shape[-1]))
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' warnings and progress bars off inside the block (restored after)."""
+    from transformers.utils import logging
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
 def random_checkpoint(directory: str, seed: int = 0, **config_kwargs):
     """Writes a random transformers PhiForCausalLM to `directory`; returns the torch model (eval mode)."""
     torch, transformers = require_reference("random_checkpoint")
     torch.manual_seed(seed)
     model = transformers.PhiForCausalLM(transformers.PhiConfig(**config_kwargs)).eval()
     randomize(model, seed)
-    model.save_pretrained(directory)
+    with quiet_transformers():
+        model.save_pretrained(directory)
     return model
 
 
@@ -286,7 +303,7 @@ def compare(jax_model, torch_model, input_ids, attention_mask=None, *, dtype: st
         # phi_jax's cached decode loop against transformers' generate, both stopping at the config's eos and
         # padding with 0 after it; transformers returns fewer columns once every row stopped.
         mine = jax_model.generate(prompt, max_new_tokens=new_tokens, pad_token_id=0)[:, prompt_len:]
-        with torch.no_grad():
+        with torch.no_grad(), quiet_transformers():
             theirs = torch_model.generate(torch.from_numpy(prompt.astype(np.int64)),
                                           attention_mask=torch.ones(prompt.shape, dtype=torch.long), do_sample=False,
                                           max_new_tokens=new_tokens, pad_token_id=0)[:, prompt_len:].numpy()
@@ -303,9 +320,7 @@ def _reference_model(path: str, transformers, torch, tmp: str, progress: bool):
     """transformers' model of `path`: loaded directly when transformers reads the directory completely, else
     from a Hugging Face conversion of it (Orbax, Microsoft layouts). Returns (model, how)."""
     from phi_jax import convert
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
+    with quiet_transformers():
         try:
             model, info = transformers.PhiForCausalLM.from_pretrained(
                 path, dtype=torch.float32, local_files_only=True, output_loading_info=True)
@@ -317,8 +332,6 @@ def _reference_model(path: str, transformers, torch, tmp: str, progress: bool):
         convert.convert(path, hf_dir, to="hf", dtype="float32", progress=progress)
         model = transformers.PhiForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True)
         return model.eval(), "transformers reads phi_jax's Hugging Face conversion of it"
-    finally:
-        transformers.logging.set_verbosity(verbosity)
 
 
 def check_parity(path, *, dtype: str = "float32", batch: int = 2, seq_len: int = 16, new_tokens: int = 8,
