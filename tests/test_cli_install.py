@@ -109,8 +109,11 @@ def test_cache_directory_choice(monkeypatch, tmp_path):
     from argparse import Namespace
     args = Namespace(compile_cache=None, no_compile_cache=False)
     monkeypatch.delenv("PHI_JAX_COMPILE_CACHE", raising=False)
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert cache_dir(args) == default_cache_dir() == str(tmp_path / "phi_jax" / "jax-compilation-cache")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/jax/own")
+    assert cache_dir(args) == "/jax/own"
     monkeypatch.setenv("PHI_JAX_COMPILE_CACHE", "rel/dir")
     assert cache_dir(args) == os.path.abspath("rel/dir")
     monkeypatch.setenv("PHI_JAX_COMPILE_CACHE", "off")

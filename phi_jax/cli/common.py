@@ -2,8 +2,8 @@
 
 Compilation cache: commands that compile (generate, check, parity) store XLA programs in a directory, so a
 second run of the same command on the same machine compiles nothing. The directory is `--compile-cache DIR`,
-else $PHI_JAX_COMPILE_CACHE (`off` or `0` disables it), else `$XDG_CACHE_HOME/phi_jax/jax-compilation-cache`
-(`~/.cache/...`); `--no-compile-cache` disables it. Every program is cached, however small or quick to compile.
+else $PHI_JAX_COMPILE_CACHE (`off` or `0` disables it), else JAX's own $JAX_COMPILATION_CACHE_DIR, else
+`$XDG_CACHE_HOME/phi_jax/jax-compilation-cache` (`~/.cache/...`); `--no-compile-cache` disables it. Every program is cached, however small or quick to compile.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ def cache_dir(args) -> str | None:
     env = os.environ.get(CACHE_ENV)
     if env is not None:
         return None if env.strip().lower() in _OFF else os.path.abspath(env)
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # JAX's own setting
+        return os.path.abspath(os.environ["JAX_COMPILATION_CACHE_DIR"])
     return default_cache_dir()
 
 
