@@ -222,7 +222,7 @@ def test_overwrite_is_required(make_checkpoint, tmp_path, capsys):
     src, ref = make_checkpoint("phi1")
     dst = tmp_path / "out"
     assert convert_cmd.main("hf-to-orbax", [src, str(dst), "--no-progress"]) == 0
-    assert convert_cmd.main("hf-to-orbax", [src, str(dst), "--no-progress", "--dtype", "bfloat16"]) == 1
+    assert convert_cmd.main("hf-to-orbax", [src, str(dst), "--no-progress", "--dtype", "bfloat16"]) == 4  # exists: status 4
     assert "--overwrite" in capsys.readouterr().err
     with pytest.raises(FileExistsError):
         convert.hf_to_orbax(src, dst)
