@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx, struct
 
 from phi_jax.config import PhiConfig
+from phi_jax.modeling.attention import AttentionMask
 from phi_jax.modeling.layer import PhiDecoderLayer
 from phi_jax.modeling.layernorm import layer_norm, make_layer_norm, matmul_precision
 from phi_jax.modeling.losses import causal_lm_loss, cross_entropy, sequence_classification_loss
@@ -45,14 +46,32 @@ def _check_mask(name: str, mask, shape) -> None:
         raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {tuple(shape)}")
 
 
+def make_attention_mask(attention_mask: jax.Array | None, q_len: int, q_offset=None) -> AttentionMask:
+    """The model's `attention_mask` as the kernels' segment ids.
+
+    Args:
+      attention_mask: `[B, S]` over the key slots (the cache slots when decoding), or None. 0/False marks
+        padding; 1/True a real token; values > 1 are packed-document ids (a token sees only earlier tokens
+        of its own document), so 1, 1, 2, 2, 2, 0 packs two documents and a pad into one row.
+      q_len: T, the number of queries; they sit at slots `[q_offset, q_offset + T)`.
+      q_offset: None without a cache (queries are the keys), else the first query's slot (int or traced).
+    Returns:
+      AttentionMask whose query ids are the mask at the query slots (a padding query sees nothing).
+    """
+    if attention_mask is None:
+        return AttentionMask(q_offset=q_offset)
+    kv_ids = attention_mask.astype(jnp.int32)  # [B, S]
+    if q_offset is None:
+        q_ids = kv_ids
+    else:
+        q_ids = jax.lax.dynamic_slice_in_dim(kv_ids, q_offset, q_len, axis=1)  # [B, T]
+    return AttentionMask(q_segment_ids=q_ids, kv_segment_ids=kv_ids, q_offset=q_offset)
+
+
 def build_mask(attention_mask: jax.Array | None, batch: int, q_len: int, kv_len: int, q_offset) -> jax.Array:
-    """Causal & padding mask `[B, 1, T, S]` bool: query t (slot q_offset+t) sees key slots s <= it that are real."""
-    q_slots = q_offset + jnp.arange(q_len)[:, None]  # [T, 1]
-    causal = jnp.arange(kv_len)[None, :] <= q_slots  # [T, S]
-    mask = jnp.broadcast_to(causal[None, None], (batch, 1, q_len, kv_len))
-    if attention_mask is not None:
-        mask = mask & attention_mask.astype(bool)[:, None, None, :]
-    return mask
+    """The dense mask `[B, 1, T, S]` bool of `make_attention_mask` (query t at slot q_offset + t sees real key
+    slots s <= it of its own segment; a padding query sees nothing)."""
+    return make_attention_mask(attention_mask, q_len, q_offset).dense(batch, q_len, kv_len)
 
 
 class PhiPreTrainedModel(nnx.Module, PretrainedMixin):
@@ -83,7 +102,9 @@ class PhiModel(PhiPreTrainedModel):
         """
         Args:
           input_ids: `[B, T]` int.
-          attention_mask: `[B, T]` (or `[B, S]` over the cache slots when `cache` is given); 1/True = real token.
+          attention_mask: `[B, T]` (or `[B, S]` over the cache slots when `cache` is given); 1/True = real token,
+            0/False = padding, values > 1 = packed-document ids (no attention across documents; pass
+            position_ids restarting at each document). See `make_attention_mask`.
           position_ids: `[B, T]`; default `cache_index + 0..T-1`.
           cache: optional tuple of per-layer `(k, v)`, each `[B, S, K, H]`, written at slot `cache_index`.
         Returns:
@@ -97,7 +118,7 @@ class PhiModel(PhiPreTrainedModel):
         if position_ids is None:
             position_ids = jnp.broadcast_to(offset + jnp.arange(t, dtype=jnp.int32), (b, t))
         _check_mask("position_ids", position_ids, (b, t))
-        mask = build_mask(attention_mask, b, t, kv_len, offset)
+        mask = make_attention_mask(attention_mask, t, None if cache is None else cache_index)
 
         x = self.embed_dropout(self.embed_tokens(input_ids))  # [B, T, D]
         cos, sin = cos_sin(self.config, position_ids, x.dtype)  # [B, T, R] in the compute dtype
