@@ -171,13 +171,21 @@ def attend_auto(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *
 
 def _cudnn(q, k, v, mask: AttentionMask):
     """cuDNN flash attention. Without padding or offset, its own causal mask; else the contract's mask, where a
-    row that sees nothing is given every key (finite, and with a zero output cotangent no gradient) and zeroed."""
+    row that sees nothing is given every key (finite, and with a zero output cotangent no gradient) and zeroed.
+
+    jax checks for cuDNN when it traces this; a host without it (a CPU machine exporting for CUDA) gets the xla
+    path in the CUDA branch too."""
     b, t, s = q.shape[0], q.shape[1], k.shape[1]
-    if mask.q_segment_ids is None and mask.kv_segment_ids is None and mask.is_square_causal(t, s):
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-    vis = mask.dense(b, t, s)  # [B, 1, T, S]
-    seen = jnp.any(vis, axis=-1)  # [B, 1, T]
-    out = jax.nn.dot_product_attention(q, k, v, mask=vis | ~seen[..., None], implementation="cudnn")
+    try:
+        if mask.q_segment_ids is None and mask.kv_segment_ids is None and mask.is_square_causal(t, s):
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        vis = mask.dense(b, t, s)  # [B, 1, T, S]
+        seen = jnp.any(vis, axis=-1)  # [B, 1, T]
+        out = jax.nn.dot_product_attention(q, k, v, mask=vis | ~seen[..., None], implementation="cudnn")
+    except RuntimeError as e:  # "cuDNN is not detected."
+        if "cuDNN" not in str(e):
+            raise
+        return attend_masked_xla(q, k, v, mask)
     return jnp.where(seen[:, 0, :, None, None], out, jnp.zeros((), out.dtype))
 
 
