@@ -33,7 +33,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from phi_jax.modeling.attention import AttentionMask, attend_masked_xla, attend_pallas  # noqa: E402
+from phi_jax.modeling.attention import attend_masked_xla, attend_pallas  # noqa: E402
+from phi_jax.modeling.mask import AttentionMask  # noqa: E402
 
 XLA_MAX_SEQ = 4096  # the xla path materialises [B, N, T/8.., S] float32 scores; longer runs out of time and memory
 

@@ -14,7 +14,8 @@ from flax import nnx
 import phi_jax
 from conftest import rel_err
 from phi_jax.modeling import attention as attention_module
-from phi_jax.modeling.attention import AttentionMask, get_attention_fn
+from phi_jax.modeling.attention import get_attention_fn
+from phi_jax.modeling.mask import AttentionMask, make_attention_mask
 
 TOL = 2e-4
 
@@ -95,7 +96,6 @@ def test_packed_documents_stay_apart(make_checkpoint, impl):
 
 def test_attention_mask_from_cache_slots():
     """With a cache the queries' ids are the mask at the query slots; the dense form follows the contract."""
-    from phi_jax.modeling.model import make_attention_mask
     kv = jnp.asarray(np.array([[0, 0, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0]]))
     m = make_attention_mask(kv, 2, jnp.int32(4))
     np.testing.assert_array_equal(np.asarray(m.q_segment_ids), [[1, 1], [1, 1]])

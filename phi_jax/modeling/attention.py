@@ -25,13 +25,14 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import nnx
 
-from phi_jax.kernels.decode_attention import decode_attention
-from phi_jax.kernels.flash_attention_tpu import flash_attention_tpu
-from phi_jax.kernels.reference import visible
 from phi_jax.modeling.layernorm import layer_norm, make_layer_norm, matmul_precision
 from phi_jax.modeling.rotary import apply_partial_rotary
+# (kept apart from the imports above so that edits there merge without conflicts)
+from phi_jax.kernels.decode_attention import decode_attention
+from phi_jax.kernels.flash_attention_tpu import flash_attention_tpu
+from phi_jax.modeling.mask import AttentionMask
 
 try:  # the Mosaic GPU kernel (helper `mgpu`); until it lands the CUDA branch runs the plain-JAX reference
     from phi_jax.kernels.flash_attention_gpu import flash_attention_gpu
@@ -40,42 +41,6 @@ except ImportError:  # pragma: no cover - depends on which branches are merged
 
 ATTN_IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "auto")
 DECODE_MAX_QUERIES = 16  # with a cache, calls with at most this many queries use the decode kernel
-
-
-@struct.dataclass
-class AttentionMask:
-    """Who sees whom, in the kernels' terms (`phi_jax.kernels.reference`), instead of a dense mask.
-
-    q_segment_ids: `[B, T]` int32 or None; kv_segment_ids: `[B, S]` int32 or None (0 = padding key).
-    q_offset: None when the queries are the keys (no cache: a static zero), else the first query's slot
-      (int or traced int32 scalar).
-    causal: static.
-    Query t of row b sees key s when s <= q_offset + t (causal), kv_segment_ids[b, s] != 0 and
-    q_segment_ids[b, t] == kv_segment_ids[b, s].
-    """
-
-    q_segment_ids: jax.Array | None = None
-    kv_segment_ids: jax.Array | None = None
-    q_offset: jax.Array | int | None = None
-    causal: bool = struct.field(pytree_node=False, default=True)
-
-    @property
-    def offset(self):
-        return 0 if self.q_offset is None else self.q_offset
-
-    def kernel_kwargs(self) -> dict:
-        """The keyword arguments of every kernel in phi_jax/kernels."""
-        return dict(q_segment_ids=self.q_segment_ids, kv_segment_ids=self.kv_segment_ids, causal=self.causal,
-                    q_offset=self.offset)
-
-    def dense(self, batch: int, q_len: int, kv_len: int) -> jax.Array:
-        """The bool mask `[B, 1, T, S]` (True = attend) for the xla path."""
-        return visible(batch, q_len, kv_len, q_segment_ids=self.q_segment_ids, kv_segment_ids=self.kv_segment_ids,
-                       causal=self.causal, q_offset=self.offset)[:, None]
-
-    def is_square_causal(self, q_len: int, kv_len: int) -> bool:
-        """Statically known: causal, queries == keys, no offset (attend_xla may then skip future key blocks)."""
-        return self.causal and self.q_offset is None and q_len == kv_len
 
 
 def _attend_block(q, k, v, mask, dropout):

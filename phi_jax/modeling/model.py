@@ -14,8 +14,8 @@ import numpy as np
 from flax import nnx, struct
 
 from phi_jax.config import PhiConfig
-from phi_jax.modeling.attention import AttentionMask
 from phi_jax.modeling.layer import PhiDecoderLayer
+from phi_jax.modeling.mask import make_attention_mask
 from phi_jax.modeling.layernorm import layer_norm, make_layer_norm, matmul_precision
 from phi_jax.modeling.losses import causal_lm_loss, cross_entropy, sequence_classification_loss
 from phi_jax.modeling.inputs import check_input_ids
@@ -44,28 +44,6 @@ class PhiOutput:
 def _check_mask(name: str, mask, shape) -> None:
     if mask is not None and tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {tuple(shape)}")
-
-
-def make_attention_mask(attention_mask: jax.Array | None, q_len: int, q_offset=None) -> AttentionMask:
-    """The model's `attention_mask` as the kernels' segment ids.
-
-    Args:
-      attention_mask: `[B, S]` over the key slots (the cache slots when decoding), or None. 0/False marks
-        padding; 1/True a real token; values > 1 are packed-document ids (a token sees only earlier tokens
-        of its own document), so 1, 1, 2, 2, 2, 0 packs two documents and a pad into one row.
-      q_len: T, the number of queries; they sit at slots `[q_offset, q_offset + T)`.
-      q_offset: None without a cache (queries are the keys), else the first query's slot (int or traced).
-    Returns:
-      AttentionMask whose query ids are the mask at the query slots (a padding query sees nothing).
-    """
-    if attention_mask is None:
-        return AttentionMask(q_offset=q_offset)
-    kv_ids = attention_mask.astype(jnp.int32)  # [B, S]
-    if q_offset is None:
-        q_ids = kv_ids
-    else:
-        q_ids = jax.lax.dynamic_slice_in_dim(kv_ids, q_offset, q_len, axis=1)  # [B, T]
-    return AttentionMask(q_segment_ids=q_ids, kv_segment_ids=kv_ids, q_offset=q_offset)
 
 
 def build_mask(attention_mask: jax.Array | None, batch: int, q_len: int, kv_len: int, q_offset) -> jax.Array:
