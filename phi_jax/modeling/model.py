@@ -15,10 +15,10 @@ from flax import nnx, struct
 
 from phi_jax.config import PhiConfig
 from phi_jax.modeling.layer import PhiDecoderLayer
-from phi_jax.modeling.mask import make_attention_mask
 from phi_jax.modeling.layernorm import layer_norm, make_layer_norm, matmul_precision
 from phi_jax.modeling.losses import causal_lm_loss, cross_entropy, sequence_classification_loss
 from phi_jax.modeling.inputs import check_input_ids
+from phi_jax.modeling.mask import make_attention_mask
 from phi_jax.modeling.rotary import cos_sin
 from phi_jax.generation.mixin import GenerationMixin
 from phi_jax.loading import PretrainedMixin
