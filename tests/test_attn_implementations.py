@@ -55,7 +55,8 @@ def test_pallas_greedy_generation_equals_xla(make_checkpoint):
     xla = phi_jax.PhiForCausalLM.from_pretrained(d)
     pallas = phi_jax.PhiForCausalLM.from_pretrained(d, attn_implementation="pallas")
     rng = np.random.default_rng(1)
-    ids = rng.integers(3, ref_model.config.vocab_size, (2, 9))
+    ids = rng.integers(3, ref_model.config.vocab_size, (2, 20))  # prefill (bucket 32) by flash_attention_tpu
+    # into the cache at a traced offset; each decode step by decode_attention
     mask = np.ones(ids.shape, np.int64)
     mask[0, :4] = 0
     ids[0, :4] = 0

@@ -74,7 +74,8 @@ def test_matches_reference(b, t, s, n, kv, h, offset, segments, causal, dtype):
         a, r = np.asarray(a, np.float64), np.asarray(r, np.float64)
         assert np.isfinite(a).all(), name
         if dtype == jnp.float32:
-            err = np.max(np.abs(a - r)) / max(np.max(np.abs(r)), 1e-2)  # a floor for gradients that are 0
+            # a floor for gradients that cancel to ~0 (one visible key: dk = dq = 0 up to rounding)
+            err = np.max(np.abs(a - r)) / max(np.max(np.abs(r)), 0.1)
             assert err <= 2e-5, (name, err)
         else:
             err = np.linalg.norm(a - r) / np.linalg.norm(r)

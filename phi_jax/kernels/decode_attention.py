@@ -51,14 +51,14 @@ def _decode_kernel(off_ref, q_ref, k_ref, v_ref, qid_ref, kvid_ref, o_ref, m_ref
         q, k, v = q_ref[...], k_ref[...], v_ref[...]  # [M, H], [bk, H], [bk, H]
         rows = q.shape[0]
         s = lax.dot_general(q, k, NT, preferred_element_type=jnp.float32, precision=precision) * scale  # [M, bk]
-        kv_ids = kvid_ref[...]  # [1, bk]
-        mask = jnp.broadcast_to(kv_ids != 0, (rows, bk))
+        kv_ids = jnp.broadcast_to(kvid_ref[...], (rows, bk))  # int32 ids broadcast, then compared
+        mask = kv_ids != 0
         if causal:
             q_pos = off + lax.rem(lax.broadcasted_iota(jnp.int32, (rows, bk), 0), t)  # row g*T + t -> position
             k_pos = block * bk + lax.broadcasted_iota(jnp.int32, (rows, bk), 1)
             mask = mask & (k_pos <= q_pos)
         if use_q_ids:
-            mask = mask & (qid_ref[...] == kv_ids)
+            mask = mask & (jnp.broadcast_to(qid_ref[...], (rows, bk)) == kv_ids)
         s = jnp.where(mask, s, MASK_VALUE)
         m_prev = m_scr[...]
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))

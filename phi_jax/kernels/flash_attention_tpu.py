@@ -67,14 +67,15 @@ def _visible(off, q_start, k_start, bq, bk, q_ids, kv_ids, *, causal, use_q_ids,
     q_ids / kv_ids are `[bq, 1]` / `[1, bk]` (`[1, bq]` / `[bk, 1]` when transposed)."""
     shape = (bk, bq) if transposed else (bq, bk)
     q_axis, k_axis = (1, 0) if transposed else (0, 1)
+    kv_ids = jnp.broadcast_to(kv_ids, shape)  # broadcast int32 ids, compare full tiles (no bool broadcasts)
     mask = kv_ids != 0
     if causal:
         q_pos = off + q_start + lax.broadcasted_iota(jnp.int32, shape, q_axis)
         k_pos = k_start + lax.broadcasted_iota(jnp.int32, shape, k_axis)
         mask = mask & (k_pos <= q_pos)
     if use_q_ids:
-        mask = mask & (q_ids == kv_ids)
-    return jnp.broadcast_to(mask, shape)
+        mask = mask & (jnp.broadcast_to(q_ids, shape) == kv_ids)
+    return mask
 
 
 def _needed(off, q_block, k_block, bq, bk, causal):
