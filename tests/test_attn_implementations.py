@@ -149,3 +149,22 @@ def test_model_exports_with_kernels(make_checkpoint, platform, head_dim):
                 assert f'kernel_name = "phi_flash_attention_{name}"' in text, (grad, name)
         else:
             assert "mosaic_gpu" in text, grad
+
+
+def test_decode_step_exports_with_decode_kernel(make_checkpoint):
+    """A cached one-token step of the pallas model lowers for TPU with the flash-decoding kernel."""
+    from phi_jax.generation.cache import KVCache
+    d, _ = make_checkpoint("phi1", hidden_size=128, num_attention_heads=2, num_hidden_layers=1)
+    model = phi_jax.PhiForCausalLM.from_pretrained(d, attn_implementation="pallas", dtype=jnp.bfloat16)
+    graphdef, state = nnx.split(model)
+    cache = KVCache.init(model.config, 2, 512, jnp.bfloat16)
+
+    def step(state, ids, mask, layers, index):
+        out = nnx.merge(graphdef, state).model(ids, mask, cache=layers, cache_index=index)
+        return out.last_hidden_state, out.cache
+
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (state, cache.layers))
+    text = jax.export.export(jax.jit(step), platforms=["tpu"])(
+        shapes[0], jax.ShapeDtypeStruct((2, 1), jnp.int32), jax.ShapeDtypeStruct((2, 512), jnp.bool_), shapes[1],
+        jax.ShapeDtypeStruct((), jnp.int32)).mlir_module()
+    assert 'kernel_name = "phi_decode_attention"' in text and "phi_flash_attention_fwd" not in text
