@@ -1,6 +1,6 @@
 """`phi-jax generate`: text from one prompt (streamed), or from a JSONL file of prompts in batches.
 
-One prompt: `phi-jax generate --model DIR "prompt"` writes the completion to stdout as it is produced, then
+One prompt: `phi-jax generate [--model DIR] "prompt"` writes the completion to stdout as it is produced, then
 a stats line to stderr (prefill and decode speed, compilation timed apart, why it stopped).
 
 A file: `phi-jax generate --model DIR --input prompts.jsonl --output completions.jsonl [--batch-size N]`.
@@ -13,7 +13,8 @@ an interrupted command with the same settings skips every prompt found there wit
 prompt text (other settings: an error), and the complete OUTPUT is written in one rename at the end.
 Sampling uses seed `--seed + first line of the batch`.
 
-The tokenizer is `tokenizer.json` of the model directory (or of --tokenizer), read by `tokenizers`.
+The tokenizer is `tokenizer.json` of the model directory (or of --tokenizer), read by `tokenizers`. Without
+--model, the tiny code model that ships inside the package is used (`phi_jax.shipped_model_path()`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", nargs="?", help="the prompt text (or use --input)")
-    parser.add_argument("--model", required=True, help="checkpoint directory (Hugging Face, Orbax or Microsoft)")
+    parser.add_argument("--model", default=None, help="checkpoint directory (Hugging Face, Orbax or Microsoft); "
+                        "default: the tiny code model shipped with phi_jax (phi_jax.shipped_model_path())")
     parser.add_argument("--tokenizer", metavar="PATH",
                         help="tokenizer.json, or a directory holding one (default: the model directory's)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -78,6 +80,9 @@ def _check_args(args) -> None:
 
 
 def run(args) -> int:
+    if args.model is None:
+        from phi_jax.shipped.paths import shipped_model_path
+        args.model = shipped_model_path()
     _check_args(args)
     from phi_jax.cli.common import load_tokenizer
     tokenizer = load_tokenizer(args.tokenizer or args.model, option=args.tokenizer is not None)
