@@ -109,17 +109,21 @@ class SplitCache:
         self.refers_to_root = False  # some node of the graph holds the root (a cycle through the cache)
 
     def _observe(self, model) -> tuple[list, list, list]:
+        """Every node's attribute names (keys) and objects (values), flat, and the number each node has."""
         dicts = [vars(model), *map(vars, self._dict_nodes), *self._dicts]
-        keys = list(itertools.chain.from_iterable(dicts))
+        keys = list(itertools.chain(*dicts))
         values = list(itertools.chain(*map(dict.values, dicts), *self._lists))
         return keys, values, [*map(len, dicts), *map(len, self._lists)]
 
     def _unchanged(self, model) -> bool:
         if self._root is None or self._root() is not model:
             return False
-        keys, values, lengths = self._observe(model)
-        return (lengths == self._lengths and len(values) == len(self._values)
-                and all(map(operator.is_, values, self._values)) and all(map(operator.is_, keys, self._keys))
+        dicts = [vars(model), *map(vars, self._dict_nodes), *self._dicts]
+        if [*map(len, dicts), *map(len, self._lists)] != self._lengths:
+            return False
+        values = itertools.chain(*map(dict.values, dicts), *self._lists)
+        # names compare by value (strings), objects by identity only: `==` could call a Variable's or array's __eq__
+        return (all(map(operator.is_, values, self._values)) and list(itertools.chain(*dicts)) == self._keys
                 and list(map(_METADATA, self._variables)) == self._metadata)
 
     def _resplit(self, model) -> list:
