@@ -133,8 +133,9 @@ def main(argv=None) -> int:
         print(f"  {name:10s} M={m}: {t * 1e3:7.3f} ms = {t / floor:5.2f}x floor")
 
     # 2. the model's decode step
+    head_dim = next(h for h in (80, 40, 32, 16) if d % h == 0)  # phi-2's 80 when the width allows (even rotary dims)
     config = phi_jax.phi_2(num_hidden_layers=layers, hidden_size=d, intermediate_size=4 * d,
-                           num_attention_heads=max(1, d // 80), bos_token_id=None, eos_token_id=None)
+                           num_attention_heads=d // head_dim, bos_token_id=None, eos_token_id=None)
     model = random_model(config, dtype)
     graphdef, state = nnx.split(model)
     weight_bytes = sum(x.nbytes for path, x in nnx.to_flat_state(state)
