@@ -79,14 +79,16 @@ class SplitCache:
     Variables' current values (so `var.value = ...`, `var[...] = ...`, `nnx.update` and optimizer updates
     are seen) and checks, against a snapshot taken at the split, everything else a split depends on; any
     difference splits the model again:
-      - every graph node's attributes (Modules, `nnx.List`/`nnx.Dict`, plain list and dict nodes): the
-        names and the objects, by identity, so `model.train()`/`eval()`, a replaced, added or removed
-        submodule, Variable, list item or attribute is seen;
+      - every graph node's attributes (Modules, `nnx.List`/`nnx.Dict`, plain list and dict nodes): their
+        names, and the objects by identity (never `==`, which a Variable answers with its array), so
+        `model.train()`/`eval()`, a replaced, added, removed or renamed submodule, Variable, list item or
+        attribute is seen;
       - every Variable's metadata, by equality (`set_metadata`, e.g. an `on_get_value` hook).
-    The snapshot holds references to what it compares, so an object's id is never reused behind its back.
-    What it cannot see: a static attribute value mutated in place while keeping its identity (frozen
-    dataclasses, tuples and the other hashable values the graph holds cannot be). About 0.1-0.2 ms for
-    a 32-layer model, against 20-50 ms for `nnx.split`.
+    The snapshot holds references to what it compares, so an object's id is never reused behind its back
+    (a replaced submodule's arrays are therefore freed at the next call, not at once). What it cannot see:
+    a static attribute value mutated in place while keeping its identity (frozen dataclasses, tuples and
+    the other hashable values a graph holds cannot be). A few tenths of a millisecond for a 32-layer
+    model (4,000 attributes, 500 Variables), against 20-50 ms for `nnx.split`.
 
     Graphs it does not cache (split again at every call, as `nnx.split` would be): a Variable holding a
     pytree rather than one array, a node kind it cannot snapshot, and Variables that `nnx.split` copies.

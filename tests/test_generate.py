@@ -270,23 +270,26 @@ def test_stream_stops_at_eos_when_sampling(make_checkpoint, rows):
 
 
 def test_special_ids_outside_the_vocabulary(make_checkpoint):
-    """Issue 9: special ids are inputs; one outside [0, vocab_size) is an error naming the field and value."""
-    d, _ = make_checkpoint("phi1", vocab_size=1000, eos_token_id=50256, bos_token_id=50256, pad_token_id=None)
+    """Issue 9: special ids are inputs; one outside [0, vocab_size) is an error naming the field and value:
+    in a config when it is loaded (phi_jax.config), in the arguments at generate."""
+    d, _ = make_checkpoint("phi1", vocab_size=1000, eos_token_id=50256, bos_token_id=None, pad_token_id=None)
+    with pytest.raises(ValueError, match=r"eos_token_id=50256 must be a token id in \[0, vocab_size=1000\)"):
+        phi_jax.PhiForCausalLM.from_pretrained(d)
+    d, _ = make_checkpoint("phi1", vocab_size=1000, eos_token_id=999, bos_token_id=None, pad_token_id=None)
     model = phi_jax.PhiForCausalLM.from_pretrained(d)
     ids, mask = _prompts([5, 9], 1000)
-    with pytest.raises(ValueError, match=r"eos_token_id 50256 \(from the model config\) is outside \[0, 1000\)"):
-        model.generate(ids, mask, max_new_tokens=2)
-    with pytest.raises(ValueError, match="eos_token_id 50256"):
-        list(model.generate_stream(ids, mask, max_new_tokens=2))
-    with pytest.raises(ValueError, match=r"eos_token_id 1000 \(argument\)"):
+    with pytest.raises(ValueError, match=r"eos_token_id 1000 \(argument\) is outside \[0, 1000\)"):
         model.generate(ids, mask, max_new_tokens=2, eos_token_id=[5, 1000])
+    with pytest.raises(ValueError, match=r"eos_token_id 50256 \(argument\)"):
+        list(model.generate_stream(ids, mask, max_new_tokens=2, eos_token_id=50256))
     with pytest.raises(ValueError, match=r"eos_token_id -1 \(argument\)"):
         model.generate(ids, mask, max_new_tokens=2, eos_token_id=-1)
     with pytest.raises(ValueError, match=r"pad_token_id 1000 \(argument\)"):
         model.generate(ids, mask, max_new_tokens=2, eos_token_id=[], pad_token_id=1000)
     with pytest.raises(ValueError, match="pad_token_id must be an int"):
         model.generate(ids, mask, max_new_tokens=2, eos_token_id=[], pad_token_id=1.5)
-    model.generate(ids, mask, max_new_tokens=2, eos_token_id=7)  # an explicit valid id replaces the config's
+    out = model.generate(ids, mask, max_new_tokens=2, eos_token_id=7)  # an explicit valid id replaces the config's
+    assert out.shape == (2, ids.shape[1] + 2)
 
 
 def test_left_padding_without_special_ids_matches_transformers(make_checkpoint):
