@@ -42,7 +42,9 @@ def card(m: dict, png: str) -> str:
         f"({m['tokens_seen']:,} tokens, {m['epochs']} epochs), AdamW lr {opt['lr']} "
         f"(warmup {opt['warmup']}, cosine to {opt['end_lr']:.1e}), weight decay {opt['weight_decay']}, "
         f"clip {opt['clip']}, seed {m['seed']} |",
-        f"| Wall time | {m['wall_time_s'] / 60:.1f} min on {m['hardware']} |",
+        f"| Trained with | {m['trained_with']} |",
+        f"| Wall time | {m['wall_time_s'] / 60:.1f} min of training on {m['hardware']}, shared with other jobs "
+        f"(load average {m['load_average_at_end'][1]:.1f} at the end) |",
         f"| Validation loss | **{m['valid_loss']:.3f}** nats/token (perplexity {m['valid_perplexity']:.1f}) |",
         f"| Unigram baseline | {m['unigram_valid_loss']:.3f} nats/token (perplexity "
         f"{m['unigram_valid_perplexity']:.1f}), training-token frequencies on the same predictions |",
