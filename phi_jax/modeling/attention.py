@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from phi_jax.modeling.layernorm import layer_norm, make_layer_norm, matmul_precision
+from phi_jax.modeling.layernorm import axes, layer_norm, make_layer_norm, matmul_precision
 from phi_jax.modeling.rotary import apply_partial_rotary
 
 ATTN_IMPLEMENTATIONS = ("xla",)
@@ -82,10 +82,14 @@ class PhiAttention(nnx.Module):
         self.dtype = dtype
         linear = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, precision=matmul_precision(dtype),
                       preferred_element_type=jnp.float32, rngs=rngs)
-        self.q_proj = nnx.Linear(hidden_size, num_heads * self.head_dim, **linear)
-        self.k_proj = nnx.Linear(hidden_size, num_kv_heads * self.head_dim, **linear)
-        self.v_proj = nnx.Linear(hidden_size, num_kv_heads * self.head_dim, **linear)
-        self.dense = nnx.Linear(num_heads * self.head_dim, hidden_size, **linear)
+        self.q_proj = nnx.Linear(hidden_size, num_heads * self.head_dim, **linear,
+                                 kernel_metadata=axes("embed", "heads"), bias_metadata=axes("heads"))
+        self.k_proj = nnx.Linear(hidden_size, num_kv_heads * self.head_dim, **linear,
+                                 kernel_metadata=axes("embed", "kv_heads"), bias_metadata=axes("kv_heads"))
+        self.v_proj = nnx.Linear(hidden_size, num_kv_heads * self.head_dim, **linear,
+                                 kernel_metadata=axes("embed", "kv_heads"), bias_metadata=axes("kv_heads"))
+        self.dense = nnx.Linear(num_heads * self.head_dim, hidden_size, **linear,
+                                kernel_metadata=axes("heads", "embed"), bias_metadata=axes("norm"))
         if qk_layernorm:
             self.q_layernorm = make_layer_norm(self.head_dim, layer_norm_eps, param_dtype, rngs)
             self.k_layernorm = make_layer_norm(self.head_dim, layer_norm_eps, param_dtype, rngs)
