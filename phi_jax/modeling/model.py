@@ -109,7 +109,7 @@ class PhiModel(PhiPreTrainedModel):
         new_cache = [] if cache is not None else None
         call = PhiDecoderLayer.__call__
         if self.remat_policy is not None:
-            call = nnx.remat(call, policy=getattr(jax.checkpoint_policies, self.remat_policy))
+            call = nnx.remat(call, policy=getattr(jax.checkpoint_policies, self.remat_policy), graph=False)
         for i, layer in enumerate(self.layers):
             x, layer_cache = call(layer, x, cos, sin, mask, None if cache is None else cache[i], cache_index)
             if cache is not None:
