@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("parity", "generate", "convert", "check")
+COMMANDS = ("parity", "generate", "convert", "check", "finetune")
 
 
 def main(argv=None) -> int:

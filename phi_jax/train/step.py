@@ -158,7 +158,7 @@ def make_train_step(split: SplitModel, tx: optax.GradientTransformation, accum_s
         grads, loss, count = grads_and_loss(split, state["params"], frozen, batch, key, accum_steps)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": count}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count}
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     return step
