@@ -63,6 +63,25 @@ def _shard_tree(tree: dict, template, mesh, rules) -> dict:
     return {k: jax.sharding.NamedSharding(mesh, sharding.spec_for(*names[k], mesh, rules)) for k in tree}
 
 
+def build(split, tx, mesh, rules=sharding.DEFAULT_RULES, accum_steps: int = 1):
+    """Places the split model's parameters on `mesh` and compiles the sharded step.
+
+    Returns `(state, frozen, step_fn, batch_sharding)`: `step_fn(state, frozen, batch, key) -> (state, metrics)`
+    with the state donated; the optimizer state takes its parameters' shardings.
+    """
+    train_sh = _shard_tree(split.trainable, split.template, mesh, rules)
+    frozen_sh = _shard_tree(split.frozen, split.template, mesh, rules)
+    params = {k: sharding.place(np.asarray(v), train_sh[k]) for k, v in split.trainable.items()}
+    frozen = {k: sharding.place(np.asarray(v), frozen_sh[k]) for k, v in split.frozen.items()}
+    with jax.set_mesh(mesh):
+        state = jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p)})(params)
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    batch_sh = sharding.batch_sharding(mesh, rules)
+    step_fn = jax.jit(make_train_step(split, tx, accum_steps), in_shardings=(state_sh, frozen_sh, batch_sh, None),
+                      out_shardings=(state_sh, None), donate_argnums=0)
+    return state, frozen, step_fn, batch_sh
+
+
 def _read_log(path: str, upto: int) -> list[dict]:
     if not os.path.exists(path):
         return []
@@ -129,19 +148,7 @@ def finetune(run: RunConfig, model=None, rules=sharding.DEFAULT_RULES) -> dict:
     split = split_model(model, nnx.LoRAParam if run.lora_rank else nnx.Param,
                         remat_policy=run.train.remat_policy)
     tx = make_optimizer(dataclasses.replace(run.train, total_steps=run.steps))
-    train_sh = _shard_tree(split.trainable, split.template, mesh, rules)
-    frozen_sh = _shard_tree(split.frozen, split.template, mesh, rules)
-    batch_sh = sharding.batch_sharding(mesh, rules)
-    host = {k: np.asarray(v) for k, v in split.trainable.items()}
-    params = {k: sharding.place(host[k], train_sh[k]) for k in host}
-    frozen = {k: sharding.place(np.asarray(v), frozen_sh[k]) for k, v in split.frozen.items()}
-    del host
-    with jax.set_mesh(mesh):
-        state = jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p)})(params)
-    state_sh = jax.tree.map(lambda x: x.sharding, state)
-    step_fn = jax.jit(make_train_step(split, tx, run.train.accum_steps),
-                      in_shardings=(state_sh, frozen_sh, batch_sh, None), out_shardings=(state_sh, None),
-                      donate_argnums=0)
+    state, frozen, step_fn, batch_sh = build(split, tx, mesh, rules, run.train.accum_steps)
 
     ckpts = TrainCheckpoints(os.path.join(out_dir, "checkpoints"), save_every=run.save_every, keep=run.keep)
     log_path = os.path.join(out_dir, "metrics.jsonl")
