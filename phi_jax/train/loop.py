@@ -71,8 +71,11 @@ def build(split, tx, mesh, rules=sharding.DEFAULT_RULES, accum_steps: int = 1):
     """
     train_sh = _shard_tree(split.trainable, split.template, mesh, rules)
     frozen_sh = _shard_tree(split.frozen, split.template, mesh, rules)
-    params = {k: sharding.place(np.asarray(v), train_sh[k]) for k, v in split.trainable.items()}
-    frozen = {k: sharding.place(np.asarray(v), frozen_sh[k]) for k, v in split.frozen.items()}
+    # one process: reshard device to device; several: each process places its slices from the host copy
+    put = (lambda v, sh: jax.device_put(v, sh)) if jax.process_count() == 1 else \
+        (lambda v, sh: sharding.place(np.asarray(v), sh))
+    params = {k: put(v, train_sh[k]) for k, v in split.trainable.items()}
+    frozen = {k: put(v, frozen_sh[k]) for k, v in split.frozen.items()}
     with jax.set_mesh(mesh):
         state = jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p)})(params)
     state_sh = jax.tree.map(lambda x: x.sharding, state)
