@@ -112,3 +112,20 @@ def test_bad_record_names_the_line(tmp_path, line, message):
     p.write_text(line + "\n")
     with pytest.raises(ValueError, match=message):
         read_records(p)
+
+
+def test_cli(tiny, tmp_path, capsys):
+    from phi_jax.cli import main
+    path, data = tiny
+    out = tmp_path / "cli"
+    argv = ["finetune", "--model", path, "--data", data, "--output", str(out), "--steps", "2", "--batch-size", "2",
+            "--seq-len", "16", "--mesh", "data=1,fsdp=1,tensor=1", "--lora-rank", "2", "--remat", "nothing_saveable"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "loss" in err and "tok_s" in err  # the tqdm bar
+    assert {"metrics.jsonl", "loss.png", "model", "checkpoints"} <= set(os.listdir(out))
+    assert main(argv) == 2  # checkpoints exist and no --resume
+    assert "pass --resume" in capsys.readouterr().err
+    bad = write_jsonl(tmp_path / "bad.jsonl", ['{"text": "a"}', '{"text": 1}'])
+    assert main(["finetune", "--model", path, "--data", bad, "--output", str(tmp_path / "x")]) == 2
+    assert "bad.jsonl:2: field 'text' must be a string" in capsys.readouterr().err

@@ -85,3 +85,17 @@ def test_step_is_adamw_with_clipping(make_checkpoint):
     assert int(new["step"]) == 1
     _, loss2, _ = grads_and_loss(split, new["params"], {}, batch, None)
     assert float(loss2) < float(loss)
+
+
+def test_bf16_compute_keeps_float32_masters(make_checkpoint):
+    path, _ = make_checkpoint("phi1")
+    batch = _batch(96, b=4)
+    tx = make_optimizer(TrainConfig(learning_rate=1e-3))
+    losses = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        split = split_model(PhiForCausalLM.from_pretrained(path, dtype=dtype, param_dtype=jnp.float32),
+                            remat_policy="dots_with_no_batch_dims_saveable")
+        state, metrics = jax.jit(make_train_step(split, tx, accum_steps=2))(init_state(split, tx), {}, batch, None)
+        assert all(v.dtype == jnp.float32 for v in state["params"].values())
+        losses[dtype] = float(metrics["loss"])
+    assert abs(losses[jnp.bfloat16] - losses[jnp.float32]) <= 0.02 * losses[jnp.float32]
