@@ -1,9 +1,10 @@
 """Logical axis names -> a device mesh `("data", "fsdp", "tensor")`.
 
-Every parameter names its dimensions (`modeling.layernorm.axes`: vocab, embed, heads, kv_heads, mlp, norm,
+Every parameter names its dimensions (`modeling.partitioning.axes`: vocab, embed, heads, kv_heads, mlp, norm,
 classes); a rules table maps each name to mesh axes. The default table shards weights over `fsdp` (the
 `embed` dimension) and splits heads, the MLP and the vocabulary over `tensor`; batches split over
-`("data", "fsdp")`. Override by passing your own table, e.g. `{**DEFAULT_RULES, "vocab": None}`.
+`("data", "fsdp")`; activations (`modeling.partitioning.constrain`) keep rows over the batch axes and
+logits' vocabulary over `tensor` while `rules_in_force` is entered. Override by passing your own table, e.g. `{**DEFAULT_RULES, "vocab": None}`.
 
 A mesh axis that does not divide a dimension is dropped for that dimension (the parameter is replicated
 along it), so any mesh shape works with any model; `spec_for` reports what it chose.
@@ -11,13 +12,15 @@ along it), so any mesh shape works with any model; `spec_for` reports what it ch
 
 from __future__ import annotations
 
-import math
+import contextlib
 from typing import Mapping
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from phi_jax.modeling.partitioning import logical_spec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -30,6 +33,8 @@ DEFAULT_RULES: Mapping[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "norm": None,
     "classes": None,
+    # activations (modeling.partitioning.constrain)
+    "act_vocab": "tensor",
 }
 
 
@@ -59,19 +64,16 @@ def make_mesh(data: int = 1, fsdp: int | None = None, tensor: int = 1, devices=N
 def spec_for(names, shape, mesh: Mesh, rules: Mapping = DEFAULT_RULES) -> P:
     """The PartitionSpec of one array: each logical name through `rules`, keeping only mesh axes that divide
     the dimension (and that no earlier dimension used)."""
-    used, spec = set(), []
-    for name, size in zip(names or (None,) * len(shape), shape):
-        target = rules.get(name) if name is not None else None
-        axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
-        kept = []
-        for a in axes:
-            n = mesh.shape[a]
-            if a in used or n == 1 or size % (math.prod(mesh.shape[k] for k in kept) * n):
-                continue
-            kept.append(a)
-        used.update(kept)
-        spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
-    return P(*spec)
+    return logical_spec(names, shape, dict(mesh.shape), rules)
+
+
+def rules_in_force(mesh: Mesh, rules: Mapping = DEFAULT_RULES):
+    """A context (enter it while tracing) in which the model's activation constraints apply: the abstract mesh
+    and the logical rules, as `modeling.partitioning.constrain` reads them."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
+    stack.enter_context(nnx.logical_axis_rules(tuple(rules.items())))
+    return stack
 
 
 def _logical_names(var: nnx.Variable):

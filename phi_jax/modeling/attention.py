@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from phi_jax.modeling.layernorm import axes, layer_norm, make_layer_norm, matmul_precision
+from phi_jax.modeling.partitioning import axes
+from phi_jax.modeling.layernorm import layer_norm, make_layer_norm, matmul_precision
 from phi_jax.modeling.rotary import apply_partial_rotary
 
 ATTN_IMPLEMENTATIONS = ("xla",)

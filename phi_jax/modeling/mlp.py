@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from phi_jax.modeling.layernorm import axes, matmul_precision
+from phi_jax.modeling.partitioning import axes
+from phi_jax.modeling.layernorm import matmul_precision
 
 
 def _gelu_tanh(x):  # transformers' gelu_new / gelu_pytorch_tanh

@@ -15,7 +15,8 @@ from flax import nnx, struct
 
 from phi_jax.config import PhiConfig
 from phi_jax.modeling.layer import PhiDecoderLayer
-from phi_jax.modeling.layernorm import axes, layer_norm, make_layer_norm, matmul_precision
+from phi_jax.modeling.partitioning import axes, constrain
+from phi_jax.modeling.layernorm import layer_norm, make_layer_norm, matmul_precision
 from phi_jax.modeling.losses import causal_lm_loss, cross_entropy, sequence_classification_loss
 from phi_jax.modeling.inputs import check_input_ids
 from phi_jax.modeling.rotary import cos_sin
@@ -104,7 +105,7 @@ class PhiModel(PhiPreTrainedModel):
 
         x = self.embed_dropout(self.embed_tokens(input_ids))  # [B, T, D]
         cos, sin = cos_sin(self.config, position_ids, x.dtype)  # [B, T, R] in the compute dtype
-        x = x.astype(jnp.float32)  # the residual stream is float32
+        x = constrain(x.astype(jnp.float32), ("batch", None, None))  # the residual stream is float32
         hidden_states = [x] if output_hidden_states else None
         new_cache = [] if cache is not None else None
         call = PhiDecoderLayer.__call__
@@ -112,6 +113,7 @@ class PhiModel(PhiPreTrainedModel):
             call = nnx.remat(call, policy=getattr(jax.checkpoint_policies, self.remat_policy), graph=False)
         for i, layer in enumerate(self.layers):
             x, layer_cache = call(layer, x, cos, sin, mask, None if cache is None else cache[i], cache_index)
+            x = constrain(x, ("batch", None, None))
             if cache is not None:
                 new_cache.append(layer_cache)
             if output_hidden_states and i < len(self.layers) - 1:
@@ -155,8 +157,10 @@ class PhiForCausalLM(PhiPreTrainedModel, GenerationMixin):
         """`[B, T, D] -> [B, T, V]` float32 (matmul in the compute dtype, float32 accumulation)."""
         hidden = hidden.astype(self.model.dtype)
         if isinstance(self.lm_head, TiedLMHead):
-            return self.lm_head(hidden, self.model.embed_tokens.embedding[...])
-        return self.lm_head(hidden)
+            logits = self.lm_head(hidden, self.model.embed_tokens.embedding[...])
+        else:
+            logits = self.lm_head(hidden)
+        return constrain(logits, ("batch", None, "act_vocab"))
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, *, labels=None, cache=None,
                  cache_index=None, output_hidden_states: bool = False) -> PhiOutput:

@@ -80,7 +80,13 @@ def build(split, tx, mesh, rules=sharding.DEFAULT_RULES, accum_steps: int = 1):
         state = jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p)})(params)
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     batch_sh = sharding.batch_sharding(mesh, rules)
-    step_fn = jax.jit(make_train_step(split, tx, accum_steps), in_shardings=(state_sh, frozen_sh, batch_sh, None),
+    step = make_train_step(split, tx, accum_steps)
+
+    def traced_step(*args):
+        with sharding.rules_in_force(mesh, rules):  # the model's activation constraints, while tracing
+            return step(*args)
+
+    step_fn = jax.jit(traced_step, in_shardings=(state_sh, frozen_sh, batch_sh, None),
                       out_shardings=(state_sh, None), donate_argnums=0)
     return state, frozen, step_fn, batch_sh
 
