@@ -87,10 +87,11 @@ def state_shardings(state, mesh: Mesh, rules: Mapping = DEFAULT_RULES):
         state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def path_shardings(model: nnx.Module, mesh: Mesh, rules: Mapping = DEFAULT_RULES) -> dict[tuple, NamedSharding]:
-    """`{parameter path: NamedSharding}` for every parameter of `model` (abstract models too)."""
+def path_shardings(tree, mesh: Mesh, rules: Mapping = DEFAULT_RULES) -> dict[tuple, NamedSharding]:
+    """`{parameter path: NamedSharding}` for every parameter of a model or an (abstract) nnx.State."""
+    state = tree if isinstance(tree, nnx.State) else nnx.state(tree, nnx.Param)
     return {p: NamedSharding(mesh, spec_for(_logical_names(v), v.get_value().shape, mesh, rules))
-            for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+            for p, v in nnx.to_flat_state(state)}
 
 
 def batch_sharding(mesh: Mesh, rules: Mapping = DEFAULT_RULES, ndim: int = 2) -> NamedSharding:

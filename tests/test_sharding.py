@@ -71,7 +71,7 @@ def worker(path: str, out: str) -> None:
         results[f"single/{k}"] = v
     for shape in MESHES:
         mesh = sharding.make_mesh(*shape)
-        model = sharding.shard_model(PhiForCausalLM.from_pretrained(path), mesh)
+        model = PhiForCausalLM.from_pretrained(path, mesh=mesh)
         fc1 = model.model.layers[0].mlp.fc1.kernel[...]
         # really split: no device holds the whole kernel unless both its axes are size 1 on this mesh
         shard = fc1.addressable_shards[0].data.shape
@@ -111,3 +111,49 @@ def test_sharded_load_forward_and_step(make_checkpoint, tmp_path):
 
 if __name__ == "__main__":
     worker(sys.argv[1], sys.argv[2])
+
+
+_LOAD = """
+import json, sys
+import jax
+from phi_jax import sharding
+from phi_jax.modeling.model import PhiForCausalLM
+
+def status(field):  # kB -> bytes; VmHWM is the peak resident set since the last reset
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(field + ":"))
+
+mesh = sharding.make_mesh(1, 8, 1)
+PhiForCausalLM.from_pretrained(sys.argv[2], mesh=mesh)  # warm-up: imports, tracing machinery
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+base = status("VmRSS")
+model = PhiForCausalLM.from_pretrained(sys.argv[1], mesh=mesh)
+kernel = model.model.layers[0].mlp.fc1.kernel[...]
+assert len({s.device for s in kernel.addressable_shards}) == 8 and kernel.addressable_shards[0].data.shape[0] * 8 \\
+    == kernel.shape[0]
+print(json.dumps({"grow": status("VmHWM") - base}))
+"""
+
+
+def test_sharded_load_holds_one_copy(tmp_path):
+    """On 8 CPU devices with fsdp=8, device memory is host memory: a sharded load grows by the model's size
+    (its slices) plus about one tensor; a full replica per device would be 8 copies."""
+    import json
+
+    from phi_jax import convert
+    from phi_jax.config import PhiConfig
+    cfg = PhiConfig(vocab_size=8192, hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
+                    num_attention_heads=8)
+    src = convert.write_random_hf(tmp_path / "big", cfg)
+    small = convert.write_random_hf(tmp_path / "small", cfg.replace(vocab_size=64, hidden_size=64,
+                                                                     intermediate_size=64, num_hidden_layers=1))
+    size = sum(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src))
+    largest = 8192 * 512 * 4
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    r = subprocess.run([sys.executable, "-c", _LOAD, str(src), str(small)], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    grow = json.loads(r.stdout.strip().splitlines()[-1])["grow"]
+    assert 0.9 * size <= grow <= size + 2 * largest, (grow, size)

@@ -71,9 +71,13 @@ def build(split, tx, mesh, rules=sharding.DEFAULT_RULES, accum_steps: int = 1):
     """
     train_sh = _shard_tree(split.trainable, split.template, mesh, rules)
     frozen_sh = _shard_tree(split.frozen, split.template, mesh, rules)
-    # one process: reshard device to device; several: each process places its slices from the host copy
-    put = (lambda v, sh: jax.device_put(v, sh)) if jax.process_count() == 1 else \
-        (lambda v, sh: sharding.place(np.asarray(v), sh))
+    def put(v, sh):
+        if isinstance(v, jax.Array) and v.sharding == sh:
+            return v  # loaded in place (`from_pretrained(..., mesh=mesh)`)
+        if jax.process_count() == 1:
+            return jax.device_put(v, sh)  # device to device
+        return sharding.place(np.asarray(v), sh)  # each process places its slices from its host copy
+
     params = {k: put(v, train_sh[k]) for k, v in split.trainable.items()}
     frozen = {k: put(v, frozen_sh[k]) for k, v in split.frozen.items()}
     with jax.set_mesh(mesh):
@@ -149,7 +153,7 @@ def finetune(run: RunConfig, model=None, rules=sharding.DEFAULT_RULES) -> dict:
     mesh = _mesh(run.mesh)
     if model is None:
         model = PhiForCausalLM.from_pretrained(run.model, dtype=jnp.dtype(run.compute_dtype),
-                                               param_dtype=jnp.float32)
+                                               param_dtype=jnp.float32, mesh=mesh, rules=rules)
     tokenizer = data_lib.load_tokenizer(run.model)
     rows = data_lib.load_dataset(run.data, tokenizer, model.config, run.seq_len)
     if run.lora_rank:
