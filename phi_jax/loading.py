@@ -71,9 +71,9 @@ def load_pretrained(cls, path, *, dtype=jnp.float32, param_dtype=None, attn_impl
         checked = plan(source, params, cls.__name__, allow_new_head=allow_new_head)
         put = place
         if mesh is not None:
-            from phi_jax import sharding
-            shardings = sharding.path_shardings(params, mesh, sharding.DEFAULT_RULES if rules is None else rules)
-            put = lambda path, host: sharding.place(host, shardings[path])  # noqa: E731
+            from phi_jax.sharding import DEFAULT_RULES, path_shardings, place as place_sharded
+            shardings = path_shardings(params, mesh, DEFAULT_RULES if rules is None else rules)
+            put = lambda path, host: place_sharded(host, shardings[path])  # noqa: E731
         params = fill(params, source, checked, param_dtype, progress=progress, place=put)
     finally:
         source.close()

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from phi_jax import sharding
+import phi_jax.sharding as sharding
 from phi_jax.train import data as data_lib
 from phi_jax.train.checkpoint import TrainCheckpoints, abstract_like
 from phi_jax.train.lora import add_lora, merge_lora
