@@ -8,10 +8,11 @@ GPU (`--gpu`): phi-2 geometry with random weights, bf16 compute over float32 mas
 seq 2048, per-layer remat. Compiles the step once at `--batch` (default 8), reads XLA's memory analysis to
 estimate the largest batch that fits, times `--repeats` steps and prints model FLOPs utilisation against the
 chip's dense bf16 peak (H100/H200: 989 TFLOP/s). `--find-max` also compiles and runs at the estimate
-(halving on out-of-memory). Finishes in under 3 minutes on an H100/H200.
+(halving on out-of-memory). Attention: cuDNN flash attention (`--attn xla` for the plain path).
+Finishes in under 3 minutes on an H100/H200.
 
     python benchmarks/train.py [--threads 2] [--repeats 5]
-    python benchmarks/train.py --gpu [--batch 8] [--remat nothing_saveable] [--find-max]
+    python benchmarks/train.py --gpu [--batch 8] [--remat nothing_saveable] [--attn cudnn] [--find-max]
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ CPU_GEOMETRY = dict(vocab_size=2048, hidden_size=256, intermediate_size=1024, nu
 
 
 def train_flops(cfg, batch: int, seq: int, remat: bool) -> float:
-    """Model FLOPs of one step: 3x the forward's matmul FLOPs (forward + backward), recomputation not counted."""
+    """Model FLOPs of one step: 3x the forward's matmul FLOPs (forward + backward); recomputation not counted,
+    attention counted as the full T x T product (as PaLM's MFU)."""
     d, f, v, n = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
     kv = cfg.num_key_value_heads * (d // cfg.num_attention_heads)
     tokens = batch * seq
@@ -149,10 +151,10 @@ def gpu(args) -> None:
     capacity = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
     # random weights made on the device (float32 masters), bf16 compute
     model = nnx.jit(lambda: PhiForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32,
-                                           rngs=nnx.Rngs(0)))()
+                                           attn_implementation=args.attn, rngs=nnx.Rngs(0)))()
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     print(f"model: {'phi-2' if not args.tiny else 'tiny'} geometry, {n_params / 1e9:.3f} B parameters, bf16 compute, "
-          f"float32 master weights + AdamW state; seq {seq}; remat {remat}")
+          f"float32 master weights + AdamW state; seq {seq}; remat {remat}; attention {args.attn}")
 
     def measure(batch_size: int):
         state, frozen, step_fn, batch = jax_step(model, batch_size, seq, remat)
@@ -219,6 +221,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--remat", default=None, help="jax.checkpoint_policies name; --gpu default nothing_saveable")
+    p.add_argument("--attn", default="cudnn", choices=("xla", "cudnn", "pallas", "auto"),
+                   help="with --gpu: attention implementation (cudnn flash attention by default; xla materialises "
+                        "the scores)")
     p.add_argument("--find-max", action="store_true", help="with --gpu: also run at the estimated largest batch")
     args = p.parse_args()
     if args.gpu:

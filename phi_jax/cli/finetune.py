@@ -30,6 +30,8 @@ def add_arguments(parser) -> None:
                              "(e.g. nothing_saveable, dots_with_no_batch_dims_saveable)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="compute dtype (master weights and optimizer state stay float32)")
+    parser.add_argument("--attn-implementation", default="xla", choices=("xla", "cudnn", "pallas", "auto"),
+                        help="attention kernel (cudnn: flash attention on CUDA in bf16)")
     parser.add_argument("--mesh", default="", help="e.g. data=1,fsdp=8,tensor=1 (default: every device on fsdp)")
     parser.add_argument("--lora-rank", type=int, default=0, help="train rank-R LoRA adapters only (0: full)")
     parser.add_argument("--seed", type=int, default=0, help="data order and dropout")
@@ -48,7 +50,8 @@ def run(args) -> int:
                         remat_policy=args.remat)
     run_cfg = RunConfig(model=args.model, data=args.data, output=args.output, steps=args.steps,
                         batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed, mesh=args.mesh,
-                        lora_rank=args.lora_rank, compute_dtype=args.dtype, save_every=args.save_every,
+                        lora_rank=args.lora_rank, compute_dtype=args.dtype,
+                        attn_implementation=args.attn_implementation, save_every=args.save_every,
                         keep=args.keep, resume=args.resume, progress=not args.no_progress, train=train)
     try:
         result = finetune(run_cfg)

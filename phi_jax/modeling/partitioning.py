@@ -1,7 +1,7 @@
 """Logical axis names for parameters and activations; `phi_jax.sharding` maps them onto a device mesh.
 
 Parameters name their dimensions at creation (`axes(...)` metadata: vocab, embed, heads, kv_heads, mlp, norm,
-classes). Activations name theirs through `constrain(x, names)` (batch, act_heads, act_mlp, act_vocab, None):
+classes). Activations name theirs through `constrain(x, names)` (batch, act_vocab, None):
 a sharding constraint that is active only while a mesh is set (`jax.set_mesh`) and logical rules are in force
 (`nnx.logical_axis_rules`); otherwise `x` passes through unchanged, so the model itself knows no mesh.
 """

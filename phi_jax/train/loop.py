@@ -44,6 +44,7 @@ class RunConfig:
     mesh: str = ""
     lora_rank: int = 0
     compute_dtype: str = "float32"
+    attn_implementation: str = "xla"
     save_every: int = 100
     keep: int = 3
     resume: bool = False
@@ -153,7 +154,8 @@ def finetune(run: RunConfig, model=None, rules=sharding.DEFAULT_RULES) -> dict:
     mesh = _mesh(run.mesh)
     if model is None:
         model = PhiForCausalLM.from_pretrained(run.model, dtype=jnp.dtype(run.compute_dtype),
-                                               param_dtype=jnp.float32, mesh=mesh, rules=rules)
+                                               param_dtype=jnp.float32, mesh=mesh, rules=rules,
+                                               attn_implementation=run.attn_implementation)
     tokenizer = data_lib.load_tokenizer(run.model)
     rows = data_lib.load_dataset(run.data, tokenizer, model.config, run.seq_len)
     if run.lora_rank:
