@@ -148,16 +148,20 @@ def gpu(args) -> None:
     remat = None if args.remat == "none" else args.remat
     kind = jax.devices()[0].device_kind
     peak = next((v for k, v in PEAK_BF16.items() if k in kind), None)
-    capacity = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+    capacity = args.capacity_gib * 2**30 if args.capacity_gib else (jax.devices()[0].memory_stats() or {}).get(
+        "bytes_limit")
     # random weights made on the device (float32 masters), bf16 compute
-    model = nnx.jit(lambda: PhiForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32,
-                                           attn_implementation=args.attn, rngs=nnx.Rngs(0)))()
-    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    def make_model():  # the first step takes (donates) the model's arrays: a fresh model for every measurement
+        return nnx.jit(lambda: PhiForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+                                              attn_implementation=args.attn, rngs=nnx.Rngs(0)))()
+
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.eval_shape(
+        lambda: nnx.state(PhiForCausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param))))
     print(f"model: {'phi-2' if not args.tiny else 'tiny'} geometry, {n_params / 1e9:.3f} B parameters, bf16 compute, "
           f"float32 master weights + AdamW state; seq {seq}; remat {remat}; attention {args.attn}")
 
     def measure(batch_size: int):
-        state, frozen, step_fn, batch = jax_step(model, batch_size, seq, remat)
+        state, frozen, step_fn, batch = jax_step(make_model(), batch_size, seq, remat)
         t0 = time.perf_counter()
         compiled = step_fn.lower(state, frozen, batch, None).compile()
         compile_s = time.perf_counter() - t0
@@ -197,8 +201,10 @@ def gpu(args) -> None:
         temp = mem.temp_size_in_bytes
         line = f"XLA memory: parameters + optimizer state {fixed / 2**30:.1f} GiB, temporaries {temp / 2**30:.1f} GiB"
         if capacity:
-            est = int(b * (capacity - fixed) / max(temp, 1))
-            line += f"; device {capacity / 2**30:.1f} GiB -> largest batch about {est} (temporaries ~ batch)"
+            grads = 4 * n_params  # float32 gradients: temporaries that do not grow with the batch
+            est = int(b * (capacity - fixed - grads) / max(temp - grads, 1))
+            line += (f"; device {capacity / 2**30:.1f} GiB -> largest batch about {est} (temporaries less the "
+                     f"gradients taken as proportional to the batch)")
             print(line)
             if args.find_max and est > b:
                 try:
@@ -224,6 +230,7 @@ def main() -> None:
     p.add_argument("--attn", default="cudnn", choices=("xla", "cudnn", "pallas", "auto"),
                    help="with --gpu: attention implementation (cudnn flash attention by default; xla materialises "
                         "the scores)")
+    p.add_argument("--capacity-gib", type=float, default=None, help="device memory (default: the device's)")
     p.add_argument("--find-max", action="store_true", help="with --gpu: also run at the estimated largest batch")
     args = p.parse_args()
     if args.gpu:

@@ -68,7 +68,8 @@ def build(split, tx, mesh, rules=sharding.DEFAULT_RULES, accum_steps: int = 1):
     """Places the split model's parameters on `mesh` and compiles the sharded step.
 
     Returns `(state, frozen, step_fn, batch_sharding)`: `step_fn(state, frozen, batch, key) -> (state, metrics)`
-    with the state donated; the optimizer state takes its parameters' shardings.
+    with the state donated; the optimizer state takes its parameters' shardings. Parameters already on their
+    sharding are used in place (no copy), so the model's own arrays are donated to the first step.
     """
     train_sh = _shard_tree(split.trainable, split.template, mesh, rules)
     frozen_sh = _shard_tree(split.frozen, split.template, mesh, rules)
