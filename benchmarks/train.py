@@ -184,7 +184,12 @@ def gpu(args) -> None:
             t, compile_s, mem, loss = measure(b)
             break
         except Exception as e:  # XLA's RESOURCE_EXHAUSTED
-            if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower() or b == 1:
+            oom = "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+            if not oom and args.attn != "xla":
+                print(f"attention {args.attn} failed ({str(e).splitlines()[0][:200]}); retrying with xla")
+                args.attn = "xla"
+                continue
+            if not oom or b == 1:
                 raise
             print(f"batch {b}: out of memory; halving")
             b //= 2
