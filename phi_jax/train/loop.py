@@ -153,6 +153,10 @@ def finetune(run: RunConfig, model=None, rules=sharding.DEFAULT_RULES) -> dict:
     out_dir = os.path.abspath(run.output)
     os.makedirs(out_dir, exist_ok=True)
     mesh = _mesh(run.mesh)
+    rows_split = mesh.shape["data"] * mesh.shape["fsdp"]
+    if run.batch_size % (rows_split * run.train.accum_steps):
+        raise ValueError(f"--batch-size {run.batch_size} must be a multiple of data x fsdp ({rows_split}) x "
+                         f"accum-steps ({run.train.accum_steps})")
     if model is None:
         model = PhiForCausalLM.from_pretrained(run.model, dtype=jnp.dtype(run.compute_dtype),
                                                param_dtype=jnp.float32, mesh=mesh, rules=rules,
