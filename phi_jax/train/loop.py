@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 import phi_jax.sharding as sharding
+from phi_jax.config import PhiConfig
 from phi_jax.train import data as data_lib
 from phi_jax.train.checkpoint import TrainCheckpoints, abstract_like
 from phi_jax.train.lora import add_lora, merge_lora
@@ -157,12 +158,13 @@ def finetune(run: RunConfig, model=None, rules=sharding.DEFAULT_RULES) -> dict:
     if run.batch_size % (rows_split * run.train.accum_steps):
         raise ValueError(f"--batch-size {run.batch_size} must be a multiple of data x fsdp ({rows_split}) x "
                          f"accum-steps ({run.train.accum_steps})")
+    # the data first: a bad record fails before a large model is read
+    config = model.config if model is not None else PhiConfig.from_pretrained(run.model)
+    rows = data_lib.load_dataset(run.data, data_lib.load_tokenizer(run.model), config, run.seq_len)
     if model is None:
         model = PhiForCausalLM.from_pretrained(run.model, dtype=jnp.dtype(run.compute_dtype),
                                                param_dtype=jnp.float32, mesh=mesh, rules=rules,
                                                attn_implementation=run.attn_implementation)
-    tokenizer = data_lib.load_tokenizer(run.model)
-    rows = data_lib.load_dataset(run.data, tokenizer, model.config, run.seq_len)
     if run.lora_rank:
         add_lora(model, run.lora_rank, seed=run.seed)
     split = split_model(model, nnx.LoRAParam if run.lora_rank else nnx.Param,
