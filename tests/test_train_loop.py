@@ -124,8 +124,9 @@ def test_cli(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "loss" in err and "tok_s" in err  # the tqdm bar
     assert {"metrics.jsonl", "loss.png", "model", "checkpoints"} <= set(os.listdir(out))
-    assert main(argv) == 2  # checkpoints exist and no --resume
+    assert main(argv) == 4  # checkpoints exist and no --resume
     assert "pass --resume" in capsys.readouterr().err
     bad = write_jsonl(tmp_path / "bad.jsonl", ['{"text": "a"}', '{"text": 1}'])
     assert main(["finetune", "--model", path, "--data", bad, "--output", str(tmp_path / "x")]) == 2
     assert "bad.jsonl:2: field 'text' must be a string" in capsys.readouterr().err
+    assert main(["finetune", "--model", str(tmp_path / "nope"), "--data", data, "--output", str(tmp_path / "y")]) == 3

@@ -53,11 +53,7 @@ def run(args) -> int:
                         lora_rank=args.lora_rank, compute_dtype=args.dtype,
                         attn_implementation=args.attn_implementation, save_every=args.save_every,
                         keep=args.keep, resume=args.resume, progress=not args.no_progress, train=train)
-    try:
-        result = finetune(run_cfg)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = finetune(run_cfg)  # a user's mistake raises; phi_jax.cli.main maps it to one error line and status
     losses = result["losses"]
     if result["interrupted"]:
         print(f"interrupted at step {max(losses)}: checkpoint saved; rerun with --resume", file=sys.stderr)

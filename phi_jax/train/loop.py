@@ -183,7 +183,8 @@ def finetune(run: RunConfig, model=None, rules=sharding.DEFAULT_RULES) -> dict:
                 raise ValueError(f"cannot resume: the checkpoint has {k}={meta[k]}, this run {want}")
         start = int(meta["step"])
     elif ckpts.latest_step() is not None:
-        raise ValueError(f"{ckpts.directory} holds checkpoints: pass --resume to continue or use a new --output")
+        raise FileExistsError(f"{ckpts.directory} holds checkpoints: pass --resume to continue or use a new "
+                              f"--output")
     logged = _read_log(log_path, upto=start)
     losses = {r["step"]: r["loss"] for r in logged}
     is_main = jax.process_index() == 0
