@@ -83,16 +83,16 @@ def sweep(b: int, n: int, repeats: int) -> None:
     from phi_jax.kernels.flash_attention_gpu import BlockSizes
     variants = {
         "default": BlockSizes(),
+        "no-overlap": BlockSizes(overlap=False),
         "kv64": BlockSizes(block_kv=64),
-        "kv128 s3": BlockSizes(slots=3),
         "kv64 s3": BlockSizes(block_kv=64, slots=3),
-        "q128 kv64": BlockSizes(block_q=128, block_kv=64),
-        "bwd dq128": BlockSizes(block_kv_dq=128),
-        "bwd dkv128": BlockSizes(block_q_dkv=128),
-        "bwd s3": BlockSizes(slots=3, block_kv=64),
+        "kv128 s3": BlockSizes(slots=3),
+        "no-ov kv64": BlockSizes(block_kv=64, overlap=False),
+        "dq kv128": BlockSizes(block_kv_dq=128),
+        "dkv q128": BlockSizes(block_q_dkv=128),
     }
     s = 4096
-    for h in (64, 80):
+    for h in (80,):
         keys = jax.random.split(jax.random.key(h), 3)
         q, k, v = (jax.random.normal(kk, (b, s, n, h), jnp.bfloat16) for kk in keys)
         flops = 4 * b * n * s * s * h / 2

@@ -43,8 +43,8 @@ _F32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Tile sizes: rows of Q and K per block in the forward / dq kernels, and in the dk/dv kernel; `slots` is
-    the depth of the TMA pipeline (>= 2)."""
+    """Tile sizes: rows of Q and K per block in the forward, dq and dk/dv kernels; `slots` is the depth of the
+    TMA pipeline (>= 2); `overlap` software-pipelines the forward's two matmuls."""
     block_q: int = 64
     block_kv: int = 128
     block_q_dq: int = 64
@@ -52,6 +52,7 @@ class BlockSizes:
     block_q_dkv: int = 64
     block_kv_dkv: int = 64
     slots: int = 2
+    overlap: bool = True  # forward: the QK^T of block j+1 runs on the tensor cores during the softmax of block j
 
     def __post_init__(self):
         for name in ("block_q", "block_kv", "block_q_dq", "block_kv_dq", "block_q_dkv", "block_kv_dkv"):
@@ -180,13 +181,11 @@ def _fwd_call(q, k, v, qmeta, kvseg, *, causal, static_offset, use_seg, scale, b
         qpos = ops.vec(qmeta_smem.at[0], 0)
         qseg = ops.vec(qmeta_smem.at[1], 0)
 
-        def step_fn(step, carry, masked):
+        def softmax(step, s, carry, masked):
+            """Online-softmax update with the scores of `step`: (rescaled acc, m, l, 16-bit P)."""
             acc, m_i, l_i = carry
-            slot = lax.rem(step, jnp.int32(slots))
-            plgpu.barrier_wait(k_bar.at[slot])
-            plgpu.barrier_wait(s_bar.at[slot])
-            s = ops.matmul(q_smem, k_smem.at[slot], a_is_ref=True, transpose_b=True, shape=(bq, bk))
             if masked:
+                slot = lax.rem(step, jnp.int32(slots))
                 mask = _mask(ops, (bq, bk), causal=causal, use_seg=use_seg, q_along=0, qpos=qpos, qseg=qseg,
                              kv0=step * bk, kvseg=ops.vec(kvseg_smem.at[slot], 1))
                 s = jnp.where(mask, s, -jnp.inf)
@@ -195,28 +194,68 @@ def _fwd_call(q, k, v, qmeta, kvseg, *, causal, static_offset, use_seg, scale, b
             p = jnp.exp2(s * c - _bcast(m_use, (bq, bk), 0))
             alpha = jnp.exp2(m_i - m_use)
             l_i = l_i * alpha + p.sum(axis=1)
+            return acc * _bcast(alpha, (bq, head_dim), 0), m_new, l_i, p.astype(dtype)
 
+        def refill(step, slot, what):
             plgpu.commit_smem()  # every thread is done reading the slot before the TMA refills it
 
             @pl.when(step + slots < n_steps)
             def _():
-                fetch(step + slots, slot, "k")
+                fetch(step + slots, slot, what)
 
+        def qk(slot):
+            plgpu.barrier_wait(k_bar.at[slot])
+            plgpu.barrier_wait(s_bar.at[slot])
+            return ops.matmul(q_smem, k_smem.at[slot], a_is_ref=True, transpose_b=True, shape=(bq, bk))
+
+        def pv(step, slot, p16):
             plgpu.barrier_wait(v_bar.at[slot])
-            pv = ops.matmul(p.astype(dtype), v_smem.at[slot], a_is_ref=False, transpose_b=False,
-                            shape=(bq, head_dim))
-            acc = acc * _bcast(alpha, (bq, head_dim), 0) + pv
+            return ops.matmul(p16, v_smem.at[slot], a_is_ref=False, transpose_b=False, shape=(bq, head_dim))
 
-            plgpu.commit_smem()  # every thread is done reading the slot before the TMA refills it
+        def step_fn(step, carry, masked):  # S = QK^T, softmax, O += PV, one after the other
+            slot = lax.rem(step, jnp.int32(slots))
+            acc, m_i, l_i, p16 = softmax(step, qk(slot), carry, masked)
+            refill(step, slot, "k")
+            acc = acc + pv(step, slot, p16)
+            refill(step, slot, "v")
+            return acc, m_i, l_i
 
-            @pl.when(step + slots < n_steps)
-            def _():
-                fetch(step + slots, slot, "v")
-            return acc, m_new, l_i
+        def step_overlap(step, carry, masked):
+            """The tensor cores compute S for step+1 while this warpgroup does the softmax of step (carried)."""
+            *carry, s_cur = carry
+            slot = lax.rem(step, jnp.int32(slots))
+            nslot = lax.rem(step + 1, jnp.int32(slots))
+            plgpu.barrier_wait(k_bar.at[nslot])
+            plgpu.barrier_wait(s_bar.at[nslot])
+
+            def with_next_scores(s_next_ref):
+                if not ops.interpret:
+                    plgpu.wgmma(s_next_ref, q_smem, plgpu.transpose_ref(k_smem.at[nslot], (1, 0)))
+                acc, m_i, l_i, p16 = softmax(step, s_cur, carry, masked)
+                refill(step, slot, "k")
+                acc = acc + pv(step, slot, p16)  # waits for both matmuls
+                refill(step, slot, "v")
+                if ops.interpret:
+                    return acc, m_i, l_i, qk(nslot)
+                return acc, m_i, l_i, s_next_ref[...]
+            if ops.interpret:
+                return with_next_scores(None)
+            return pl.run_scoped(with_next_scores, plgpu.ACC((bq, bk), _F32))
 
         carry = (ops.full((bq, head_dim), 0.0), ops.full((bq,), -jnp.inf), ops.full((bq,), 0.0))
-        carry = lax.fori_loop(0, n_free, functools.partial(step_fn, masked=False), carry)
-        acc, m_i, l_i = lax.fori_loop(n_free, n_steps, functools.partial(step_fn, masked=True), carry)
+        if bs.overlap:
+            last = n_steps - 1
+            carry = (*carry, qk(0))
+            carry = lax.fori_loop(0, jnp.minimum(n_free, last), functools.partial(step_overlap, masked=False), carry)
+            carry = lax.fori_loop(jnp.minimum(n_free, last), last, functools.partial(step_overlap, masked=True),
+                                  carry)
+            *carry, s_last = carry
+            last_slot = lax.rem(last, jnp.int32(slots))
+            acc, m_i, l_i, p16 = softmax(last, s_last, carry, causal or use_seg)
+            acc = acc + pv(last, last_slot, p16)
+        else:
+            carry = lax.fori_loop(0, n_free, functools.partial(step_fn, masked=False), carry)
+            acc, m_i, l_i = lax.fori_loop(n_free, n_steps, functools.partial(step_fn, masked=True), carry)
 
         empty = l_i == 0.0
         inv_l = 1.0 / jnp.where(empty, 1.0, l_i)
@@ -561,6 +600,8 @@ def flash_attention_gpu(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_i
     scale = float(head_dim ** -0.5 if sm_scale is None else sm_scale)
     interp = _interpret_params(interpret)
     static_offset = int(q_offset) if isinstance(q_offset, int) else None
+    if static_offset is not None and static_offset < 0:
+        raise ValueError(f"flash_attention_gpu: q_offset={q_offset} must be >= 0")
 
     if kv_segment_ids is None:
         q_segment_ids = None  # the contract ignores query segments without key segments
