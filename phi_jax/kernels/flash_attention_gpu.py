@@ -62,6 +62,11 @@ class BlockSizes:
         if self.slots < 2:
             raise ValueError(f"BlockSizes.slots={self.slots} must be at least 2")
 
+    @classmethod
+    def get_default(cls) -> "BlockSizes":
+        """The sizes measured in benchmarks/RESULTS.md (an H200 sweep at head_dim 80 found no better one)."""
+        return cls()
+
 
 def _interpret_params(interpret):
     """`interpret=True` means Pallas's Mosaic GPU interpreter (the generic HLO interpreter has no TMA)."""
@@ -596,7 +601,7 @@ def flash_attention_gpu(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_i
     if head_dim % 16 or not (sixteen_bit or (interpret and q.dtype == _F32)):
         return attention_reference(q, k, v, **ref_kw)  # the kernels take 16-bit data, head dims in 16s
 
-    bs = block_sizes or BlockSizes()
+    bs = block_sizes or BlockSizes.get_default()
     scale = float(head_dim ** -0.5 if sm_scale is None else sm_scale)
     interp = _interpret_params(interpret)
     static_offset = int(q_offset) if isinstance(q_offset, int) else None
