@@ -240,8 +240,9 @@ def _fwd_call(q, k, v, qmeta, kvseg, *, causal, static_offset, use_seg, scale, b
                 refill(step, slot, "k")
                 acc = acc + pv(step, slot, p16)  # waits for both matmuls
                 refill(step, slot, "v")
-                if ops.interpret:
-                    return acc, m_i, l_i, qk(nslot)
+                if ops.interpret:  # the barriers for nslot were waited on above
+                    return acc, m_i, l_i, ops.matmul(q_smem, k_smem.at[nslot], a_is_ref=True, transpose_b=True,
+                                                     shape=(bq, bk))
                 return acc, m_i, l_i, s_next_ref[...]
             if ops.interpret:
                 return with_next_scores(None)
