@@ -223,3 +223,13 @@ def test_corrupt_index_is_a_value_error(make_checkpoint):
         json.dump({"weight_map": {"lm_head.weight": 3}}, f)
     with pytest.raises(ValueError, match=r"model.safetensors.index.json is not a valid weight index"):
         phi_jax.PhiForCausalLM.from_pretrained(d)
+
+
+def test_head_class_from_base_model_checkpoint(make_checkpoint):
+    """A PhiModel checkpoint has no `model.` prefix; a classifier built on it maps its keys and adds the head."""
+    d, ref_model = make_checkpoint(geometry="phi1", cls="PhiModel")
+    model = phi_jax.PhiForSequenceClassification.from_pretrained(d, allow_new_head=True)
+    ids = torch.randint(0, 96, (1, 8))
+    with torch.no_grad():
+        ref = ref_model(ids).last_hidden_state.numpy()
+    assert rel_err(model.model(jnp.asarray(ids.numpy())).last_hidden_state, ref) <= 1e-4

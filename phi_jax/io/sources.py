@@ -93,7 +93,7 @@ class LegacySource(Source):
 
     def __init__(self, directory: str, config: PhiConfig | None = None):
         self.directory = directory
-        self.config = config or legacy_config(directory)
+        self.config = config or read_config(directory)
         self._w = hf.CheckpointReader(directory)
         self._table = legacy.legacy_table(self._w.shapes, self.config, where=directory)
         c = self.config
@@ -118,14 +118,21 @@ class LegacySource(Source):
         self._w.close()
 
 
-def legacy_config(directory: str) -> PhiConfig:
-    """The PhiConfig of a Microsoft-layout directory (its config.json in either the old or transformers' layout)."""
-    file = os.path.join(directory, "config.json")
+def read_config(path) -> PhiConfig:
+    """The PhiConfig in `path` (a config.json or its directory), in Microsoft's old layout (`n_embd`, ...) or
+    transformers'."""
+    path = os.fspath(path)
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.exists(file):
-        raise FileNotFoundError(f"no config.json at {file}; pass a config for this Microsoft checkpoint")
-    with open(file) as f:
-        d = json.load(f)
-    return legacy.legacy_config(d, file) if d.get("model_type") != "phi" else PhiConfig.from_pretrained(file)
+        raise FileNotFoundError(f"no config.json at {file}; pass a config for this checkpoint")
+    try:
+        with open(file) as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    if isinstance(d, dict) and d.get("model_type") in legacy.LEGACY_MODEL_TYPES:
+        return legacy.legacy_config(d, file)
+    return PhiConfig.from_pretrained(file)
 
 
 class OrbaxSource(Source):
