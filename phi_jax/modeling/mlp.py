@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from phi_jax.modeling.layernorm import matmul_precision
+from phi_jax.modeling.projection import project
 
 
 def _gelu_tanh(x):  # transformers' gelu_new / gelu_pytorch_tanh
@@ -47,4 +48,4 @@ class PhiMLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[B, T, D] -> [B, T, F] -> [B, T, D]`."""
-        return self.fc2(self.activation_fn(self.fc1(x)).astype(self.dtype)).astype(self.dtype)
+        return project(self.fc2, self.activation_fn(project(self.fc1, x)).astype(self.dtype)).astype(self.dtype)
