@@ -23,7 +23,7 @@ TESTS = {
     "config": "test_corrupted_config_is_a_clear_error",
     "safetensors": "test_corrupted_safetensors_is_a_clear_error",
 }
-CHUNK = {"forward": 20, "generate": 5, "config": 200, "safetensors": 200}
+CHUNK = {"forward": 5, "generate": 2, "config": 100, "safetensors": 100}
 
 
 def summary(log: str) -> str:
@@ -53,7 +53,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=60)
     ap.add_argument("--out", default="fuzz_run")
-    ap.add_argument("--tests", nargs="+", default=["forward", "generate", "safetensors"], choices=sorted(TESTS))
+    ap.add_argument("--tests", nargs="+", default=["safetensors", "forward", "generate"], choices=sorted(TESTS))
     ap.add_argument("--seed", type=int, default=1000)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
