@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -52,6 +53,37 @@ _GENERIC_KEYS = frozenset({
 })
 
 
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "max_position_embeddings")
+_PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check(config, name: str, has_type, what: str, in_range=lambda v: True, optional: bool = False) -> None:
+    value = getattr(config, name)
+    if value is None and optional:
+        return
+    if not has_type(value) or not in_range(value):
+        raise ValueError(f"{name}={value!r} must be {what}")
+
+
+def _token_ids(config, name: str) -> list:
+    """The ids a special-token field holds: [] for null, one id, or eos' list."""
+    value = getattr(config, name)
+    if value is None:
+        return []
+    if name == "eos_token_id" and isinstance(value, (list, tuple)):
+        return list(value) or [None]  # an empty list is no id at all: rejected
+    return [value]
+
+
 @dataclasses.dataclass(frozen=True)
 class PhiConfig:
     """Hyper-parameters of a Phi model; see transformers' `PhiConfig` for each field."""
@@ -83,6 +115,7 @@ class PhiConfig:
     architectures: tuple[str, ...] | None = None
 
     def __post_init__(self):
+        self.check_fields()
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         rope = dict(self.rope_parameters or {})
@@ -95,10 +128,46 @@ class PhiConfig:
         if self.id2label is None:
             object.__setattr__(self, "id2label", {0: "LABEL_0", 1: "LABEL_1"})
         else:
-            object.__setattr__(self, "id2label", {int(k): v for k, v in self.id2label.items()})
+            try:
+                object.__setattr__(self, "id2label", {int(k): v for k, v in self.id2label.items()})
+            except ValueError:
+                raise ValueError(f"id2label={self.id2label!r} must map integer label ids to names") from None
         if self.architectures is not None:
             object.__setattr__(self, "architectures", tuple(self.architectures))
         self.validate()
+
+    def check_fields(self) -> None:
+        """Type and range of every field, before anything derives from them: ValueError naming field and value."""
+        for name in _POSITIVE_INTS:
+            _check(self, name, _is_int, "a positive integer", lambda v: v > 0)
+        _check(self, "num_key_value_heads", _is_int, "a positive integer or null", lambda v: v > 0, optional=True)
+        for name in ("resid_pdrop", "embd_pdrop", "attention_dropout"):
+            _check(self, name, _is_number, "a probability in [0, 1)", lambda v: 0 <= v < 1)
+        _check(self, "classifier_dropout", _is_number, "a probability in [0, 1) or null", lambda v: 0 <= v < 1,
+               optional=True)
+        _check(self, "initializer_range", _is_number, "a finite number >= 0", lambda v: 0 <= v < math.inf)
+        _check(self, "layer_norm_eps", _is_number, "a finite number > 0", lambda v: 0 < v < math.inf)
+        for name in ("use_cache", "tie_word_embeddings", "qk_layernorm"):
+            _check(self, name, lambda v: isinstance(v, bool), "true or false")
+        _check(self, "hidden_act", lambda v: isinstance(v, str), f"one of {SUPPORTED_ACTIVATIONS}",
+               lambda v: v in SUPPORTED_ACTIVATIONS)
+        _check(self, "rope_parameters", lambda v: isinstance(v, dict), "a dict or null", optional=True)
+        _check(self, "id2label", lambda v: isinstance(v, dict), "a dict or null", optional=True)
+        _check(self, "problem_type", lambda v: v in _PROBLEM_TYPES, f"one of {_PROBLEM_TYPES}")
+        _check(self, "architectures", lambda v: isinstance(v, (list, tuple)) and all(isinstance(a, str) for a in v),
+               "a list of class names or null", optional=True)
+        rope = self.rope_parameters or {}
+        for key, what, ok in (("rope_theta", "a finite number > 0", lambda v: 0 < v < math.inf),
+                              ("partial_rotary_factor", "a number in (0, 1]", lambda v: 0 < v <= 1),
+                              ("factor", "a finite number > 0", lambda v: 0 < v < math.inf)):
+            if rope.get(key) is not None and not (_is_number(rope[key]) and ok(rope[key])):
+                raise ValueError(f"rope_parameters[{key!r}]={rope[key]!r} must be {what}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            for token in _token_ids(self, name):
+                if not _is_int(token) or not 0 <= token < self.vocab_size:
+                    raise ValueError(f"{name}={getattr(self, name)!r} must be a token id in [0, vocab_size="
+                                     f"{self.vocab_size}) or null" + (", or a list of them" if name == "eos_token_id"
+                                                                     else ""))
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
@@ -123,10 +192,8 @@ class PhiConfig:
         return len(self.id2label)
 
     def validate(self) -> None:
-        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
-            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; expected one of {SUPPORTED_ACTIVATIONS}")
         rope_type = self.rope_type
-        if rope_type not in SUPPORTED_ROPE_TYPES:
+        if not isinstance(rope_type, str) or rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(f"rope type {rope_type!r} is not supported; expected one of {SUPPORTED_ROPE_TYPES}")
         unknown = set(self.rope_parameters) - {"rope_type", "rope_theta", "partial_rotary_factor"} - ROPE_KEYS[rope_type]
         if unknown:
@@ -152,9 +219,9 @@ class PhiConfig:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}")
         if self.rotary_ndims % 2:
-            raise ValueError(f"rotary dimension int(head_dim * partial_rotary_factor) = {self.rotary_ndims} is odd")
-        if self.problem_type not in (None, "regression", "single_label_classification", "multi_label_classification"):
-            raise ValueError(f"problem_type={self.problem_type!r} is not supported")
+            factor = self.rope_parameters["partial_rotary_factor"]
+            raise ValueError(f"partial_rotary_factor={factor!r} gives int(head_dim {self.head_dim} * {factor}) = "
+                             f"{self.rotary_ndims} rotary channels, an odd number")
 
     def __hash__(self):  # dict fields: hash the serialised form (NNX keeps the config in the static graph)
         return hash(self.to_json_string())
@@ -175,13 +242,19 @@ class PhiConfig:
         if unknown:
             raise ValueError(f"config has keys phi_jax does not understand: {unknown}")
         # 4.x layout: rope settings at top level, scaling under `rope_scaling`.
-        rope = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})  # transformers: rope_scaling wins
+        rope = d.get("rope_scaling") or d.get("rope_parameters") or {}  # transformers: rope_scaling wins
+        if not isinstance(rope, dict):
+            name = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+            raise ValueError(f"{name}={rope!r} must be a dict or null")
+        rope = dict(rope)
         if "rope_theta" in d:
             rope.setdefault("rope_theta", d["rope_theta"])
         if "partial_rotary_factor" in d:
             rope.setdefault("partial_rotary_factor", d["partial_rotary_factor"])
         kwargs = {k: v for k, v in d.items() if k in fields}
         kwargs["rope_parameters"] = rope
+        if "num_labels" in d and (not _is_int(d["num_labels"]) or d["num_labels"] < 1):
+            raise ValueError(f"num_labels={d['num_labels']!r} must be a positive integer")
         if "num_labels" in d and "id2label" not in d:
             kwargs["id2label"] = {i: f"LABEL_{i}" for i in range(d["num_labels"])}
         return cls(**kwargs)
@@ -197,7 +270,30 @@ class PhiConfig:
                 d = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{file} is not valid JSON: {e}") from None
-        return cls.from_dict(d)
+        if not isinstance(d, dict):
+            raise ValueError(f"{file} does not hold a JSON object")
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"{file}: {e}") from None
+
+    def save_pretrained(self, directory: str | os.PathLike, *, architecture: str | None = None, dtype=None) -> str:
+        """Writes `directory/config.json` (transformers 5.x layout), the one writer of config files.
+
+        Args:
+          architecture: the class name transformers should build (`architectures: [name]`); default: keep.
+          dtype: the weights' dtype (`"float32"`, a numpy or jax dtype), recorded as `dtype`.
+        """
+        d = self.to_dict()
+        if architecture is not None:
+            d["architectures"] = [architecture]
+        if dtype is not None:
+            import numpy as np
+            d["dtype"] = str(np.dtype(dtype))
+        file = os.path.join(os.fspath(directory), "config.json")
+        with open(file, "w") as f:
+            f.write(json.dumps(d, indent=2, sort_keys=True) + "\n")
+        return file
 
     def to_dict(self) -> dict[str, Any]:
         """A transformers 5.x `config.json` dict."""

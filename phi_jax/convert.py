@@ -1,10 +1,11 @@
 """Streaming conversion between checkpoint layouts: Hugging Face, phi_jax Orbax, and Microsoft's originals.
 
-Every source presents its tensors under transformers' names and layouts (`[out, in]` Linear weights);
-`plan` checks the full key set and every shape against the model the config describes before anything is
-written; `convert` then reads, casts and writes one tensor at a time into a temporary directory that is
-renamed into place only when complete. Peak memory is about one tensor (plus one Orbax chunk when writing
-Orbax); safetensors output is written straight to disk, shard by shard.
+`convert` = open, plan, write: `io.sources.open_source` presents any directory's tensors under transformers'
+names and layouts (`[out, in]` Linear weights) and checks its config against them; `io.plan.plan` (the check
+`from_pretrained` uses too) matches the full key set and every shape to the model the config describes before
+anything is written; then each tensor is read, cast and written in turn into a temporary directory that is
+renamed into place only when complete (`io.atomic.atomic_output_dir`). Peak memory is about one tensor (plus
+one Orbax chunk when writing Orbax); safetensors output is written straight to disk, shard by shard.
 
     convert("phi-2-hf", "phi-2-orbax", to="orbax", dtype="bfloat16")
     convert("phi-2-orbax", "phi-2-hf", to="hf", shard_size="2GB")
@@ -13,8 +14,6 @@ Orbax); safetensors output is written straight to disk, shard by shard.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import os
 import re
@@ -24,10 +23,13 @@ import time
 import ml_dtypes
 import numpy as np
 
-from phi_jax.io import hf as checkpoint, legacy as legacy_names, orbax as orbax_io
 from phi_jax.config import PhiConfig
-from phi_jax.io.names import hf_key, is_buffer
-from phi_jax.io.safetensors import BLOCK_BYTES, ShardedSafetensorsWriter, atomic_output_dir, tiled_copy
+from phi_jax.io import orbax as orbax_io
+from phi_jax.io.atomic import atomic_output_dir
+from phi_jax.io.plan import abstract_params, hf_layout, plan
+from phi_jax.io.safetensors import ShardedSafetensorsWriter
+from phi_jax.io.sources import (  # noqa: F401  (HFSource, OrbaxSource, detect_layout: convert's API before io/)
+    HFSource, LegacySource, OrbaxSource, detect_layout, is_legacy_dir, open_source)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "generation_config.json")
@@ -56,182 +58,10 @@ def _dtype(dtype) -> np.dtype | None:
     return np.dtype(dtype)
 
 
-class HFSource:
-    """A Hugging Face directory (config.json + safetensors / sharded safetensors / pytorch_model.bin)."""
-
-    layout = "hf"
-
-    def __init__(self, directory: str, config: PhiConfig | None = None):
-        self.directory = os.fspath(directory)
-        self.config = config or PhiConfig.from_pretrained(self.directory)
-        self._w = checkpoint.CheckpointReader(self.directory)
-        self.tensors = {k: (self._w.shapes[k], self._w.dtypes[k], self._w.files[k])
-                        for k in self._w.shapes if not is_buffer(k)}
-
-    def get(self, key: str, rows=None) -> np.ndarray:
-        return self._w.get(key, rows)
-
-
-class LegacySource:
-    """Microsoft's original layouts (`layers.N.mixer.Wqkv`, `transformer.h.N.mixer.Wqkv`, `lm_head.linear`)."""
-
-    layout = "legacy"
-
-    def __init__(self, directory: str, config: PhiConfig | None = None):
-        self.directory = os.fspath(directory)
-        if config is None:
-            file = os.path.join(self.directory, "config.json")
-            if not os.path.exists(file):
-                raise FileNotFoundError(f"no config.json at {file}; pass a config for this Microsoft checkpoint")
-            with open(file) as f:
-                d = json.load(f)
-            config = legacy_names.legacy_config(d, file) if d.get("model_type") != "phi" else PhiConfig.from_dict(d)
-        self.config = config
-        self._w = checkpoint.CheckpointReader(self.directory)
-        self._table = legacy_names.legacy_table(self._w.shapes, config, where=self.directory)
-        c = config
-        fused = c.hidden_size + 2 * c.num_key_value_heads * c.head_dim
-        self.tensors = {}
-        for key, (src, rows) in self._table.items():
-            shape = self._w.shapes[src]
-            if rows is not None:
-                if shape[0] != fused:
-                    raise ValueError(f"{src} in {self._w.files[src]}: fused Wqkv has {shape[0]} rows, the config "
-                                     f"expects {fused} (hidden_size + 2 * kv heads * head_dim)")
-                shape = (rows[1] - rows[0], *shape[1:])
-            self.tensors[key] = (shape, self._w.dtypes[src], self._w.files[src])
-
-    def get(self, key: str, rows=None) -> np.ndarray:
-        src, fused = self._table[key]
-        if fused is not None:
-            rows = (fused[0] + rows[0], fused[0] + rows[1]) if rows is not None else fused
-        return self._w.get(src, rows)
-
-
-class OrbaxSource:
-    """A phi_jax Orbax directory; tensors come back in HF layout (kernels transposed as views)."""
-
-    layout = "orbax"
-
-    def __init__(self, directory: str, config: PhiConfig | None = None):
-        self.directory = os.fspath(directory)
-        self.config = config or PhiConfig.from_pretrained(self.directory)
-        self._r = orbax_io.OrbaxReader(self.directory)
-        self._paths = {}
-        self.tensors = {}
-        for path, shape in self._r.shapes.items():
-            key, transpose = hf_key(path)
-            self._paths[key] = (path, transpose)
-            self.tensors[key] = (shape[::-1] if transpose else shape, self._r.dtypes[path], self._r.state_dir)
-
-    def get(self, key: str, rows=None) -> np.ndarray:
-        path, transpose = self._paths[key]
-        arr = self._r.get(path)
-        arr = arr.T if transpose else arr
-        return arr if rows is None else arr[rows[0]:rows[1]]
-
-
-def detect_layout(directory: str) -> str:
-    directory = os.fspath(directory)
-    if orbax_io.is_orbax_dir(directory):
-        return "orbax"
-    if is_legacy_dir(directory):
-        return "legacy"
-    return "hf"
-
-
-def is_legacy_dir(directory) -> bool:
-    """True when `directory` holds a Microsoft-layout config.json (model_type phi-msft / mixformer-sequential)."""
-    file = os.path.join(os.fspath(directory), "config.json")
-    if not os.path.isfile(file):
-        return False
-    try:
-        with open(file) as f:
-            return json.load(f).get("model_type") in legacy_names.LEGACY_MODEL_TYPES
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return False
-
-
-def open_source(directory, layout: str = "auto", config: PhiConfig | None = None):
-    if not os.path.isdir(os.fspath(directory)):
-        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
-    layout = detect_layout(directory) if layout == "auto" else layout
-    classes = {"hf": HFSource, "legacy": LegacySource, "orbax": OrbaxSource}
-    if layout not in classes:
-        raise ValueError(f"unknown source layout {layout!r}; expected one of {sorted(classes)}")
-    return classes[layout](directory, config)
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """One tensor to convert: HF key, NNX path, whether the Linear kernel transposes, HF-layout shape."""
-
-    key: str
-    path: tuple
-    transpose: bool
-    shape: tuple
-    dtype: np.dtype
-    file: str
-
-
 def model_class(config: PhiConfig):
     from phi_jax.modeling.model import MODEL_CLASSES, PhiForCausalLM
     name = (config.architectures or ("PhiForCausalLM",))[0]
     return MODEL_CLASSES.get(name, PhiForCausalLM)
-
-
-def plan(source, cls=None) -> list[Entry]:
-    """Checks `source` against the model its config describes; returns the tensors in NNX order.
-
-    Raises ValueError naming each missing, unexpected or mis-shaped tensor and the file holding it.
-    """
-    from flax import nnx
-    config = source.config
-    cls = cls or model_class(config)
-    abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
-    entries, missing, mismatched = [], [], []
-    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
-        key, transpose = hf_key(path)
-        want = tuple(var.get_value().shape)
-        want = want[::-1] if transpose else want
-        if key not in source.tensors:
-            missing.append(key)
-            continue
-        shape, dtype, file = source.tensors[key]
-        if tuple(shape) != want:
-            mismatched.append(f"{key} in {file}: shape {list(shape)}, config expects {list(want)}")
-        entries.append(Entry(key, path, transpose, want, dtype, file))
-    known = {e.key for e in entries}
-    unexpected = [f"{k} ({f})" for k, (_, _, f) in sorted(source.tensors.items())
-                  if k not in known and not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    problems = [f"{name}: {v}" for name, v in (("missing tensors", missing), ("unexpected tensors", unexpected),
-                                                ("shape mismatches", mismatched)) if v]
-    if problems:
-        raise ValueError(f"{source.directory}: the weights do not fit {cls.__name__} with this config "
-                         f"(hidden_size={config.hidden_size}, num_hidden_layers={config.num_hidden_layers}, "
-                         f"vocab_size={config.vocab_size}): " + " | ".join(problems))
-    return entries
-
-
-def _our_layout(source, e: Entry, dtype: np.dtype) -> np.ndarray:
-    """Tensor `e` in our layout and `dtype`, contiguous; a transposed kernel is filled in row blocks of the
-    source, so only the output (plus one block) is ever in memory."""
-    if not e.transpose:
-        return np.ascontiguousarray(source.get(e.key), dtype=dtype)
-    out = np.empty(e.shape[::-1], dtype)  # [in, out]
-    step = max(1, BLOCK_BYTES // max(1, math.prod(e.shape[1:]) * 4))
-    for r in range(0, e.shape[0], step):
-        block = source.get(e.key, (r, min(r + step, e.shape[0])))  # [rows, in]
-        tiled_copy(out[:, r:r + block.shape[0]], block.T)
-        del block
-    return out
-
-
-def _config_json(config: PhiConfig, cls, dtype: np.dtype) -> bytes:
-    d = config.to_dict()
-    d["architectures"] = [cls.__name__]
-    d["dtype"] = str(dtype)
-    return (json.dumps(d, indent=2, sort_keys=True) + "\n").encode()
 
 
 def convert(src, dst, *, to: str, layout: str = "auto", dtype=None, shard_size="2GB", chunk_size="256MB",
@@ -250,13 +80,13 @@ def convert(src, dst, *, to: str, layout: str = "auto", dtype=None, shard_size="
     """
     if to not in ("hf", "orbax"):
         raise ValueError(f"unknown output layout {to!r}; expected 'hf' or 'orbax'")
-    src, dst = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
-    if src == dst:
-        raise ValueError(f"source and destination are the same directory: {src}")
     out_dtype = _dtype(dtype)
-    source = open_source(src, layout, config)
+    source = open_source(src, layout, config)  # FileNotFoundError at once for a missing directory
+    src, dst = source.directory, os.path.realpath(os.fspath(dst))
+    if os.path.realpath(src) == dst:
+        raise ValueError(f"source and destination are the same directory: {src}")
     cls = model_class(source.config)
-    entries = plan(source, cls)
+    entries = plan(source, abstract_params(cls, source.config)[1], cls.__name__).entries
     out = [(e, out_dtype or e.dtype) for e in entries]
     total_out = sum(math.prod(e.shape) * d.itemsize for e, d in out)
     start, read = time.perf_counter(), 0
@@ -275,7 +105,7 @@ def convert(src, dst, *, to: str, layout: str = "auto", dtype=None, shard_size="
                     arr = source.get(e.key)  # HF layout (a transposed view for Orbax sources)
                     writer.put(e.key, arr)
                 else:
-                    arr = _our_layout(source, e, d)
+                    arr = source.get_ours(e, d)  # our layout ([in, out] kernels)
                     writer.put(e.path, arr)
                 read += math.prod(e.shape) * e.dtype.itemsize
                 del arr
@@ -288,11 +118,12 @@ def convert(src, dst, *, to: str, layout: str = "auto", dtype=None, shard_size="
                 writer.abort()
             raise
         finally:
+            source.close()
             if bar is not None:
                 bar.close()
         dtypes = {d for _, d in out}
-        with open(os.path.join(tmp, "config.json"), "wb") as f:
-            f.write(_config_json(source.config, cls, dtypes.pop() if len(dtypes) == 1 else np.dtype(np.float32)))
+        source.config.save_pretrained(tmp, architecture=cls.__name__,
+                                      dtype=dtypes.pop() if len(dtypes) == 1 else np.float32)
         for name in TOKENIZER_FILES:
             if os.path.isfile(os.path.join(src, name)):
                 shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
@@ -316,45 +147,16 @@ def legacy_to_orbax(src, dst, **kw) -> dict:
     return convert(src, dst, to="orbax", layout="legacy", **kw)
 
 
-def load_legacy(cls, path, *, dtype=None, param_dtype=None, attn_implementation="xla",
-                config: PhiConfig | None = None, allow_new_head: bool = False):
-    """Builds `cls` (our model) straight from a Microsoft-layout directory, one tensor at a time."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from phi_jax.loading import _build_abstract, to_param
-    if allow_new_head:
-        raise ValueError("allow_new_head is only supported for Hugging Face directories")
-    dtype = dtype or jnp.float32
-    param_dtype = param_dtype or dtype
-    source = LegacySource(path, config)
-    graphdef, params, rest = _build_abstract(cls, source.config, dtype=dtype, param_dtype=param_dtype,
-                                             attn_implementation=attn_implementation)
-    entries = {e.path: e for e in plan(source, cls)}
-    flat = nnx.to_flat_state(params)
-    for p, var in flat:
-        arr = source.get(entries[p].key)
-        var.set_value(to_param(arr, entries[p].transpose, param_dtype))
-        del arr
-    return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
-
-
 def write_random_hf(directory, config: PhiConfig, *, dtype="float32", seed: int = 0, shard_size="5GB") -> str:
     """Writes a random-weight HF checkpoint of `config`'s geometry tensor by tensor (tests and benchmarks)."""
-    from flax import nnx
-    cls = model_class(config)
-    abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
-    tensors = []
-    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
-        key, transpose = hf_key(path)
-        shape = tuple(var.get_value().shape)
-        tensors.append((key, shape[::-1] if transpose else shape, _dtype(dtype)))
+    cls, d = model_class(config), _dtype(dtype)
+    layout = hf_layout(abstract_params(cls, config)[1])
     os.makedirs(directory)
-    writer = ShardedSafetensorsWriter(os.fspath(directory), tensors, parse_size(shard_size))
+    writer = ShardedSafetensorsWriter(os.fspath(directory), [(key, shape, d) for _, key, _, shape in layout],
+                                      parse_size(shard_size))
     rng = np.random.default_rng(seed)
-    for key, shape, d in tensors:
+    for _, key, _, shape in layout:
         writer.put(key, (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(d))
     writer.close()
-    with open(os.path.join(directory, "config.json"), "wb") as f:
-        f.write(_config_json(config, cls, _dtype(dtype)))
+    config.save_pretrained(directory, architecture=cls.__name__, dtype=d)
     return os.fspath(directory)

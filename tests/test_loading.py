@@ -138,8 +138,17 @@ def test_misshaped_tensor(make_checkpoint):
     d, _ = make_checkpoint(geometry="phi1")
     _edit_safetensors(d, lambda t: t.__setitem__("model.layers.0.self_attn.k_proj.weight",
                                                  np.zeros((32, 64), np.float32)))
-    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.k_proj.weight: checkpoint has \[32, 64\], "
-                                         r"model expects \[64, 64\]"):
+    # the config's kv heads cannot give 32 rows: named before any model is built
+    with pytest.raises(ValueError, match=r"config num_key_value_heads=4 does not fit the checkpoint: .*"
+                                         r"model.layers.0.self_attn.k_proj.weight, which has shape \[32, 64\]"):
+        phi_jax.PhiForCausalLM.from_pretrained(d)
+    # a shape no config field describes: the plan names the tensor, its file and both shapes
+    _edit_safetensors(d, lambda t: t.__setitem__("model.layers.0.self_attn.k_proj.weight",
+                                                 np.zeros((64, 64), np.float32)))
+    _edit_safetensors(d, lambda t: t.__setitem__("model.layers.1.self_attn.dense.weight",
+                                                 np.zeros((64, 32), np.float32)))
+    with pytest.raises(ValueError, match=r"model.layers.1.self_attn.dense.weight in .*model.safetensors: "
+                                         r"checkpoint has \[64, 32\], the config expects \[64, 64\]"):
         phi_jax.PhiForCausalLM.from_pretrained(d)
 
 
@@ -188,3 +197,39 @@ def test_bin_refuses_pickled_objects(make_checkpoint):
     torch.save({"x": Evil()}, os.path.join(d, "pytorch_model.bin"))
     with pytest.raises(ValueError, match="weights-only"):
         phi_jax.PhiForCausalLM.from_pretrained(d)
+
+
+@pytest.mark.parametrize("header", [
+    [1, 2],
+    {"a": {"dtype": "F32", "shape": ["2"], "data_offsets": [0, 8]}},
+    {"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}},
+    {"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}},
+    {"a": {"dtype": "X", "shape": [2], "data_offsets": [0, 8]}},
+    {"a": "junk"},
+])
+def test_corrupt_safetensors_header_is_a_value_error(make_checkpoint, header):
+    import struct
+    d, _ = make_checkpoint(geometry="phi1")
+    raw = json.dumps(header).encode()
+    with open(os.path.join(d, "model.safetensors"), "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + bytes(16))
+    with pytest.raises(ValueError, match=r"model.safetensors: corrupt"):
+        phi_jax.PhiForCausalLM.from_pretrained(d)
+
+
+def test_corrupt_index_is_a_value_error(make_checkpoint):
+    d, _ = make_checkpoint(geometry="phi1", fmt="sharded")
+    with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+        json.dump({"weight_map": {"lm_head.weight": 3}}, f)
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json is not a valid weight index"):
+        phi_jax.PhiForCausalLM.from_pretrained(d)
+
+
+def test_head_class_from_base_model_checkpoint(make_checkpoint):
+    """A PhiModel checkpoint has no `model.` prefix; a classifier built on it maps its keys and adds the head."""
+    d, ref_model = make_checkpoint(geometry="phi1", cls="PhiModel")
+    model = phi_jax.PhiForSequenceClassification.from_pretrained(d, allow_new_head=True)
+    ids = torch.randint(0, 96, (1, 8))
+    with torch.no_grad():
+        ref = ref_model(ids).last_hidden_state.numpy()
+    assert rel_err(model.model(jnp.asarray(ids.numpy())).last_hidden_state, ref) <= 1e-4

@@ -3,7 +3,7 @@
 `CheckpointReader` indexes a directory (model.safetensors, a sharded
 model.safetensors.index.json, or pytorch_model.bin[.index.json]) without loading
 tensors, then reads them one at a time as numpy arrays: safetensors with plain reads
-(stream_io.SafetensorsFile, no mmap), `.bin` files with
+(io.safetensors.SafetensorsFile, no mmap), `.bin` files with
 `torch.load(weights_only=True, mmap=True)`: no untrusted pickle is executed and the
 file is paged in lazily.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import re
 from typing import Iterator
 
 import numpy as np
@@ -27,25 +27,40 @@ def _load_index(path: str) -> dict[str, str]:
     try:
         with open(path) as f:
             weight_map = json.load(f)["weight_map"]
-    except (json.JSONDecodeError, KeyError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not a valid weight index: {e!r}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{path} is not a valid weight index: weight_map must map tensor names to file names")
     return weight_map
 
 
 def weight_files(directory: str) -> tuple[str, dict[str, str] | None]:
-    """Picks the weight layout of `directory`: (kind, key -> file map or None for single files)."""
+    """Picks the weight layout of `directory`: (kind, key -> file map or None for single files).
+
+    The order is transformers' (`modeling_utils._get_resolved_checkpoint_files`): model.safetensors, then
+    model.safetensors.index.json, then pytorch_model.bin, then pytorch_model.bin.index.json, so a directory holding
+    more than one loads the same weights in both libraries.
+    """
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
-    for index, kind in ((SAFE_INDEX, "safetensors"), (BIN_INDEX, "bin")):
-        p = os.path.join(directory, index)
-        if os.path.exists(p):
-            return kind, {k: os.path.join(directory, v) for k, v in _load_index(p).items()}
-    for single, kind in ((SAFE_SINGLE, "safetensors"), (BIN_SINGLE, "bin")):
-        p = os.path.join(directory, single)
-        if os.path.exists(p):
+    for name, kind in ((SAFE_SINGLE, "safetensors"), (SAFE_INDEX, "safetensors"), (BIN_SINGLE, "bin"),
+                       (BIN_INDEX, "bin")):
+        p = os.path.join(directory, name)
+        if os.path.isfile(p):
+            if name.endswith(".index.json"):
+                return kind, {k: os.path.join(directory, v) for k, v in _load_index(p).items()}
             return kind, None
     raise FileNotFoundError(f"no weights in {directory}: expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} "
                             f"or {BIN_INDEX}")
+
+
+_WEIGHT_FILE = re.compile(r"^(model(-\d+-of-\d+)?\.safetensors|pytorch_model(-\d+-of-\d+)?\.bin)(\.index\.json)?$")
+
+
+def is_checkpoint_file(name: str) -> bool:
+    """True for the names in a model directory that hold its weights or config (what a new save replaces):
+    config.json, weight files and indexes, and phi_jax's Orbax `params/`; tokenizer files and the rest are not."""
+    return name in ("config.json", "params") or bool(_WEIGHT_FILE.match(name))
 
 
 class CheckpointReader:
@@ -70,6 +85,8 @@ class CheckpointReader:
         self._handles = {}
         for p in paths:
             for key, shape, dtype in self._scan(p):
+                if key in self.files:
+                    raise ValueError(f"tensor {key!r} is stored twice: in {self.files[key]} and in {p}")
                 self.shapes[key], self.dtypes[key], self.files[key] = shape, dtype, p
         if weight_map is not None:
             for key, p in weight_map.items():
@@ -128,17 +145,3 @@ def _torch_to_numpy(t) -> np.ndarray:
         import ml_dtypes
         return t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Writes `data` to `path` via a temporary file in the same directory and a rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

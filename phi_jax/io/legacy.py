@@ -15,11 +15,11 @@ from __future__ import annotations
 import re
 
 from phi_jax.config import PhiConfig
+from phi_jax.io.names import is_buffer
 
 _BLOCK = {"ln": "input_layernorm", "mixer.out_proj": "self_attn.dense", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
 _SEQ = re.compile(r"^layers\.(\d+)\.(.+)\.(weight|bias)$")
 _MSFT = re.compile(r"^transformer\.h\.(\d+)\.(.+)\.(weight|bias)$")
-_BUFFER = re.compile(r"(^|\.)rotary_emb\.(inv_freq|cos_cached|sin_cached)$")
 LEGACY_MODEL_TYPES = ("phi-msft", "mixformer-sequential")
 
 
@@ -31,10 +31,6 @@ def legacy_style(keys) -> str | None:
     if "layers.0.wte.weight" in keys:
         return "mixformer-sequential"
     return None
-
-
-def is_buffer(key: str) -> bool:
-    return bool(_BUFFER.search(key))
 
 
 def legacy_table(keys, config: PhiConfig, where: str = "checkpoint") -> dict[str, tuple[str, tuple[int, int] | None]]:
@@ -102,7 +98,8 @@ _IGNORED = {"flash_attn", "flash_rotary", "fused_dense", "checkpointing", "gradi
 def legacy_config(d: dict, where: str = "config.json") -> PhiConfig:
     """PhiConfig from a Microsoft `phi-msft` / `mixformer-sequential` config dict.
 
-    bos/eos default to 50256 (`<|endoftext|>` of the CodeGen tokenizer every Phi release uses) when absent.
+    Special-token ids are copied when the config has them and stay None when it has none (never invented: a
+    default such as 50256 would lie outside a small vocabulary).
     """
     d = dict(d)
     model_type = d.get("model_type")
@@ -127,23 +124,21 @@ def legacy_config(d: dict, where: str = "config.json") -> PhiConfig:
     if problems:
         raise ValueError(f"{where}: " + "; ".join(problems))
     kw = {_RENAMES[k]: v for k, v in d.items() if k in _RENAMES}
-    kw.setdefault("bos_token_id", 50256)
-    kw.setdefault("eos_token_id", 50256)
-    hidden, heads = kw.get("hidden_size"), kw.get("num_attention_heads")
-    if not hidden or not heads or hidden % heads:
-        raise ValueError(f"{where}: n_embd={hidden} must be a positive multiple of n_head={heads}")
-    head_dim = hidden // heads
-    if kw.get("intermediate_size") is None:
-        kw["intermediate_size"] = 4 * hidden
-    rotary_dim = d.get("rotary_dim", min(32, head_dim))
-    if not 0 < rotary_dim <= head_dim:
-        raise ValueError(f"{where}: rotary_dim={rotary_dim} must be in (0, head_dim={head_dim}]")
-    factor = rotary_dim / head_dim
-    if int(head_dim * factor) != rotary_dim:
-        raise ValueError(f"{where}: rotary_dim={rotary_dim} is not representable as a partial_rotary_factor")
-    kw["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": factor}
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        kw.setdefault(name, None)
+    inner = kw.pop("intermediate_size", None)
     kw["architectures"] = ("PhiForCausalLM",)
     try:
-        return PhiConfig(**kw)
-    except (TypeError, ValueError) as e:
+        config = PhiConfig(**kw)  # every field checked for type and range (n_embd -> hidden_size, ...)
+        head_dim = config.head_dim
+        rotary_dim = d.get("rotary_dim", min(32, head_dim))
+        if not isinstance(rotary_dim, int) or isinstance(rotary_dim, bool) or not 0 < rotary_dim <= head_dim:
+            raise ValueError(f"rotary_dim={rotary_dim!r} must be an integer in (0, head_dim={head_dim}]")
+        factor = rotary_dim / head_dim
+        if int(head_dim * factor) != rotary_dim:
+            raise ValueError(f"rotary_dim={rotary_dim} is not representable as a partial_rotary_factor")
+        return config.replace(
+            intermediate_size=4 * config.hidden_size if inner is None else inner,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": factor})
+    except ValueError as e:
         raise ValueError(f"{where}: {e}") from None

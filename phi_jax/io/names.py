@@ -12,8 +12,8 @@ import re
 _LEAVES = {"kernel": ("weight", True), "embedding": ("weight", False), "scale": ("weight", False),
            "bias": ("bias", False)}
 
-# Non-parameter buffers that older checkpoints carry; skipped by name.
-_BUFFER = re.compile(r"(^|\.)rotary_emb\.(inv_freq|original_inv_freq)$")
+# Non-parameter buffers that older checkpoints (HF 4.x, Microsoft's originals) carry; skipped by name.
+_BUFFER = re.compile(r"(^|\.)rotary_emb\.(inv_freq|original_inv_freq|cos_cached|sin_cached)$")
 HEAD_PREFIXES = ("lm_head.", "score.")
 
 
@@ -27,5 +27,5 @@ def hf_key(path: tuple) -> tuple[str, bool]:
 
 
 def is_buffer(key: str) -> bool:
-    """True for keys of non-parameter buffers (`rotary_emb.inv_freq`) that are skipped when loading."""
+    """True for keys of non-parameter buffers (`rotary_emb.inv_freq`, `cos_cached`) that loading skips."""
     return bool(_BUFFER.search(key))

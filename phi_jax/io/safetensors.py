@@ -1,23 +1,18 @@
-"""Streaming safetensors I/O and atomic output directories, for conversion in bounded memory.
+"""Streaming safetensors I/O, for loading and conversion in bounded memory.
 
 `SafetensorsFile` reads one tensor (or a range of its rows) with plain `readinto` calls: no mmap,
 so pages of the input never accumulate in the process' resident set. `ShardedSafetensorsWriter`
 lays out every shard from the list of (key, shape, dtype) up front, then writes tensors one at a
 time straight to disk (a transposed view is written in row blocks), so no shard is ever held in
-memory. `atomic_output_dir` builds an output in a hidden sibling directory and renames it into
-place only when complete.
+memory.
 """
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import json
 import math
 import os
-import shutil
 import struct
-import uuid
 
 import ml_dtypes
 import numpy as np
@@ -30,6 +25,10 @@ _DTYPES = {
 _CODES = {v: k for k, v in _DTYPES.items()}
 BLOCK_BYTES = 32 << 20  # a transposed or cast tensor is written in row blocks of about this size
 _MAX_HEADER = 100 << 20
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 class SafetensorsFile:
@@ -53,12 +52,16 @@ class SafetensorsFile:
                 header = json.loads(f.read(n))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise ValueError(f"{self.path}: corrupt safetensors header: {e}") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{self.path}: corrupt safetensors header: a JSON {type(header).__name__}, not an object")
         self.metadata = header.pop("__metadata__", None) or {}
         self.data_start = 8 + n
         self.entries = {}  # key -> (shape, dtype, begin, end) with absolute file offsets
         for key, e in header.items():
             try:
                 dtype, shape, (begin, end) = _DTYPES[e["dtype"]], tuple(e["shape"]), e["data_offsets"]
+                if not all(_is_count(v) for v in (*shape, begin, end)) or begin > end:
+                    raise ValueError
             except (KeyError, TypeError, ValueError):
                 raise ValueError(f"{self.path}: corrupt header entry for tensor {key!r}: {e}") from None
             if end - begin != math.prod(shape) * dtype.itemsize:
@@ -220,49 +223,3 @@ class ShardedSafetensorsWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@contextlib.contextmanager
-def atomic_output_dir(dst: str, overwrite: bool = False):
-    """Yields a hidden temporary directory beside `dst`, renamed to `dst` when the block completes.
-
-    On any exception (KeyboardInterrupt included) the temporary directory is removed and `dst` is
-    untouched. An existing `dst` raises FileExistsError unless `overwrite`. Temporary directories left
-    by killed processes (their pid no longer running) are removed on the next call for the same `dst`.
-    """
-    dst = os.path.abspath(os.fspath(dst))
-    parent, name = os.path.dirname(dst), os.path.basename(dst)
-    if os.path.lexists(dst) and not overwrite:
-        raise FileExistsError(f"output {dst} already exists; pass --overwrite (overwrite=True) to replace it")
-    os.makedirs(parent, exist_ok=True)
-    for stale in glob.glob(os.path.join(parent, f".{glob.escape(name)}.partial-*")):
-        try:
-            pid = int(stale.rsplit("-", 2)[-2])
-        except ValueError:
-            continue
-        if not _pid_alive(pid):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = os.path.join(parent, f".{name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    os.mkdir(tmp)
-    try:
-        yield tmp
-        if os.path.lexists(dst):
-            old = os.path.join(parent, f".{name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            os.rename(dst, old)
-            os.rename(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
