@@ -1,4 +1,5 @@
-"""attend_xla: the causal block split computes the same function as the full square."""
+"""attend_xla: the causal block split computes the same function as the full square; masked keys, ids and cache
+slots never change a real position (NaN, inf and out-of-range ids included)."""
 
 from __future__ import annotations
 
@@ -168,8 +169,8 @@ def test_nan_in_cache_at_masked_slots_leaves_real_logits_bit_identical(seed):
     slots[:, t] = True
     step = jnp.asarray(rng.integers(0, 50, (b, 1)))
     clean, _ = _forward_with_cache(graphdef, state, step, jnp.asarray(slots), cache, t)
-    poisoned = tuple((jnp.asarray(_poison(rng, np.asarray(k), ~slots)), jnp.asarray(_poison(rng, np.asarray(v), ~slots)))
-                     for k, v in cache)
+    poisoned = tuple((jnp.asarray(_poison(rng, np.asarray(k), ~slots)),
+                      jnp.asarray(_poison(rng, np.asarray(v), ~slots))) for k, v in cache)
     dirty, _ = _forward_with_cache(graphdef, state, step, jnp.asarray(slots), poisoned, t)
     np.testing.assert_array_equal(np.asarray(dirty), np.asarray(clean))
     assert np.isfinite(np.asarray(clean)).all()

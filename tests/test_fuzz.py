@@ -62,9 +62,6 @@ LOSS_TOL = 1e-5  # relative
 LONG_RUN = int(os.environ.get("PHI_JAX_FUZZ_EXAMPLES", "0") or 0)
 LOG = os.environ.get("PHI_JAX_FUZZ_LOG")
 TIMEOUT_S = int(os.environ.get("PHI_JAX_FUZZ_TIMEOUT", "60"))  # one load must fail fast, not build 1e9 layers
-# Long runs only: skip the cases already kept as xfail regressions (tests/test_regressions.py) so that the run
-# looks for new failures instead of finding the known ones again.
-SKIP_OPEN = bool(os.environ.get("PHI_JAX_FUZZ_SKIP_OPEN"))
 
 
 def fuzz_settings(ci_examples: int):

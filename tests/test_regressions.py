@@ -70,7 +70,7 @@ def test_issue9_small_vocab_without_special_ids_generates_as_transformers(tmp_pa
     assert len(set(out[:, 7:].ravel().tolist())) > 1  # not one token at every step
 
 
-# ---- edge cases the strategies reach only rarely (not fuzz finds: the long run found none here) ---------------
+# ---- hand-written edge cases the strategies reach only rarely (not fuzz finds) --------------------------------------
 
 def _case(**kw):
     base = dict(vocab_size=50257, hidden_size=80, intermediate_size=4, num_hidden_layers=1, num_attention_heads=1,
@@ -102,7 +102,7 @@ def test_fuzz_one_token_prompts_generate():
     check_generate(kw, dict(ids=ids, ids_ref=ids, mask=mask), max_new_tokens=6, explicit=False)
 
 
-# ---- corrupted config.json (found by the fuzz suite, fixed by io's validation) ---------------------------------------------------------
+# ---- corrupted config.json (found by the fuzz suite, fixed by io's validation) -----------------------------------
 
 def _expect_named_error(directory, *names):
     with time_limit(20, "from_pretrained"):
@@ -130,7 +130,7 @@ def test_corrupted_config_field_is_named(path, mutation, names):
     _expect_named_error(d, *names)
 
 
-# ---- corrupted safetensors headers (found by the fuzz suite, fixed by io) --------------------------------------------------------------------------
+# ---- corrupted safetensors headers (found by the fuzz suite, fixed by io) ----------------------------------------
 
 @pytest.mark.parametrize("kind, n", [("not_json", 1), ("shape", 5)])  # a JSON list header; shape "ab": TypeError
 def test_corrupted_safetensors_header_is_named(kind, n):
@@ -147,7 +147,7 @@ def test_stray_tensor_is_named():
     _expect_named_error(d, "model.layers.9.mlp.fc9.weight")
 
 
-# ---- special ids at generate (helper gen) -------------------------------------------------------------------
+# ---- special ids at generate (helper gen) ------------------------------------------------------------------------
 
 @pytest.mark.xfail(strict=True, reason=SPECIAL_IDS)
 def test_issue9_eos_past_the_vocabulary_is_named_at_generate(tmp_path):
