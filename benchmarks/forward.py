@@ -3,7 +3,10 @@
 Default: phi-1.5 geometry with 4 layers (vocab 51200), batch 1, 512 tokens, float32, CPU, 2 threads each.
 On a GPU machine, `--gpu` runs both on the GPU (`--dtype bfloat16 --geometry phi-2 --layers 32` for phi-2).
 Prints both times, the ratio, phi_jax's achieved GFLOP/s and the rate XLA reaches on a plain
-512x2048x8192 matmul measured in the same run (the machine's practical ceiling).
+512x2048x8192 matmul measured in the same run (the machine's practical ceiling), after the date, machine,
+versions, thread count (`--threads N`: both libraries on the same N cores) and the FLOP total of one forward.
+Times are medians of `--repeats` (>= 5) runs after a warm-up; the weights are randomized (`phi_jax.parity.
+randomize`), not transformers' default init.
 
     python benchmarks/forward.py [--layers 4] [--seq 512] [--batch 1] [--repeats 10] [--gpu --dtype bfloat16]
 """
@@ -12,19 +15,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
 
-if "--gpu" not in sys.argv:
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+from bench_env import header, pin_threads
 
-from phi_jax.modeling.layernorm import matmul_precision  # noqa: E402
+MIN_REPEATS = 5
 
 
 def forward_flops(cfg, batch: int, seq: int) -> float:
@@ -46,6 +45,10 @@ def median_time(fn, repeats: int) -> float:
 
 
 def matmul_rate(repeats: int, dtype) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    from phi_jax.modeling.layernorm import matmul_precision
     a = jax.random.normal(jax.random.key(0), (512, 2048), dtype)
     b = jax.random.normal(jax.random.key(1), (2048, 8192), dtype)
     mm = jax.jit(lambda a, b: jnp.matmul(a, b, precision=matmul_precision(dtype)))
@@ -59,36 +62,44 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=10, help=f"timed runs of each library, median (>= {MIN_REPEATS})")
+    p.add_argument("--threads", type=int, default=2, help="CPU cores for both libraries (XLA affinity, torch threads)")
     p.add_argument("--geometry", choices=("phi-1.5", "phi-2"), default="phi-1.5")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--gpu", action="store_true", help="run both on the GPU")
     args = p.parse_args()
+    if args.repeats < MIN_REPEATS:
+        p.error(f"--repeats must be >= {MIN_REPEATS} (figures are medians of at least {MIN_REPEATS} runs)")
+    threads = pin_threads(args.threads)  # before jax and torch start their thread pools
+    if not args.gpu:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+    import jax
+    import jax.numpy as jnp
     import torch
-    import transformers
 
     import phi_jax
-    from phi_jax.parity import random_checkpoint
+    from phi_jax.parity import random_checkpoint, relative_error
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
     dtype = jnp.dtype(args.dtype)
     torch_dtype = getattr(torch, args.dtype)
     dev = "cuda" if args.gpu else "cpu"
     geometry = dict(hidden_size=2560, intermediate_size=10240, partial_rotary_factor=0.4) \
         if args.geometry == "phi-2" else {}
     sync = torch.cuda.synchronize if args.gpu else (lambda: None)
-    print(f"device: {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores); jax {jax.__version__}, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}; torch threads {args.threads}")
     with tempfile.TemporaryDirectory() as d:
+        # random_checkpoint randomizes every weight (logits of a few units), not transformers' default init
         torch_model = random_checkpoint(d, num_hidden_layers=args.layers, **geometry)
         model = phi_jax.PhiForCausalLM.from_pretrained(d, dtype=dtype)
+    for line in header(threads):
+        print(line)
     torch_model = torch_model.to(device=dev, dtype=torch_dtype)
     cfg = model.config
+    flops = forward_flops(cfg, args.batch, args.seq)
     print(f"model: {args.geometry} geometry, {cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}; "
-          f"batch {args.batch} x {args.seq} tokens, {args.dtype}")
+          f"batch {args.batch} x {args.seq} tokens, {args.dtype}; median of {args.repeats} runs each")
+    print(f"FLOPs per forward: {flops:.4e} ({flops / 1e9:.1f} GFLOP; matmuls only, 2 per multiply-add)")
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq))
     fwd = phi_jax.compiled(model)
     jids = jnp.asarray(ids)
@@ -107,9 +118,8 @@ def main() -> None:
     with torch.no_grad():
         ref = torch_forward().float().cpu().numpy()
         t_torch = median_time(torch_forward, args.repeats)
-    err = float(np.max(np.abs(np.asarray(out, np.float32) - ref)) / ref.std())
+    err, _ = relative_error(np.asarray(out, np.float32), ref)
 
-    flops = forward_flops(cfg, args.batch, args.seq)
     ceiling = matmul_rate(args.repeats, dtype)
     jax_rate, torch_rate = flops / t_jax / 1e9, flops / t_torch / 1e9
     print(f"phi_jax forward     : {1e3 * t_jax:8.1f} ms  {jax_rate:6.1f} GFLOP/s  (compile {compile_s:.1f} s)")
@@ -121,4 +131,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

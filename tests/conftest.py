@@ -12,6 +12,7 @@ import json
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("PHI_JAX_COMPILE_CACHE", "off")  # in-process CLI tests must not write to ~/.cache
 
 import numpy as np
 import pytest

@@ -222,7 +222,7 @@ def test_overwrite_is_required(make_checkpoint, tmp_path, capsys):
     src, ref = make_checkpoint("phi1")
     dst = tmp_path / "out"
     assert convert_cmd.main("hf-to-orbax", [src, str(dst), "--no-progress"]) == 0
-    assert convert_cmd.main("hf-to-orbax", [src, str(dst), "--no-progress", "--dtype", "bfloat16"]) == 1
+    assert convert_cmd.main("hf-to-orbax", [src, str(dst), "--no-progress", "--dtype", "bfloat16"]) == 4  # exists: status 4
     assert "--overwrite" in capsys.readouterr().err
     with pytest.raises(FileExistsError):
         convert.hf_to_orbax(src, dst)
@@ -242,7 +242,7 @@ def test_cli_dispatch(make_checkpoint, tmp_path):
     assert main(["convert", "orbax-to-hf", str(tmp_path / "o"), str(tmp_path / "h"), "--no-progress"]) == 0
     out = transformers.PhiForCausalLM.from_pretrained(tmp_path / "h").eval()
     assert torch.equal(_logits(ref), _logits(out))
-    assert main(["convert", "orbax-to-hf", str(tmp_path / "missing"), str(tmp_path / "x"), "--no-progress"]) == 1
+    assert main(["convert", "orbax-to-hf", str(tmp_path / "missing"), str(tmp_path / "x"), "--no-progress"]) == 3
 
 
 def test_tiled_copies_equal_numpy():

@@ -7,6 +7,7 @@ directory beside DST and renamed into place when complete; Ctrl-C or SIGTERM lea
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 
@@ -48,6 +49,8 @@ def run(args) -> int:
     if getattr(args, "config", None):
         with open(args.config) as f:
             d = json.load(f)
+        if not isinstance(d, dict):
+            raise ValueError(f"{args.config}: expected a JSON object, got {type(d).__name__}")
         kw["config"] = (PhiConfig.from_dict(d) if d.get("model_type", "phi") == "phi"
                         else legacy_names.legacy_config(d, args.config))
     if to == "hf":
@@ -56,11 +59,8 @@ def run(args) -> int:
         kw["chunk_size"] = args.chunk_size
     previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
-        summary = convert.convert(args.src, args.dst, to=to, layout=layout, dtype=args.dtype,
+        summary = convert.convert(os.path.abspath(args.src), os.path.abspath(args.dst), to=to, layout=layout, dtype=args.dtype,
                                   overwrite=args.overwrite, progress=not args.no_progress, **kw)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
-        print(f"phi-jax convert: error: {e}", file=sys.stderr)
-        return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
     gb = summary["bytes_written"] / 1e9
@@ -70,8 +70,7 @@ def run(args) -> int:
 
 
 def main(mode: str, argv=None) -> int:
-    """Entry point of the convert/*.py scripts: `main('hf-to-orbax', ['SRC', 'DST', ...])`."""
-    import argparse
-    parser = argparse.ArgumentParser(prog=f"convert {mode}", description=HELP)
-    add_arguments(parser)
-    return run(parser.parse_args([mode, *(sys.argv[1:] if argv is None else argv)]))
+    """Entry point of the convert/*.py scripts: `main('hf-to-orbax', ['SRC', 'DST', ...])` = `phi-jax convert
+    hf-to-orbax SRC DST ...` (same errors and exit statuses)."""
+    from phi_jax.cli import main as phi_jax_main
+    return phi_jax_main(["convert", mode, *(sys.argv[1:] if argv is None else argv)])

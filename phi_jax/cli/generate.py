@@ -1,24 +1,41 @@
-"""`phi-jax generate --model DIR "prompt"`: streams a completion, then prints prefill and decode speed.
+"""`phi-jax generate`: text from one prompt (streamed), or from a JSONL file of prompts in batches.
 
-The completion goes to stdout as it is produced; the timing line goes to stderr. Compilation
-(the first call for a prompt bucket) is timed apart from prefill and decode.
+One prompt: `phi-jax generate --model DIR "prompt"` writes the completion to stdout as it is produced, then
+a stats line to stderr (prefill and decode speed, compilation timed apart, why it stopped).
+
+A file: `phi-jax generate --model DIR --input prompts.jsonl --output completions.jsonl [--batch-size N]`.
+Each input line is a JSON object with a string "prompt" (other keys are copied to the output) or a JSON
+string. Prompts are grouped by length bucket (`bucket_length`), decoded `--batch-size` at a time through
+`model.generate`, and written to --output as one JSON line per prompt, in input order:
+`{"line": n, ...input keys, "prompt": ..., "completion": ..., "new_tokens": k, "stopped": "eos"|"length"}`.
+Finished prompts are appended to `OUTPUT.partial` (its first line: the settings) after each batch; a rerun of
+an interrupted command with the same settings skips every prompt found there with the same line number and
+prompt text (other settings: an error), and the complete OUTPUT is written in one rename at the end.
+Sampling uses seed `--seed + first line of the batch`.
+
+The tokenizer is `tokenizer.json` of the model directory (or of --tokenizer), read by `tokenizers`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import tempfile
 import time
 
-HELP = "generate text from a prompt, streaming tokens as they are produced"
+HELP = "generate text from a prompt (streaming) or from a JSONL file of prompts (batched, resumable)"
+COMPILES = True
 
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt", help="the prompt text")
-    parser.add_argument("--model", required=True, help="Hugging Face checkpoint directory (weights and tokenizer)")
-    parser.add_argument("--tokenizer", help="tokenizer directory, if not the model's")
+    parser.add_argument("prompt", nargs="?", help="the prompt text (or use --input)")
+    parser.add_argument("--model", required=True, help="checkpoint directory (Hugging Face, Orbax or Microsoft)")
+    parser.add_argument("--tokenizer", metavar="PATH",
+                        help="tokenizer.json, or a directory holding one (default: the model directory's)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (implies --do-sample)")
@@ -26,14 +43,77 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=None, help="nucleus probability (implies --do-sample)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter and compute dtype")
+    parser.add_argument("--input", metavar="JSONL", help="prompts, one JSON line each (instead of PROMPT)")
+    parser.add_argument("--output", metavar="JSONL", help="completions, one JSON line per prompt (with --input)")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (with --input)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (with --input)")
 
 
-def _stream_text(tokenizer, token_stream, eos: set[int], out) -> list[int]:
-    """Writes the decoded text as tokens arrive (holding back an incomplete multi-byte character)."""
-    tokens, shown = [], ""
+def _sampling(args) -> dict:
+    do_sample = args.do_sample or any(v is not None for v in (args.temperature, args.top_k, args.top_p))
+    return dict(do_sample=do_sample, temperature=1.0 if args.temperature is None else args.temperature,
+                top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+
+
+def _eos_ids(config) -> set[int]:
+    eos = config.eos_token_id
+    return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+
+
+def _check_args(args) -> None:
+    if args.prompt is None and args.input is None:
+        raise ValueError("no prompt: give PROMPT or --input JSONL")
+    if args.prompt is not None and args.input is not None:
+        raise ValueError("give PROMPT or --input JSONL, not both")
+    if args.input is None and (args.output is not None):
+        raise ValueError("--output goes with --input")
+    if args.input is not None and args.output is None:
+        raise ValueError("--input needs --output JSONL")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    if not os.path.isdir(args.model):
+        raise FileNotFoundError(f"model directory not found: {args.model}")
+
+
+def run(args) -> int:
+    _check_args(args)
+    from phi_jax.cli.common import load_tokenizer
+    tokenizer = load_tokenizer(args.tokenizer or args.model, option=args.tokenizer is not None)
+    prompts = _read_prompts(args.input, tokenizer) if args.input else None
+    done = _finished(args.output + ".partial", prompts, _settings(args)) if args.input else None
+
+    import jax.numpy as jnp
+
+    from phi_jax.modeling.model import PhiForCausalLM
+    model = PhiForCausalLM.from_pretrained(os.path.abspath(args.model), dtype=getattr(jnp, args.dtype))
+    if prompts is not None:
+        return _run_file(args, model, tokenizer, prompts, done)
+    ids = tokenizer.encode(args.prompt).ids
+    if not ids:
+        raise ValueError("the prompt encodes to no tokens")
+    _check_vocab(ids, model.config.vocab_size, "the prompt")
+    return _run_prompt(args, model, tokenizer, ids)
+
+
+def _check_vocab(ids, vocab_size: int, where: str) -> None:
+    top = max(ids)
+    if top >= vocab_size:
+        raise ValueError(f"{where} encodes to token id {top}, outside the model's vocabulary (vocab_size "
+                         f"{vocab_size}); is the tokenizer the model's? (--tokenizer)")
+
+
+# ---- one prompt, streamed ---------------------------------------------------------------------------
+
+def _stream_text(tokenizer, token_stream, eos: set[int], out) -> tuple[list[int], bool]:
+    """Writes the decoded text as tokens arrive (holding back an incomplete multi-byte character).
+    Returns (tokens before eos, whether an eos came)."""
+    tokens, shown, stopped = [], "", False
     for tok in token_stream:
         tok = int(tok[0])
         if tok in eos:
+            stopped = True
             break
         tokens.append(tok)
         text = tokenizer.decode(tokens, skip_special_tokens=True)
@@ -42,56 +122,195 @@ def _stream_text(tokenizer, token_stream, eos: set[int], out) -> list[int]:
             out.flush()
             shown = text
     text = tokenizer.decode(tokens, skip_special_tokens=True)
-    out.write(text[len(shown):] + "\n") if text.startswith(shown) else out.write("\n")
-    return tokens
+    out.write((text[len(shown):] if text.startswith(shown) else "") + "\n")
+    out.flush()  # the completion's last line is out before the stats line goes to stderr
+    return tokens, stopped
 
 
-def run(args) -> int:
-    import jax.numpy as jnp
+def _run_prompt(args, model, tokenizer, ids: list[int]) -> int:
     import numpy as np
-    from transformers import AutoTokenizer
 
-    from phi_jax.generation.generate import count_compilations, generate_stream
-    from phi_jax.modeling.model import PhiForCausalLM
-
-    do_sample = args.do_sample or any(v is not None for v in (args.temperature, args.top_k, args.top_p))
-    sampling = dict(do_sample=do_sample, temperature=1.0 if args.temperature is None else args.temperature,
-                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_new_tokens=args.max_new_tokens)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    except (OSError, ValueError) as e:
-        print(f"error: cannot load a tokenizer from {args.tokenizer or args.model}: {e}", file=sys.stderr)
-        return 2
-    dtype = getattr(jnp, args.dtype)
-    model = PhiForCausalLM.from_pretrained(args.model, dtype=dtype)
-    ids = np.asarray(tokenizer(args.prompt)["input_ids"], np.int32)[None]  # [1, T]
-    if ids.shape[1] == 0:
-        print("error: the prompt encodes to no tokens", file=sys.stderr)
-        return 2
-    eos = model.config.eos_token_id
-    eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
-
+    from phi_jax.cli.common import compile_events
     stamps = []
 
     def timed(stream):
         for tok in stream:
-            stamps.append((time.perf_counter(), compiled.seconds))
+            stamps.append((time.perf_counter(), events.seconds))
             yield tok
 
-    try:
-        with count_compilations() as compiled:
-            start = time.perf_counter()
-            tokens = _stream_text(tokenizer, timed(generate_stream(model, ids, **sampling)), eos, sys.stdout)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    prompt = np.asarray([ids], np.int32)  # [1, T]
+    with compile_events() as events:
+        start = time.perf_counter()
+        stream = model.generate_stream(prompt, seed=args.seed, **_sampling(args))
+        tokens, at_eos = _stream_text(tokenizer, timed(stream), _eos_ids(model.config), sys.stdout)
     first, compile_first = stamps[0]
-    prefill = first - start - compile_first
-    decode = stamps[-1][0] - first - (stamps[-1][1] - compile_first)
+    prefill = max(first - start - compile_first, 1e-9)
+    report = [f"prefill: {len(ids)} tokens in {prefill:.3f} s ({len(ids) / prefill:.1f} tokens/s)"]
     steps = len(stamps) - 1
-    report = [f"prefill: {ids.shape[1]} tokens in {prefill:.3f} s ({ids.shape[1] / prefill:.1f} tokens/s)"]
     if steps:
+        decode = max(stamps[-1][0] - first - (stamps[-1][1] - compile_first), 1e-9)
         report.append(f"decode: {steps} tokens in {decode:.3f} s ({steps / decode:.1f} tokens/s)")
-    report.append(f"compilation: {compiled.seconds:.2f} s; {len(tokens)} tokens before eos")
-    print("; ".join(report), file=sys.stderr)
+    report.append(f"compilation: {events.describe()}")
+    why = "stopped at eos" if at_eos else f"stopped at --max-new-tokens {args.max_new_tokens}"
+    report.append(f"{len(tokens)} new tokens, {why}")
+    print("; ".join(report), file=sys.stderr, flush=True)
+    return 0
+
+
+# ---- a JSONL file, batched and resumable ------------------------------------------------------------
+
+def _read_prompts(path: str, tokenizer) -> list[dict]:
+    """[{"line", "record", "ids"}] for every non-blank line; a bad line is a ValueError naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"input file not found: {path}")
+    prompts = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path} line {n}: not UTF-8 text ({e.reason})") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if isinstance(record, str):
+                record = {"prompt": record}
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ValueError(f"{path} line {n}: expected a JSON object with a string \"prompt\" "
+                                 f"(or a JSON string), got {line.strip()[:80]}")
+            if "line" in record:
+                raise ValueError(f"{path} line {n}: the key \"line\" is reserved for the output")
+            prompts.append({"line": n, "record": record})
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    for p, enc in zip(prompts, tokenizer.encode_batch([p["record"]["prompt"] for p in prompts])):
+        if not enc.ids:
+            raise ValueError(f"{path} line {p['line']}: the prompt encodes to no tokens")
+        p["ids"] = enc.ids
+    return prompts
+
+
+def _settings(args) -> dict:
+    """What the completions depend on (not --batch-size: greedy results do not depend on it)."""
+    return {"model": os.path.abspath(args.model), "tokenizer": args.tokenizer and os.path.abspath(args.tokenizer),
+            "dtype": args.dtype, "seed": args.seed, **_sampling(args)}
+
+
+def _finished(partial: str, prompts, settings: dict) -> dict[int, dict]:
+    """Results an interrupted run of the same command wrote to `partial` (its first line: the settings), keyed by
+    line number, for the lines whose prompt text is unchanged."""
+    if not os.path.isfile(partial):
+        return {}
+    want = {p["line"]: p["record"]["prompt"] for p in prompts}
+    done = {}
+    with open(partial, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f):
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by the interruption
+            if i == 0 and isinstance(r, dict) and "settings" in r:
+                if r["settings"] != settings:
+                    changed = sorted(k for k in set(settings) | set(r["settings"])
+                                     if settings.get(k) != r["settings"].get(k))
+                    raise ValueError(f"{partial} holds results of an interrupted run with other settings "
+                                     f"({', '.join(changed)}); rerun with the same options, or delete it to start over")
+                continue
+            if isinstance(r, dict) and isinstance(r.get("line"), int) and want.get(r["line"]) == r.get("prompt") \
+                    and "completion" in r:
+                done[r["line"]] = r
+    return done
+
+
+def _batches(pending: list[dict], batch_size: int):
+    """Prompts grouped by length bucket (each bucket compiles one program per batch shape), in line order
+    inside a bucket, `batch_size` at a time."""
+    from phi_jax.generation.generate import bucket_length
+    buckets: dict[int, list[dict]] = {}
+    for p in pending:
+        buckets.setdefault(bucket_length(len(p["ids"])), []).append(p)
+    for bucket in sorted(buckets):
+        group = buckets[bucket]
+        for i in range(0, len(group), batch_size):
+            yield group[i:i + batch_size]
+
+
+def _generate_batch(model, batch: list[dict], batch_size: int, sampling: dict, seed: int, eos: set[int]):
+    """New tokens of each prompt (cut before its eos) and whether an eos came."""
+    import numpy as np
+    rows = 1
+    while rows < len(batch):
+        rows *= 2
+    rows = min(rows, batch_size)  # a short last batch is padded to a power of two: fewer shapes to compile
+    width = max(len(p["ids"]) for p in batch)
+    ids = np.zeros((rows, width), np.int32)
+    mask = np.zeros((rows, width), np.int32)
+    for r in range(rows):
+        p = batch[min(r, len(batch) - 1)]
+        ids[r, width - len(p["ids"]):] = p["ids"]  # left padding
+        mask[r, width - len(p["ids"]):] = 1
+    out = model.generate(ids, mask, seed=seed % 2 ** 32, **sampling)[:len(batch), width:]
+    results = []
+    for row in out.tolist():
+        cut = next((i for i, t in enumerate(row) if t in eos), None)
+        results.append((row if cut is None else row[:cut], cut is not None))
+    return results
+
+
+def _write_atomic(path: str, lines: list[str]) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _run_file(args, model, tokenizer, prompts: list[dict], done: dict[int, dict]) -> int:
+    from tqdm import tqdm
+
+    from phi_jax.cli.common import compile_events
+    vocab = model.config.vocab_size
+    for p in prompts:
+        _check_vocab(p["ids"], vocab, f"{args.input} line {p['line']}")
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        raise FileNotFoundError(f"directory not found: {out_dir} (for --output {args.output})")
+    partial = args.output + ".partial"
+    pending = [p for p in prompts if p["line"] not in done]
+    eos, sampling = _eos_ids(model.config), _sampling(args)
+    new_tokens, start = 0, time.perf_counter()
+    bar = tqdm(total=len(prompts), initial=len(prompts) - len(pending), unit="prompt",
+               disable=True if args.no_progress else None, file=sys.stderr)
+    with compile_events() as events, bar, open(partial, "a", encoding="utf-8") as log:
+        if not done:
+            log.truncate(0)
+            log.write(json.dumps({"settings": _settings(args)}) + "\n")
+        for batch in _batches(pending, args.batch_size):
+            results = _generate_batch(model, batch, args.batch_size, sampling, args.seed + batch[0]["line"], eos)
+            for p, (tokens, at_eos) in zip(batch, results):
+                done[p["line"]] = {"line": p["line"], **p["record"],
+                                   "completion": tokenizer.decode(tokens, skip_special_tokens=True),
+                                   "new_tokens": len(tokens), "stopped": "eos" if at_eos else "length"}
+                log.write(json.dumps(done[p["line"]], ensure_ascii=False) + "\n")
+                new_tokens += len(tokens)
+            log.flush()
+            os.fsync(log.fileno())
+            bar.update(len(batch))
+            bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - start):.1f} tokens/s")
+    _write_atomic(args.output, [json.dumps(done[p["line"]], ensure_ascii=False) + "\n" for p in prompts])
+    os.remove(partial)
+    seconds = time.perf_counter() - start
+    print(f"wrote {args.output}: {len(prompts)} prompts ({len(pending)} generated now, "
+          f"{len(prompts) - len(pending)} from an earlier run); {new_tokens} new tokens in {seconds:.1f} s "
+          f"({new_tokens / max(seconds, 1e-9):.1f} tokens/s); compilation: {events.describe()}", file=sys.stderr)
     return 0

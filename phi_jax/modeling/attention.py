@@ -1,7 +1,22 @@
-"""PhiAttention and `attend`, the one place that chooses an attention implementation.
+"""PhiAttention, AttentionMask and `get_attention_fn`, the one place that chooses an attention implementation.
 
-q/k/v are `[batch, seq, heads, head_dim]` at every boundary (B T N H; keys B S K H).
-Masks are bool, True = attend, shaped `[B, 1, T, S]`.
+q/k/v are `[batch, seq, heads, head_dim]` at every boundary (B T N H; keys B S K H). The mask reaches
+attention as an `AttentionMask` (segment ids, causal, query offset: the contract of
+`phi_jax.kernels.reference`); the `xla` path expands it to a dense bool `[B, 1, T, S]` (True = attend).
+
+`attn_implementation`:
+  "xla"     the plain-jnp path below (default; exact parity with transformers).
+  "cudnn"   `jax.nn.dot_product_attention(implementation="cudnn")` on CUDA for bf16/fp16 inputs. Elsewhere
+            (CPU, TPU, or float32 inputs, which cuDNN's flash attention does not take) it falls back to the
+            "xla" path: a documented fallback rather than an error, so one model (or one exported program)
+            serves every platform.
+  "pallas"  our kernels, chosen per platform when the program is lowered (`jax.lax.platform_dependent`):
+            Mosaic GPU flash attention on CUDA (`phi_jax.kernels.flash_attention_gpu`), Mosaic TPU on TPU
+            (`phi_jax.kernels.flash_attention_tpu`) and the TPU kernels in Pallas's interpreter on CPU (slow:
+            for tests). Decode steps (at most DECODE_MAX_QUERIES queries against a cache) use the flash-decoding
+            kernel (`phi_jax.kernels.decode_attention`) on TPU and CPU, and the "xla" path on CUDA.
+  "auto"    "pallas" on GPU and TPU, "xla" on CPU.
+Attention dropout (training with `attention_dropout > 0`) exists only on the "xla" path; the others raise.
 """
 
 from __future__ import annotations
@@ -14,8 +29,18 @@ from flax import nnx
 
 from phi_jax.modeling.layernorm import layer_norm, make_layer_norm, matmul_precision
 from phi_jax.modeling.rotary import apply_partial_rotary
+# (kept apart from the imports above so that edits there merge without conflicts)
+from phi_jax.kernels.decode_attention import decode_attention
+from phi_jax.kernels.flash_attention_tpu import flash_attention_tpu
+from phi_jax.modeling.mask import AttentionMask
 
-ATTN_IMPLEMENTATIONS = ("xla",)
+try:  # the Mosaic GPU kernel (helper `mgpu`); until it lands the CUDA branch runs the plain-JAX reference
+    from phi_jax.kernels.flash_attention_gpu import flash_attention_gpu
+except ImportError:  # pragma: no cover - depends on which branches are merged
+    from phi_jax.kernels.reference import attention_reference as flash_attention_gpu
+
+ATTN_IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "auto")
+DECODE_MAX_QUERIES = 16  # with a cache, calls with at most this many queries use the decode kernel
 
 
 def _attend_block(q, k, v, mask, dropout):
@@ -70,12 +95,94 @@ def attend_xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, cau
     return jnp.concatenate(outs, axis=1)  # [B, T, N, H]
 
 
+def _check_no_dropout(dropout, name: str) -> None:
+    if dropout is not None and not dropout.deterministic:
+        raise ValueError(f"attn_implementation={name!r} has no attention dropout; use 'xla' to train with "
+                         f"attention_dropout > 0")
+
+
+def attend_masked_xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *,
+                      dropout: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+    """The "xla" implementation: `attend_xla` on the dense mask."""
+    b, t, s = q.shape[0], q.shape[1], k.shape[1]
+    return attend_xla(q, k, v, mask.dense(b, t, s), causal=mask.is_square_causal(t, s), dropout=dropout)
+
+
+def _is_decode(q, mask: AttentionMask) -> bool:
+    return mask.q_offset is not None and q.shape[1] <= DECODE_MAX_QUERIES
+
+
+def attend_pallas(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, dropout=None) -> jax.Array:
+    """The "pallas" implementation: our kernels, picked per platform at lowering time."""
+    _check_no_dropout(dropout, "pallas")
+    decode = _is_decode(q, mask)
+
+    def cpu(q, k, v, mask):
+        if decode:
+            return decode_attention(q, k, v, **mask.kernel_kwargs(), interpret=True)
+        return flash_attention_tpu(q, k, v, **mask.kernel_kwargs(), interpret=True)
+
+    def tpu(q, k, v, mask):
+        if decode:
+            return decode_attention(q, k, v, **mask.kernel_kwargs())
+        return flash_attention_tpu(q, k, v, **mask.kernel_kwargs())
+
+    def cuda(q, k, v, mask):
+        if decode:
+            return attend_masked_xla(q, k, v, mask)
+        return flash_attention_gpu(q, k, v, **mask.kernel_kwargs())
+
+    return jax.lax.platform_dependent(q, k, v, mask, cpu=cpu, cuda=cuda, tpu=tpu)
+
+
+def attend_auto(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, dropout=None) -> jax.Array:
+    """The "auto" implementation: pallas on GPU and TPU, xla on the CPU."""
+    _check_no_dropout(dropout, "auto")
+    return jax.lax.platform_dependent(
+        q, k, v, mask,
+        cpu=lambda q, k, v, mask: attend_masked_xla(q, k, v, mask),
+        default=lambda q, k, v, mask: attend_pallas(q, k, v, mask))
+
+
+def _cudnn(q, k, v, mask: AttentionMask):
+    """cuDNN flash attention. Without padding or offset, its own causal mask; else the contract's mask, where a
+    row that sees nothing is given every key (finite, and with a zero output cotangent no gradient) and zeroed.
+
+    jax checks for cuDNN when it traces this; a host without it (a CPU machine exporting for CUDA) gets the xla
+    path in the CUDA branch too."""
+    b, t, s = q.shape[0], q.shape[1], k.shape[1]
+    try:
+        if mask.q_segment_ids is None and mask.kv_segment_ids is None and mask.is_square_causal(t, s):
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        vis = mask.dense(b, t, s)  # [B, 1, T, S]
+        seen = jnp.any(vis, axis=-1)  # [B, 1, T]
+        out = jax.nn.dot_product_attention(q, k, v, mask=vis | ~seen[..., None], implementation="cudnn")
+    except RuntimeError as e:  # "cuDNN is not detected."
+        if "cuDNN" not in str(e):
+            raise
+        return attend_masked_xla(q, k, v, mask)
+    return jnp.where(seen[:, 0, :, None, None], out, jnp.zeros((), out.dtype))
+
+
+def attend_cudnn(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, dropout=None) -> jax.Array:
+    """The "cudnn" implementation: cuDNN on CUDA for bf16/fp16, the xla path elsewhere (see the module doc)."""
+    _check_no_dropout(dropout, "cudnn")
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        return attend_masked_xla(q, k, v, mask)
+    return jax.lax.platform_dependent(
+        q, k, v, mask, cuda=_cudnn, default=lambda q, k, v, mask: attend_masked_xla(q, k, v, mask))
+
+
+_ATTENTION_FNS = {"xla": attend_masked_xla, "cudnn": attend_cudnn, "pallas": attend_pallas, "auto": attend_auto}
+
+
 def get_attention_fn(attn_implementation: str):
-    """Maps the `attn_implementation` string to a function, once, at construction."""
-    if attn_implementation == "xla":
-        return attend_xla
-    raise ValueError(f"attn_implementation={attn_implementation!r} is not supported; "
-                     f"expected one of {ATTN_IMPLEMENTATIONS}")
+    """Maps the `attn_implementation` string to `fn(q, k, v, mask: AttentionMask, *, dropout=None)`, once, at
+    construction."""
+    if attn_implementation not in _ATTENTION_FNS:
+        raise ValueError(f"attn_implementation={attn_implementation!r} is not supported; "
+                         f"expected one of {ATTN_IMPLEMENTATIONS}")
+    return _ATTENTION_FNS[attn_implementation]
 
 
 class PhiAttention(nnx.Module):
@@ -104,11 +211,11 @@ class PhiAttention(nnx.Module):
         self.attn_dropout = (nnx.Dropout(attention_dropout, deterministic=True, rngs=rngs)
                              if attention_dropout else None)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: AttentionMask,
                  cache: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | None = None):
         """
         Args:
-          x: `[B, T, D]`; cos, sin: `[B, T, R]`; mask: `[B, 1, T, S]` bool.
+          x: `[B, T, D]`; cos, sin: `[B, T, R]`; mask: who sees whom (queries T, keys S).
           cache: optional `(k, v)`, each `[B, S, K, H]`; this call's keys are written at `cache_index`.
         Returns:
           `([B, T, D], new_cache or None)`.
@@ -129,6 +236,5 @@ class PhiAttention(nnx.Module):
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)  # [B, S, K, H]
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)  # [B, S, K, H]
             new_cache = (k, v)
-        out = self.attn_fn(q, k.astype(q.dtype), v.astype(q.dtype), mask, causal=cache is None,
-                           dropout=self.attn_dropout)
+        out = self.attn_fn(q, k.astype(q.dtype), v.astype(q.dtype), mask, dropout=self.attn_dropout)
         return self.dense(out.reshape(b, t, self.num_heads * self.head_dim)).astype(self.dtype), new_cache

@@ -30,7 +30,7 @@ class PhiDecoderLayer(nnx.Module):
         self.input_layernorm = make_layer_norm(config.hidden_size, config.layer_norm_eps, param_dtype, rngs)
         self.resid_dropout = nnx.Dropout(config.resid_pdrop, deterministic=True, rngs=rngs)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cache=None, cache_index=None):
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask, cache=None, cache_index=None):
         """`x: [B, T, D]` (the float32 residual stream) -> `([B, T, D], new_cache)`; see PhiAttention."""
         h = layer_norm(self.input_layernorm, x).astype(self.dtype)  # [B, T, D] in the compute dtype
         attn, new_cache = self.self_attn(h, cos, sin, mask, cache, cache_index)

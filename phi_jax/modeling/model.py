@@ -18,6 +18,7 @@ from phi_jax.modeling.layer import PhiDecoderLayer
 from phi_jax.modeling.layernorm import layer_norm, make_layer_norm, matmul_precision
 from phi_jax.modeling.losses import causal_lm_loss, cross_entropy, sequence_classification_loss
 from phi_jax.modeling.inputs import check_input_ids
+from phi_jax.modeling.mask import make_attention_mask
 from phi_jax.modeling.rotary import cos_sin
 from phi_jax.generation.mixin import GenerationMixin
 from phi_jax.loading import PretrainedMixin
@@ -46,13 +47,9 @@ def _check_mask(name: str, mask, shape) -> None:
 
 
 def build_mask(attention_mask: jax.Array | None, batch: int, q_len: int, kv_len: int, q_offset) -> jax.Array:
-    """Causal & padding mask `[B, 1, T, S]` bool: query t (slot q_offset+t) sees key slots s <= it that are real."""
-    q_slots = q_offset + jnp.arange(q_len)[:, None]  # [T, 1]
-    causal = jnp.arange(kv_len)[None, :] <= q_slots  # [T, S]
-    mask = jnp.broadcast_to(causal[None, None], (batch, 1, q_len, kv_len))
-    if attention_mask is not None:
-        mask = mask & attention_mask.astype(bool)[:, None, None, :]
-    return mask
+    """The dense mask `[B, 1, T, S]` bool of `make_attention_mask` (query t at slot q_offset + t sees real key
+    slots s <= it of its own segment; a padding query sees nothing)."""
+    return make_attention_mask(attention_mask, q_len, q_offset).dense(batch, q_len, kv_len)
 
 
 def _ids_mask(attention_mask, t: int, offset):
@@ -97,7 +94,9 @@ class PhiModel(PhiPreTrainedModel):
         """
         Args:
           input_ids: `[B, T]` int.
-          attention_mask: `[B, T]` (or `[B, S]` over the cache slots when `cache` is given); 1/True = real token.
+          attention_mask: `[B, T]` (or `[B, S]` over the cache slots when `cache` is given); 1/True = real token,
+            0/False = padding, values > 1 = packed-document ids (no attention across documents; pass
+            position_ids restarting at each document). See `make_attention_mask`.
           position_ids: `[B, T]`; default `cache_index + 0..T-1`.
           cache: optional tuple of per-layer `(k, v)`, each `[B, S, K, H]`, written at slot `cache_index`.
         Returns:
@@ -114,7 +113,7 @@ class PhiModel(PhiPreTrainedModel):
         if position_ids is None:
             position_ids = jnp.broadcast_to(offset + jnp.arange(t, dtype=jnp.int32), (b, t))
         _check_mask("position_ids", position_ids, (b, t))
-        mask = build_mask(attention_mask, b, t, kv_len, offset)
+        mask = make_attention_mask(attention_mask, t, None if cache is None else cache_index)
 
         if ids_mask is not None:
             # A masked position can never poison a real one: whatever id sits there (out of range included: the
