@@ -329,6 +329,7 @@ def check_generate(kw: dict, batch: dict, max_new_tokens: int, explicit: bool) -
         step = ref.logits[k][row].float().numpy()
         gap = step[ref_new[row, k]] - step[new[row, k]]
         note(f"row {row} diverges at step {k}: gap {gap}, allowed {2 * TOL * np.std(step)}")
+        _log("generate-near-tie", "tie" if gap <= 2 * TOL * np.std(step) else "mismatch", float(gap))
         assert gap <= 2 * TOL * np.std(step), (
             f"row {row} step {k}: phi_jax {new[row]} vs transformers {ref_new[row]}, logit gap {gap:.3g} is not a "
             f"near-tie (std {np.std(step):.3g})")
