@@ -17,10 +17,12 @@ import transformers
 
 import phi_jax
 from conftest import rel_err
-from test_fuzz import TOL, check_forward, check_generate, corrupt_config, corrupt_file, time_limit
+from test_fuzz import (TOL, check_forward, check_generate, corrupt_config, corrupt_file, load_or_clear_error,
+                       time_limit)
 
 STRAY_TENSOR = ("a stray tensor past the config's layers is blamed on num_hidden_layers ('it holds 10 layers') "
                 "instead of being named (helper io)")
+HUGE_EPS = "layer_norm_eps checked for range (helper io): an int 2**31 passes and overflows int32 in the forward"
 SPECIAL_IDS = "special-token ids checked against the vocabulary at generate (issue 9, helper gen)"
 
 
@@ -128,6 +130,14 @@ def _expect_named_error(directory, *names):
 def test_corrupted_config_field_is_named(path, mutation, names):
     d, _ = corrupt_config("5.x", path, mutation)
     _expect_named_error(d, *names)
+
+
+@pytest.mark.xfail(strict=True, reason=HUGE_EPS)
+def test_huge_layer_norm_eps_is_named_or_works():
+    """Long-run find (chunk seed 9005 and 20001): `layer_norm_eps: 2147483648` loads, then the first forward
+    raises OverflowError ("An overflow was encountered while parsing an argument to a jitted computation")."""
+    d, _ = corrupt_config("5.x", ("layer_norm_eps",), ("set", 2 ** 31))
+    load_or_clear_error(d, ["layer_norm_eps"])
 
 
 # ---- corrupted safetensors headers (found by the fuzz suite, fixed by io) ----------------------------------------
