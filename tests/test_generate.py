@@ -238,22 +238,71 @@ def test_cli_streams_completion(make_checkpoint, capsys):
     assert "max_new_tokens" in capsys.readouterr().err
 
 
-def test_min_decode_batch_duplicates_a_single_prompt(make_checkpoint, monkeypatch):
-    """The GPU path (a single prompt decoded as two rows) gives the same tokens; exercised here on the CPU."""
-    import jax
+def _first_stop(row, eos):
+    """Tokens a row yields: up to and including its first eos id, or all of them."""
+    hits = np.flatnonzero(np.isin(row, eos))
+    return int(hits[0]) + 1 if hits.size else len(row)
 
-    from phi_jax.generation import generate as gen
 
-    d, ref_model = make_checkpoint(geometry="phi2")
+@pytest.mark.parametrize("rows", [1, 2])
+def test_stream_stops_at_eos_when_sampling(make_checkpoint, rows):
+    """With sampling and eos ids, `generate_stream` yields exactly the rows' tokens up to the last row's first
+    eos and equals `generate`, over many seeds. Decoding a single prompt as two rows (the old GPU workaround)
+    let the hidden row end at another step and failed about half of these seeds."""
+    d, ref_model = make_checkpoint("phi1", seed=2)
     model = phi_jax.PhiForCausalLM.from_pretrained(d)
-    ids = np.random.default_rng(5).integers(0, 96, (1, 11))
-    plain = model.generate(ids, max_new_tokens=6, eos_token_id=[])
-    monkeypatch.setitem(gen.MIN_DECODE_BATCH, jax.default_backend(), 2)
-    assert gen._prepare(model, ids, None, 6, [], None, None).ids.shape[0] == 2
-    assert np.array_equal(model.generate(ids, max_new_tokens=6, eos_token_id=[]), plain)
-    streamed = np.stack(list(model.generate_stream(ids, max_new_tokens=6, eos_token_id=[])), axis=1)
-    assert streamed.shape == (1, 6) and np.array_equal(streamed, plain[:, 11:])
-    with torch.no_grad():
-        ref = ref_model.generate(torch.from_numpy(ids), max_new_tokens=6, do_sample=False, eos_token_id=None,
-                                 pad_token_id=0).numpy()
-    assert np.array_equal(plain, ref)
+    ids, mask = _prompts([7, 4][:rows], ref_model.config.vocab_size, seed=rows)
+    t, n, eos, pad = ids.shape[1], 10, list(range(3, 13)), 1
+    kw = dict(max_new_tokens=n, do_sample=True, temperature=1.5, eos_token_id=eos, pad_token_id=pad)
+    stops = []
+    for seed in range(40):
+        whole = model.generate(ids, mask, seed=seed, **kw)[:, t:]
+        streamed = list(model.generate_stream(ids, mask, seed=seed, **kw))
+        ends = [_first_stop(row, eos) for row in whole]
+        assert len(streamed) == max(ends), (seed, ends, len(streamed))
+        streamed = np.stack(streamed, axis=1)
+        np.testing.assert_array_equal(streamed, whole[:, :len(streamed[0])], err_msg=f"seed {seed}")
+        for row, end in zip(whole, ends):
+            assert (row[end:] == pad).all(), seed
+            assert not np.isin(row[:end - 1], eos).any(), seed
+        stops.append(max(ends))
+    assert min(stops) < n and max(stops) == n, stops  # both early stops and full runs were exercised
+
+
+def test_special_ids_outside_the_vocabulary(make_checkpoint):
+    """Issue 9: special ids are inputs; one outside [0, vocab_size) is an error naming the field and value:
+    in a config when it is loaded (phi_jax.config), in the arguments at generate."""
+    d, _ = make_checkpoint("phi1", vocab_size=1000, eos_token_id=50256, bos_token_id=None, pad_token_id=None)
+    with pytest.raises(ValueError, match=r"eos_token_id=50256 must be a token id in \[0, vocab_size=1000\)"):
+        phi_jax.PhiForCausalLM.from_pretrained(d)
+    d, _ = make_checkpoint("phi1", vocab_size=1000, eos_token_id=999, bos_token_id=None, pad_token_id=None)
+    model = phi_jax.PhiForCausalLM.from_pretrained(d)
+    ids, mask = _prompts([5, 9], 1000)
+    with pytest.raises(ValueError, match=r"eos_token_id 1000 \(argument\) is outside \[0, 1000\)"):
+        model.generate(ids, mask, max_new_tokens=2, eos_token_id=[5, 1000])
+    with pytest.raises(ValueError, match=r"eos_token_id 50256 \(argument\)"):
+        list(model.generate_stream(ids, mask, max_new_tokens=2, eos_token_id=50256))
+    with pytest.raises(ValueError, match=r"eos_token_id -1 \(argument\)"):
+        model.generate(ids, mask, max_new_tokens=2, eos_token_id=-1)
+    with pytest.raises(ValueError, match=r"pad_token_id 1000 \(argument\)"):
+        model.generate(ids, mask, max_new_tokens=2, eos_token_id=[], pad_token_id=1000)
+    with pytest.raises(ValueError, match="pad_token_id must be an int"):
+        model.generate(ids, mask, max_new_tokens=2, eos_token_id=[], pad_token_id=1.5)
+    out = model.generate(ids, mask, max_new_tokens=2, eos_token_id=7)  # an explicit valid id replaces the config's
+    assert out.shape == (2, ids.shape[1] + 2)
+
+
+def test_left_padding_without_special_ids_matches_transformers(make_checkpoint):
+    """No pad id and no eos: prompts padded to their bucket (with an id that is always valid) still match
+    transformers' greedy tokens; the caller's own pad columns hold ids that are not in the vocabulary's range
+    of special tokens at all."""
+    d, ref_model = make_checkpoint("phi1", vocab_size=1000, eos_token_id=None, bos_token_id=None,
+                                   pad_token_id=None)
+    model = phi_jax.PhiForCausalLM.from_pretrained(d)
+    assert model.config.eos_token_id is None and model.config.pad_token_id is None
+    ids, mask = _prompts([3, 9, 6], 1000, seed=4, pad=999)
+    ref = _hf_generate(ref_model, ids, mask, 8)
+    out = model.generate(ids, mask, max_new_tokens=8)
+    np.testing.assert_array_equal(out, ref)
+    streamed = np.stack(list(model.generate_stream(ids, mask, max_new_tokens=8)), axis=1)
+    np.testing.assert_array_equal(streamed, ref[:, ids.shape[1]:])

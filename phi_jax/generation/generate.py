@@ -8,6 +8,14 @@ is padded with `pad_token_id` from there on.
 
 Prompts are left-padded (or carry any 0/1 `attention_mask`): slot s of the cache holds prompt
 column s; positions are `cumsum(mask) - 1`, and masked slots are masked as keys in every step.
+The columns added to reach the prompt's bucket hold token 0 under mask False, whatever the pad id:
+an id outside the vocabulary never enters the model. Special ids (`eos_token_id`, `pad_token_id`, from
+the arguments or the config) are checked against `[0, vocab_size)` before anything runs.
+
+Host cost per call: the model's split is cached (`phi_jax.compilation.split_cached`: the Variables'
+current arrays are read, the graph's attributes compared by identity), so a call adds well under a
+millisecond of Python to the compiled program whatever the depth, and still sees weight updates and
+`train()`/`eval()`.
 
 What compiles: the model weights and the sampler's float settings (temperature, top_p), the
 seed, `max_new_tokens`, `eos_token_id` and `pad_token_id` are traced. A compilation happens on
@@ -29,20 +37,14 @@ from typing import Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, struct
+from flax import struct
 
 from phi_jax.generation.cache import KVCache
-from phi_jax.compilation import Compilations, count_compilations  # noqa: F401  (part of this module's API)
+from phi_jax.compilation import Compilations, StaticGraph, count_compilations, split_cached  # noqa: F401
 from phi_jax.modeling.inputs import check_input_ids
 from phi_jax.generation.sampling import Greedy, Sampling, make_sampler
 
 Sampler = Greedy | Sampling
-
-
-# Smallest decode batch per backend. XLA:GPU rewrites batch-1 products with the square attention projections as
-# multiply + column reduction, which ran a phi-2 bf16 decode step at 5.0 ms on an H100 against 3.0 ms for batch 2
-# (benchmarks/RESULTS.md); a single prompt is therefore decoded as two identical rows there and one is returned.
-MIN_DECODE_BATCH = {"gpu": 2}
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -118,38 +120,36 @@ def decode_step(model, s: DecodeState, sampler: Sampler, eos, pad) -> DecodeStat
 
 # ---- compiled programs (split state in, so the HLO holds no Python objects) ---------------------
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_length", "out_length"))
-def _generate_program(graphdef, params, ids, mask, max_new_tokens, sampler, seed, eos, pad, *,
+@functools.partial(jax.jit, static_argnames=("static", "cache_length", "out_length"))
+def _generate_program(static: StaticGraph, params, ids, mask, max_new_tokens, sampler, seed, eos, pad, *,
                       cache_length, out_length):
     """Prefill + the whole decode loop; returns (new tokens `[B, N]`, tokens produced)."""
-    s = prefill(nnx.merge(graphdef, params), ids, mask, sampler, seed, eos,
+    s = prefill(static.merge(params), ids, mask, sampler, seed, eos,
                 cache_length=cache_length, out_length=out_length)
 
     def cond(s):
         return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
     def body(s):
-        return decode_step(nnx.merge(graphdef, params), s, sampler, eos, pad)
+        return decode_step(static.merge(params), s, sampler, eos, pad)
 
     s = jax.lax.while_loop(cond, body, s)
     tokens = jnp.where(jnp.arange(out_length)[None, :] < s.step, s.tokens, pad)  # pad past the stop
     return tokens, s.step
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_length", "out_length"))
-def _prefill_program(graphdef, params, ids, mask, sampler, seed, eos, *, cache_length, out_length):
-    s = prefill(nnx.merge(graphdef, params), ids, mask, sampler, seed, eos,
+@functools.partial(jax.jit, static_argnames=("static", "cache_length", "out_length"))
+def _prefill_program(static: StaticGraph, params, ids, mask, sampler, seed, eos, *, cache_length, out_length):
+    s = prefill(static.merge(params), ids, mask, sampler, seed, eos,
                 cache_length=cache_length, out_length=out_length)
     return s, s.tokens[:, 0], jnp.all(s.done)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("s",))
-def _step_program(graphdef, params, s, sampler, eos, pad):
-    new = decode_step(nnx.merge(graphdef, params), s, sampler, eos, pad)
+@functools.partial(jax.jit, static_argnames=("static",), donate_argnames=("s",))
+def _step_program(static: StaticGraph, params, s, sampler, eos, pad):
+    new = decode_step(static.merge(params), s, sampler, eos, pad)
     return new, jax.lax.dynamic_index_in_dim(new.tokens, s.step, axis=1, keepdims=False), jnp.all(new.done)
 
-
-# ---- compilation accounting ----------------------------------------------------------------------
 
 # ---- public API -----------------------------------------------------------------------------------
 
@@ -163,20 +163,23 @@ class _Prepared:
     out_length: int = struct.field(pytree_node=False)
 
 
-def _as_id_list(value, name: str) -> list[int]:
+def _as_id_list(value, name: str, vocab_size: int, source: str) -> list[int]:
+    """The special id(s) `value` as a list, each checked to be an int in [0, vocab_size)."""
     if value is None:
         return []
     values = [value] if np.ndim(value) == 0 else list(np.asarray(value).reshape(-1))
     for v in values:
-        if isinstance(v, (bool, np.bool_)) or not np.issubdtype(np.asarray(v).dtype, np.integer) or v < 0:
-            raise ValueError(f"{name} must be a non-negative int or a list of them, got {value!r}")
+        if isinstance(v, (bool, np.bool_)) or not np.issubdtype(np.asarray(v).dtype, np.integer):
+            raise ValueError(f"{name} must be an int or a list of ints, got {value!r} ({source})")
+        if not 0 <= v < vocab_size:
+            raise ValueError(f"{name} {int(v)} ({source}) is outside [0, {vocab_size}) (vocab_size)")
     return [int(v) for v in values]
 
 
-def _check_seed(seed) -> jax.Array:
+def _check_seed(seed) -> np.uint32:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 32:
         raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
-    return jnp.uint32(seed)
+    return np.uint32(seed)
 
 
 def _prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, cache_length):
@@ -209,20 +212,24 @@ def _prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad
             raise ValueError(f"the prompt ({t} tokens) plus max_new_tokens ({max_new_tokens}) needs {need} cache "
                              f"slots; cache_length is {cache_length}")
         bucket = min(bucket_length(t), cache_length - int(max_new_tokens))
-    eos = _as_id_list(model.config.eos_token_id if eos_token_id is None else eos_token_id, "eos_token_id")
-    pad = model.config.pad_token_id if pad_token_id is None else pad_token_id
-    if pad is None:
-        pad = eos[0] if eos else 0  # transformers pads with the (first) eos id when there is no pad id
-    pad = _as_id_list(pad, "pad_token_id")
-    if len(pad) != 1:
+    vocab = model.config.vocab_size
+    if eos_token_id is None:
+        eos = _as_id_list(model.config.eos_token_id, "eos_token_id", vocab, "from the model config")
+    else:
+        eos = _as_id_list(eos_token_id, "eos_token_id", vocab, "argument")
+    if pad_token_id is not None:
+        pad = _as_id_list(pad_token_id, "pad_token_id", vocab, "argument")
+    else:
+        pad = _as_id_list(model.config.pad_token_id, "pad_token_id", vocab, "from the model config")
+    if len(pad) > 1:
         raise ValueError(f"pad_token_id must be one int, got {pad_token_id!r}")
-    lead = bucket - t
-    ids = np.pad(ids.astype(np.int32), ((0, 0), (lead, 0)), constant_values=pad[0])
+    # transformers pads finished rows with the (first) eos id when there is no pad id; with neither, no row
+    # ever finishes and the pad value is never written out (0 is only a placeholder).
+    pad = pad[0] if pad else (eos[0] if eos else 0)
+    lead = bucket - t  # bucket columns: token 0 (always a valid id) under mask False, never the pad id
+    ids = np.pad(ids.astype(np.int32), ((0, 0), (lead, 0)), constant_values=0)
     mask = np.pad(mask, ((0, 0), (lead, 0)), constant_values=False)
-    copies = -(-MIN_DECODE_BATCH.get(jax.default_backend(), 1) // b)  # callers keep the first b rows
-    if copies > 1:
-        ids, mask = np.tile(ids, (copies, 1)), np.tile(mask, (copies, 1))
-    return _Prepared(ids=ids, mask=mask, eos=np.asarray(eos, np.int32), pad=pad[0], cache_length=cache_length,
+    return _Prepared(ids=ids, mask=mask, eos=np.asarray(eos, np.int32), pad=pad, cache_length=cache_length,
                      out_length=cache_length - bucket)
 
 
@@ -238,8 +245,8 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 20,
       attention_mask: `[B, T]`, 1/True for real tokens; default all real.
       max_new_tokens: >= 1.
       do_sample, temperature, top_k, top_p: see `phi_jax.generation.sampling`; greedy by default.
-      eos_token_id: an id or a list of ids that end a row; default the config's.
-      pad_token_id: what follows a row's eos; default the config's, else the first eos id.
+      eos_token_id: an id or a list of ids that end a row; default the config's. Each in [0, vocab_size).
+      pad_token_id: what follows a row's eos; default the config's, else the first eos id. In [0, vocab_size).
       seed: the sampling key is `jax.random.key(seed)`; the same seed gives the same tokens.
       cache_length: cache slots to allocate (>= T + max_new_tokens); default the prompt bucket + max_new_tokens.
     Returns:
@@ -249,12 +256,12 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 20,
     sampler = make_sampler(do_sample, temperature, top_k, top_p)
     seed = _check_seed(seed)
     p = _prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, cache_length)
-    graphdef, params = nnx.split(model)
-    tokens, _ = _generate_program(graphdef, params, p.ids, p.mask, jnp.int32(max_new_tokens), sampler,
-                                  seed, p.eos, jnp.int32(p.pad), cache_length=p.cache_length,
+    static, params = split_cached(model)
+    tokens, _ = _generate_program(static, params, p.ids, p.mask, np.int32(max_new_tokens), sampler,
+                                  seed, p.eos, np.int32(p.pad), cache_length=p.cache_length,
                                   out_length=p.out_length)
     prompt = np.asarray(input_ids).astype(np.int32)
-    new = np.asarray(tokens)[:prompt.shape[0], :max_new_tokens]
+    new = np.asarray(tokens)[:, :max_new_tokens]
     return np.concatenate([prompt, new], axis=1)
 
 
@@ -271,15 +278,14 @@ def generate_stream(model, input_ids, attention_mask=None, *, max_new_tokens: in
     sampler = make_sampler(do_sample, temperature, top_k, top_p)
     seed = _check_seed(seed)
     p = _prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, cache_length)
-    graphdef, params = nnx.split(model)
-    rows = np.shape(input_ids)[0]
-    eos, pad = p.eos, jnp.int32(p.pad)
-    s, tok, all_done = _prefill_program(graphdef, params, p.ids, p.mask, sampler, seed, eos,
+    static, params = split_cached(model)
+    eos, pad = p.eos, np.int32(p.pad)
+    s, tok, all_done = _prefill_program(static, params, p.ids, p.mask, sampler, seed, eos,
                                         cache_length=p.cache_length, out_length=p.out_length)
     for step in range(1, max_new_tokens + 1):
         if step < max_new_tokens:
-            s, next_tok, next_done = _step_program(graphdef, params, s, sampler, eos, pad)  # dispatched, not awaited
-        yield np.asarray(tok)[:rows]
+            s, next_tok, next_done = _step_program(static, params, s, sampler, eos, pad)  # dispatched, not awaited
+        yield np.asarray(tok)
         if step == max_new_tokens or bool(all_done):
             return
         tok, all_done = next_tok, next_done

@@ -27,7 +27,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from phi_jax.modeling.partitioning import axes
 from phi_jax.modeling.layernorm import layer_norm, make_layer_norm, matmul_precision
+from phi_jax.modeling.projection import project
 from phi_jax.modeling.rotary import apply_partial_rotary
 # (kept apart from the imports above so that edits there merge without conflicts)
 from phi_jax.kernels.decode_attention import decode_attention
@@ -194,15 +196,19 @@ class PhiAttention(nnx.Module):
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = hidden_size // num_heads
         self.attn_fn = get_attention_fn(attn_implementation)
-        # float32 accumulation and output, rounded once to the compute dtype (as torch's bf16 Linear). It also keeps
-        # XLA:GPU from rewriting batch-1 decode products as multiply + reduce through memory (2x slower).
+        # float32 accumulation and output, rounded once to the compute dtype (as torch's bf16 Linear). Applied through
+        # `project`, which keeps a batch-1 decode row a matrix product on XLA:GPU (see modeling/projection.py).
         self.dtype = dtype
         linear = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, precision=matmul_precision(dtype),
                       preferred_element_type=jnp.float32, rngs=rngs)
-        self.q_proj = nnx.Linear(hidden_size, num_heads * self.head_dim, **linear)
-        self.k_proj = nnx.Linear(hidden_size, num_kv_heads * self.head_dim, **linear)
-        self.v_proj = nnx.Linear(hidden_size, num_kv_heads * self.head_dim, **linear)
-        self.dense = nnx.Linear(num_heads * self.head_dim, hidden_size, **linear)
+        self.q_proj = nnx.Linear(hidden_size, num_heads * self.head_dim, **linear,
+                                 kernel_metadata=axes("embed", "heads"), bias_metadata=axes("heads"))
+        self.k_proj = nnx.Linear(hidden_size, num_kv_heads * self.head_dim, **linear,
+                                 kernel_metadata=axes("embed", "kv_heads"), bias_metadata=axes("kv_heads"))
+        self.v_proj = nnx.Linear(hidden_size, num_kv_heads * self.head_dim, **linear,
+                                 kernel_metadata=axes("embed", "kv_heads"), bias_metadata=axes("kv_heads"))
+        self.dense = nnx.Linear(num_heads * self.head_dim, hidden_size, **linear,
+                                kernel_metadata=axes("heads", "embed"), bias_metadata=axes("norm"))
         if qk_layernorm:
             self.q_layernorm = make_layer_norm(self.head_dim, layer_norm_eps, param_dtype, rngs)
             self.k_layernorm = make_layer_norm(self.head_dim, layer_norm_eps, param_dtype, rngs)
@@ -221,9 +227,9 @@ class PhiAttention(nnx.Module):
           `([B, T, D], new_cache or None)`.
         """
         b, t, _ = x.shape
-        q = self.q_proj(x).astype(self.dtype).reshape(b, t, self.num_heads, self.head_dim)  # [B, T, N, H]
-        k = self.k_proj(x).astype(self.dtype).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
-        v = self.v_proj(x).astype(self.dtype).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
+        q = project(self.q_proj, x).astype(self.dtype).reshape(b, t, self.num_heads, self.head_dim)  # [B, T, N, H]
+        k = project(self.k_proj, x).astype(self.dtype).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
+        v = project(self.v_proj, x).astype(self.dtype).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
         if self.q_layernorm is not None:
             q = layer_norm(self.q_layernorm, q)
             k = layer_norm(self.k_layernorm, k)
@@ -237,4 +243,4 @@ class PhiAttention(nnx.Module):
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)  # [B, S, K, H]
             new_cache = (k, v)
         out = self.attn_fn(q, k.astype(q.dtype), v.astype(q.dtype), mask, dropout=self.attn_dropout)
-        return self.dense(out.reshape(b, t, self.num_heads * self.head_dim)).astype(self.dtype), new_cache
+        return project(self.dense, out.reshape(b, t, self.num_heads * self.head_dim)).astype(self.dtype), new_cache
