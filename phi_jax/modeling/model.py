@@ -53,6 +53,20 @@ def build_mask(attention_mask: jax.Array | None, batch: int, q_len: int, kv_len:
     return make_attention_mask(attention_mask, q_len, q_offset).dense(batch, q_len, kv_len)
 
 
+def _ids_mask(attention_mask, t: int, offset):
+    """The columns of `attention_mask` that belong to this call's ids: `[B, T]` bool (None without a mask).
+
+    Without a cache the mask is `[B, T]` already; over a cache it is `[B, S]` and this call's ids sit at
+    slots `[offset, offset + T)` (`offset` may be traced).
+    """
+    if attention_mask is None:
+        return None
+    mask = jnp.asarray(attention_mask).astype(bool)
+    if mask.shape[1] == t and isinstance(offset, int) and offset == 0:
+        return mask
+    return jax.lax.dynamic_slice_in_dim(mask, offset, t, axis=1)
+
+
 class PhiPreTrainedModel(nnx.Module, PretrainedMixin):
     """The base of every Phi class: `from_pretrained` / `save_pretrained` come from `phi_jax.loading`'s mixin,
     which imports no model class (the class is passed in)."""
@@ -92,16 +106,23 @@ class PhiModel(PhiPreTrainedModel):
         Returns:
           PhiOutput with `last_hidden_state: [B, T, D]`.
         """
-        check_input_ids(input_ids, self.config.vocab_size)
-        b, t = input_ids.shape
+        if jnp.ndim(input_ids) != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {jnp.shape(input_ids)}")
+        b, t = jnp.shape(input_ids)
         kv_len = t if cache is None else cache[0][0].shape[1]
         offset = 0 if cache is None else cache_index
         _check_mask("attention_mask", attention_mask, (b, kv_len))
+        ids_mask = _ids_mask(attention_mask, t, offset)  # [B, T] bool or None
+        check_input_ids(input_ids, self.config.vocab_size, mask=ids_mask)
         if position_ids is None:
             position_ids = jnp.broadcast_to(offset + jnp.arange(t, dtype=jnp.int32), (b, t))
         _check_mask("position_ids", position_ids, (b, t))
         mask = make_attention_mask(attention_mask, t, None if cache is None else cache_index)
 
+        if ids_mask is not None:
+            # A masked position can never poison a real one: whatever id sits there (out of range included: the
+            # gather would give NaN) is looked up as id 0. Attention also keeps masked keys out of real queries.
+            input_ids = jnp.where(ids_mask, input_ids, 0)  # [B, T]
         x = self.embed_dropout(self.embed_tokens(input_ids))  # [B, T, D]
         cos, sin = cos_sin(self.config, position_ids, x.dtype)  # [B, T, R] in the compute dtype
         x = constrain(x.astype(jnp.float32), ("batch", None, None))  # the residual stream is float32
