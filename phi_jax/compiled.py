@@ -37,7 +37,10 @@ class CompiledForward:
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, *, labels=None,
                  output_hidden_states: bool = False) -> PhiOutput:
-        check_input_ids(input_ids, self.model.config.vocab_size)
+        ids_mask = None  # ids at masked positions are never read (the model looks them up as 0)
+        if attention_mask is not None and getattr(attention_mask, "shape", None) == getattr(input_ids, "shape", ()):
+            ids_mask = attention_mask
+        check_input_ids(input_ids, self.model.config.vocab_size, mask=ids_mask)
         static, leaves = self._split.split(self.model)
         return _apply(static, leaves, input_ids, attention_mask, position_ids, labels, output_hidden_states)
 

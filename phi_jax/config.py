@@ -118,6 +118,8 @@ class PhiConfig:
         self.check_fields()
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        for name in ("layer_norm_eps", "initializer_range"):  # an int here (2**31) would reach jit as an int32
+            object.__setattr__(self, name, float(getattr(self, name)))
         rope = dict(self.rope_parameters or {})
         rope.setdefault("rope_type", rope.pop("type", "default"))
         rope.setdefault("rope_theta", 10000.0)

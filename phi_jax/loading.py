@@ -51,13 +51,17 @@ def _build_abstract(cls, config, **kw):
 
 
 def load_pretrained(cls, path, *, dtype=jnp.float32, param_dtype=None, attn_implementation="xla",
-                    allow_new_head: bool = False, progress: bool = False, config: PhiConfig | None = None):
+                    allow_new_head: bool = False, progress: bool = False, config: PhiConfig | None = None,
+                    mesh=None, rules=None):
     """Loads `cls` from a checkpoint directory; see PhiPreTrainedModel.from_pretrained.
 
     Args:
       allow_new_head: initialise a classification head (`score`) that the checkpoint lacks (as when
         fine-tuning a classifier from a causal-LM checkpoint) instead of raising.
       config: a PhiConfig to use instead of the directory's config.json (checked against the tensors all the same).
+      mesh: a `jax.sharding.Mesh` (`phi_jax.sharding.make_mesh`): each tensor goes straight into its sharding as it
+        is read (every device receives only its slice), by the parameters' logical axes through `rules`
+        (default `phi_jax.sharding.DEFAULT_RULES`).
     """
     source = open_source(path, config=config)
     try:
@@ -65,7 +69,12 @@ def load_pretrained(cls, path, *, dtype=jnp.float32, param_dtype=None, attn_impl
         graphdef, params, rest = _build_abstract(cls, source.config, dtype=dtype, param_dtype=param_dtype,
                                                  attn_implementation=attn_implementation)
         checked = plan(source, params, cls.__name__, allow_new_head=allow_new_head)
-        params = fill(params, source, checked, param_dtype, progress=progress)
+        put = place
+        if mesh is not None:
+            from phi_jax.sharding import DEFAULT_RULES, path_shardings, place as place_sharded
+            shardings = path_shardings(params, mesh, DEFAULT_RULES if rules is None else rules)
+            put = lambda path, host: place_sharded(host, shardings[path])  # noqa: E731
+        params = fill(params, source, checked, param_dtype, progress=progress, place=put)
     finally:
         source.close()
     return nnx.merge(graphdef, params, rest)

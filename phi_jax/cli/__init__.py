@@ -23,7 +23,7 @@ import importlib
 import sys
 import traceback
 
-COMMANDS = ("parity", "generate", "convert", "check")
+COMMANDS = ("parity", "generate", "convert", "check", "finetune")
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_EXISTS, EXIT_OS, EXIT_MISSING_EXTRA = 0, 1, 2, 3, 4, 5, 6
 EXIT_INTERRUPTED, EXIT_BUG = 130, 70

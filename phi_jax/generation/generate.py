@@ -187,7 +187,8 @@ def _prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     ids = np.asarray(input_ids)
-    check_input_ids(ids, model.config.vocab_size)
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {ids.shape}")
     b, t = ids.shape
     if t < 1 or b < 1:
         raise ValueError(f"input_ids has shape {ids.shape}; generate needs at least one prompt token per row")
@@ -203,6 +204,7 @@ def _prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad
         empty = np.flatnonzero(~mask.any(axis=1))
         if empty.size:
             raise ValueError(f"attention_mask row {int(empty[0])} has no real token")
+    check_input_ids(ids, model.config.vocab_size, mask)  # ids at masked positions never reach the model
     need = t + int(max_new_tokens)
     if cache_length is None:
         bucket = bucket_length(t)

@@ -84,11 +84,18 @@ def check_config(config: PhiConfig, tensors: dict, where: str = "checkpoint") ->
             fail("hidden_size", c.hidden_size, f"{key} in {file} has shape {[vocab, hidden]} (hidden size {hidden})")
         if vocab != c.vocab_size:
             fail("vocab_size", c.vocab_size, f"{key} in {file} has shape {[vocab, hidden]} ({vocab} tokens)")
-    layers = {int(m.group(1)) for k in tensors if (m := _LAYER.match(k))}
+    layer_of = {k: int(m.group(1)) for k in tensors if (m := _LAYER.match(k))}
+    layers = set(layer_of.values())
     if layers and max(layers) + 1 != c.num_hidden_layers:
         n = max(layers) + 1
+        if layers != set(range(n)) and max(layers) >= c.num_hidden_layers:  # a gap: stray tensors, not a depth
+            stray = sorted(k for k, i in layer_of.items() if i >= c.num_hidden_layers)
+            raise ValueError(f"{where}: tensors past the config's num_hidden_layers={c.num_hidden_layers} (the "
+                             f"checkpoint holds layers {sorted(layers)}, with gaps): {stray[:5]} in "
+                             f"{tensors[stray[0]][2]}")
         fail("num_hidden_layers", c.num_hidden_layers, f"it holds {n} layer{'s' * (n != 1)} (layers.0 to "
-                                                       f"layers.{n - 1})")
+                                                       f"layers.{n - 1})" if layers == set(range(n)) else
+             f"it holds layers {sorted(layers)}")
     fc1 = find("layers.0.mlp.fc1.weight", 2)
     if fc1 and fc1[1][0] != c.intermediate_size:
         fail("intermediate_size", c.intermediate_size, f"{fc1[0]} in {fc1[2]} has shape {list(fc1[1])}")

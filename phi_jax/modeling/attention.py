@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from phi_jax.modeling.partitioning import axes
 from phi_jax.modeling.layernorm import layer_norm, make_layer_norm, matmul_precision
 from phi_jax.modeling.projection import project
 from phi_jax.modeling.rotary import apply_partial_rotary
@@ -45,19 +46,29 @@ DECODE_MAX_QUERIES = 16  # with a cache, calls with at most this many queries us
 
 
 def _attend_block(q, k, v, mask, dropout):
-    """Attention of one query block. q: `[B, T, N, H]`; k, v: `[B, S, K, H]`; mask: `[B, 1, T, S]`."""
+    """Attention of one query block. q: `[B, T, N, H]`; k, v: `[B, S, K, H]`; mask: `[B, 1, T, S]`.
+
+    A masked key never reaches a query, whatever it holds (NaN and inf included): its score is replaced by the
+    float32 minimum before the softmax, so its probability is exactly 0 (exp(min - max) underflows) for every query
+    that sees some key; its value is replaced by 0 wherever no query of the block sees it (padding, unwritten cache
+    slots), since 0 * NaN would still be NaN. A query that sees no key gives zeros.
+    """
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
     precision = matmul_precision(q.dtype)
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32,
                         precision=precision) * (h ** -0.5)
-    # A finite floor (not -inf): a fully masked row (a left-pad query) averages instead of giving NaN.
+    # A finite floor (not -inf): a fully masked row stays NaN-free (and is zeroed below).
     scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)  # [B, K, G, T, S]
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     if dropout is not None:
         probs = dropout(probs)
+    seen = jnp.any(mask, axis=(1, 2))  # [B, S]: keys some query of this block sees
+    v = jnp.where(seen[:, :, None, None], v, jnp.zeros((), v.dtype))  # [B, S, K, H]
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, precision=precision)  # [B, T, K, G, H]
+    sees_any = jnp.any(mask, axis=-1)[:, 0, :, None, None, None]  # [B, T, 1, 1, 1]
+    out = jnp.where(sees_any, out, jnp.zeros((), out.dtype))  # a query that sees nothing: zeros
     return out.reshape(b, t, n, h)
 
 
@@ -190,10 +201,14 @@ class PhiAttention(nnx.Module):
         self.dtype = dtype
         linear = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, precision=matmul_precision(dtype),
                       preferred_element_type=jnp.float32, rngs=rngs)
-        self.q_proj = nnx.Linear(hidden_size, num_heads * self.head_dim, **linear)
-        self.k_proj = nnx.Linear(hidden_size, num_kv_heads * self.head_dim, **linear)
-        self.v_proj = nnx.Linear(hidden_size, num_kv_heads * self.head_dim, **linear)
-        self.dense = nnx.Linear(num_heads * self.head_dim, hidden_size, **linear)
+        self.q_proj = nnx.Linear(hidden_size, num_heads * self.head_dim, **linear,
+                                 kernel_metadata=axes("embed", "heads"), bias_metadata=axes("heads"))
+        self.k_proj = nnx.Linear(hidden_size, num_kv_heads * self.head_dim, **linear,
+                                 kernel_metadata=axes("embed", "kv_heads"), bias_metadata=axes("kv_heads"))
+        self.v_proj = nnx.Linear(hidden_size, num_kv_heads * self.head_dim, **linear,
+                                 kernel_metadata=axes("embed", "kv_heads"), bias_metadata=axes("kv_heads"))
+        self.dense = nnx.Linear(num_heads * self.head_dim, hidden_size, **linear,
+                                kernel_metadata=axes("heads", "embed"), bias_metadata=axes("norm"))
         if qk_layernorm:
             self.q_layernorm = make_layer_norm(self.head_dim, layer_norm_eps, param_dtype, rngs)
             self.k_layernorm = make_layer_norm(self.head_dim, layer_norm_eps, param_dtype, rngs)

@@ -6,11 +6,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from phi_jax.modeling.partitioning import axes
+
 
 def make_layer_norm(size: int, eps: float, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
     """An `nnx.LayerNorm` with the config's epsilon (Flax's default differs) and exact variance."""
     return nnx.LayerNorm(size, epsilon=eps, use_fast_variance=False, dtype=jnp.float32,
-                         param_dtype=param_dtype, rngs=rngs)
+                         param_dtype=param_dtype, scale_metadata=axes("norm"), bias_metadata=axes("norm"), rngs=rngs)
 
 
 def matmul_precision(dtype):

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from phi_jax.modeling.partitioning import axes
 from phi_jax.modeling.layernorm import matmul_precision
 from phi_jax.modeling.projection import project
 
@@ -43,8 +44,10 @@ class PhiMLP(nnx.Module):
         linear = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, precision=matmul_precision(dtype),
                       preferred_element_type=jnp.float32, rngs=rngs)
         self.dtype = dtype
-        self.fc1 = nnx.Linear(hidden_size, intermediate_size, **linear)
-        self.fc2 = nnx.Linear(intermediate_size, hidden_size, **linear)
+        self.fc1 = nnx.Linear(hidden_size, intermediate_size, **linear,
+                              kernel_metadata=axes("embed", "mlp"), bias_metadata=axes("mlp"))
+        self.fc2 = nnx.Linear(intermediate_size, hidden_size, **linear,
+                              kernel_metadata=axes("mlp", "embed"), bias_metadata=axes("norm"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[B, T, D] -> [B, T, F] -> [B, T, D]`."""

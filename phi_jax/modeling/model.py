@@ -15,6 +15,7 @@ from flax import nnx, struct
 
 from phi_jax.config import PhiConfig
 from phi_jax.modeling.layer import PhiDecoderLayer
+from phi_jax.modeling.partitioning import axes, constrain
 from phi_jax.modeling.layernorm import layer_norm, make_layer_norm, matmul_precision
 from phi_jax.modeling.losses import causal_lm_loss, cross_entropy, sequence_classification_loss
 from phi_jax.modeling.inputs import check_input_ids
@@ -52,6 +53,20 @@ def build_mask(attention_mask: jax.Array | None, batch: int, q_len: int, kv_len:
     return make_attention_mask(attention_mask, q_len, q_offset).dense(batch, q_len, kv_len)
 
 
+def _ids_mask(attention_mask, t: int, offset):
+    """The columns of `attention_mask` that belong to this call's ids: `[B, T]` bool (None without a mask).
+
+    Without a cache the mask is `[B, T]` already; over a cache it is `[B, S]` and this call's ids sit at
+    slots `[offset, offset + T)` (`offset` may be traced).
+    """
+    if attention_mask is None:
+        return None
+    mask = jnp.asarray(attention_mask).astype(bool)
+    if mask.shape[1] == t and isinstance(offset, int) and offset == 0:
+        return mask
+    return jax.lax.dynamic_slice_in_dim(mask, offset, t, axis=1)
+
+
 class PhiPreTrainedModel(nnx.Module, PretrainedMixin):
     """The base of every Phi class: `from_pretrained` / `save_pretrained` come from `phi_jax.loading`'s mixin,
     which imports no model class (the class is passed in)."""
@@ -66,13 +81,16 @@ class PhiModel(PhiPreTrainedModel):
         self.config = config
         self.dtype = dtype
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
-                                      rngs=rngs)
+                                      embedding_metadata=axes("vocab", "embed"), rngs=rngs)
         self.embed_dropout = nnx.Dropout(config.embd_pdrop, deterministic=True, rngs=rngs)
         self.layers = nnx.List([
             PhiDecoderLayer(config, attn_implementation=attn_implementation, dtype=dtype, param_dtype=param_dtype,
                             rngs=rngs)
             for _ in range(config.num_hidden_layers)])
         self.final_layernorm = make_layer_norm(config.hidden_size, config.layer_norm_eps, param_dtype, rngs)
+        # Training sets a `jax.checkpoint_policies` name: each layer is then recomputed in the backward pass,
+        # keeping only what the policy saves ("nothing_saveable": the layer's input).
+        self.remat_policy: str | None = None
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  position_ids: jax.Array | None = None, *, cache=None, cache_index=None,
@@ -88,23 +106,34 @@ class PhiModel(PhiPreTrainedModel):
         Returns:
           PhiOutput with `last_hidden_state: [B, T, D]`.
         """
-        check_input_ids(input_ids, self.config.vocab_size)
-        b, t = input_ids.shape
+        if jnp.ndim(input_ids) != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {jnp.shape(input_ids)}")
+        b, t = jnp.shape(input_ids)
         kv_len = t if cache is None else cache[0][0].shape[1]
         offset = 0 if cache is None else cache_index
         _check_mask("attention_mask", attention_mask, (b, kv_len))
+        ids_mask = _ids_mask(attention_mask, t, offset)  # [B, T] bool or None
+        check_input_ids(input_ids, self.config.vocab_size, mask=ids_mask)
         if position_ids is None:
             position_ids = jnp.broadcast_to(offset + jnp.arange(t, dtype=jnp.int32), (b, t))
         _check_mask("position_ids", position_ids, (b, t))
         mask = make_attention_mask(attention_mask, t, None if cache is None else cache_index)
 
+        if ids_mask is not None:
+            # A masked position can never poison a real one: whatever id sits there (out of range included: the
+            # gather would give NaN) is looked up as id 0. Attention also keeps masked keys out of real queries.
+            input_ids = jnp.where(ids_mask, input_ids, 0)  # [B, T]
         x = self.embed_dropout(self.embed_tokens(input_ids))  # [B, T, D]
         cos, sin = cos_sin(self.config, position_ids, x.dtype)  # [B, T, R] in the compute dtype
-        x = x.astype(jnp.float32)  # the residual stream is float32
+        x = constrain(x.astype(jnp.float32), ("batch", None, None))  # the residual stream is float32
         hidden_states = [x] if output_hidden_states else None
         new_cache = [] if cache is not None else None
+        call = PhiDecoderLayer.__call__
+        if self.remat_policy is not None:
+            call = nnx.remat(call, policy=getattr(jax.checkpoint_policies, self.remat_policy), graph=False)
         for i, layer in enumerate(self.layers):
-            x, layer_cache = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index)
+            x, layer_cache = call(layer, x, cos, sin, mask, None if cache is None else cache[i], cache_index)
+            x = constrain(x, ("batch", None, None))
             if cache is not None:
                 new_cache.append(layer_cache)
             if output_hidden_states and i < len(self.layers) - 1:
@@ -120,7 +149,7 @@ class TiedLMHead(nnx.Module):
     """lm_head when `tie_word_embeddings`: the embedding matrix (transposed) plus lm_head's own bias."""
 
     def __init__(self, vocab_size: int, *, param_dtype):
-        self.bias = nnx.Param(jnp.zeros((vocab_size,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((vocab_size,), param_dtype), **axes("vocab"))
 
     def __call__(self, x: jax.Array, embedding: jax.Array) -> jax.Array:
         """`x: [B, T, D]`, `embedding: [V, D]` -> `[B, T, V]`."""
@@ -141,14 +170,17 @@ class PhiForCausalLM(PhiPreTrainedModel, GenerationMixin):
         else:
             self.lm_head = nnx.Linear(config.hidden_size, config.vocab_size, use_bias=True, dtype=dtype,
                                       param_dtype=param_dtype, preferred_element_type=jnp.float32,
-                                      precision=matmul_precision(dtype), rngs=rngs)
+                                      precision=matmul_precision(dtype), kernel_metadata=axes("embed", "vocab"),
+                                      bias_metadata=axes("vocab"), rngs=rngs)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """`[B, T, D] -> [B, T, V]` float32 (matmul in the compute dtype, float32 accumulation)."""
         hidden = hidden.astype(self.model.dtype)
         if isinstance(self.lm_head, TiedLMHead):
-            return self.lm_head(hidden, self.model.embed_tokens.embedding[...])
-        return self.lm_head(hidden)
+            logits = self.lm_head(hidden, self.model.embed_tokens.embedding[...])
+        else:
+            logits = self.lm_head(hidden)
+        return constrain(logits, ("batch", None, "act_vocab"))
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, *, labels=None, cache=None,
                  cache_index=None, output_hidden_states: bool = False) -> PhiOutput:
@@ -170,7 +202,8 @@ class PhiForSequenceClassification(PhiPreTrainedModel):
         self.model = PhiModel(config, dtype=dtype, param_dtype=param_dtype,
                               attn_implementation=attn_implementation, rngs=rngs)
         self.score = nnx.Linear(config.hidden_size, config.num_labels, use_bias=False, dtype=dtype,
-                                param_dtype=param_dtype, precision=matmul_precision(dtype), rngs=rngs)
+                                param_dtype=param_dtype, precision=matmul_precision(dtype),
+                                kernel_metadata=axes("embed", "classes"), rngs=rngs)
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, *, labels=None,
                  output_hidden_states: bool = False) -> PhiOutput:
@@ -200,7 +233,8 @@ class PhiForTokenClassification(PhiPreTrainedModel):
         rate = 0.1 if config.classifier_dropout is None else config.classifier_dropout
         self.dropout = nnx.Dropout(rate, deterministic=True, rngs=rngs)
         self.score = nnx.Linear(config.hidden_size, config.num_labels, use_bias=True, dtype=dtype,
-                                param_dtype=param_dtype, precision=matmul_precision(dtype), rngs=rngs)
+                                param_dtype=param_dtype, precision=matmul_precision(dtype),
+                                kernel_metadata=axes("embed", "classes"), bias_metadata=axes("classes"), rngs=rngs)
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, *, labels=None,
                  output_hidden_states: bool = False) -> PhiOutput:

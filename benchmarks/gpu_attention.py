@@ -1,0 +1,189 @@
+"""GPU check and benchmark of the Mosaic GPU flash-attention kernel (phi_jax/kernels/flash_attention_gpu.py).
+
+1. Numerics (bf16, one case fp16): output and dq/dk/dv of `flash_attention_gpu` against `attention_reference` (float32 maths
+   on the same bf16 inputs) for causal, left/right padding with fully padded rows, packed segments, a query
+   offset, GQA, head_dim 64 and 80; one PASS/FAIL line per case (max |err| / max |ref| <= 2e-2).
+2. Speed: forward and forward+backward TFLOP/s, causal, bf16, batch 4, 32 heads, head_dim 64/80/128,
+   seq 1024..8192, against `jax.nn.dot_product_attention(implementation="cudnn")` and the XLA reference.
+   Causal FLOPs count half of 4*B*N*T*S*H; forward+backward counts 3.5x the forward.
+Each case runs in its own try/except, so one failure prints its error and the rest still run.
+
+    python benchmarks/gpu_attention.py [--quick] [--seqs 1024,2048,4096,8192] [--dims 64,80,128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import time
+import traceback
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from phi_jax.kernels.flash_attention_gpu import flash_attention_gpu
+from phi_jax.kernels.reference import attention_reference
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b|, the denominator floored at 1e-2 (a one-key row has gradients of ~0)."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-2))
+
+
+def check_case(name, *, batch, t, s, n, kv, h, causal=True, q_offset=0, kind="none", tol=2e-2,
+               dt=jnp.bfloat16) -> bool:
+    keys = jax.random.split(jax.random.key(zlib.crc32(name.encode())), 4)
+    q = jax.random.normal(keys[0], (batch, t, n, h), dt)
+    k = jax.random.normal(keys[1], (batch, s, kv, h), dt)
+    v = jax.random.normal(keys[2], (batch, s, kv, h), dt)
+    qseg = kvseg = None
+    if kind == "left":  # row 0 left-padded by 40 keys (its first queries see nothing), row 1 right-padded by 25
+        kvseg = jnp.ones((batch, s), jnp.int32).at[0, :40].set(0).at[1, s - 25:].set(0)
+    elif kind == "packed":  # two documents per row, then padding
+        kvseg = jnp.where(jnp.arange(s) < s // 3, 1, jnp.where(jnp.arange(s) < s - 10, 2, 0))
+        kvseg = jnp.broadcast_to(kvseg, (batch, s)).astype(jnp.int32)
+        qseg = kvseg[:, :t] if t == s else None
+    kw = dict(q_segment_ids=qseg, kv_segment_ids=kvseg, causal=causal, q_offset=q_offset)
+    cot = jax.random.normal(keys[3], (batch, t, n, h), jnp.float32)
+
+    def out_and_grads(fn):  # one compile for the output and the three gradients
+        def f(q, k, v):
+            out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, **kw), q, k, v)
+            return out, vjp(cot.astype(out.dtype))
+        return jax.jit(f)
+
+    out, grads = out_and_grads(flash_attention_gpu)(q, k, v)
+    ref, grads_ref = out_and_grads(attention_reference)(q, k, v)
+    errs = [rel_err(out, ref)] + [rel_err(a, b) for a, b in zip(grads, grads_ref)]
+    finite = all(bool(jnp.all(jnp.isfinite(x))) for x in (out, *grads))
+    ok = finite and max(errs) <= tol
+    print(f"{'PASS' if ok else 'FAIL'} {name}: rel err out {errs[0]:.2e} dq {errs[1]:.2e} dk {errs[2]:.2e} "
+          f"dv {errs[3]:.2e}{'' if finite else ' NON-FINITE'}", flush=True)
+    return ok
+
+
+def bench(fn, args, repeats: int, calls: int = 10) -> float:
+    """Seconds per call: the best of `repeats` rounds of `calls` back-to-back calls (one sync per round, so
+    host dispatch overlaps the GPU), after a warm-up."""
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        outs = [fn(*args) for _ in range(calls)]
+        jax.block_until_ready(outs)
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best
+
+
+def sweep(b: int, n: int, repeats: int) -> None:
+    """TFLOP/s of the kernel under several BlockSizes, to choose the defaults."""
+    from phi_jax.kernels.flash_attention_gpu import BlockSizes
+    variants = {
+        "default": BlockSizes(),
+        "no-overlap": BlockSizes(overlap=False),
+        "kv64": BlockSizes(block_kv=64),
+        "kv64 s3": BlockSizes(block_kv=64, slots=3),
+        "kv128 s3": BlockSizes(slots=3),
+        "no-ov kv64": BlockSizes(block_kv=64, overlap=False),
+        "dq kv128": BlockSizes(block_kv_dq=128),
+        "dkv q128": BlockSizes(block_q_dkv=128),
+    }
+    s = 4096
+    for h in (80,):
+        keys = jax.random.split(jax.random.key(h), 3)
+        q, k, v = (jax.random.normal(kk, (b, s, n, h), jnp.bfloat16) for kk in keys)
+        flops = 4 * b * n * s * s * h / 2
+        for name, bs in variants.items():
+            try:
+                fn = lambda q, k, v, bs=bs: flash_attention_gpu(q, k, v, causal=True, block_sizes=bs)  # noqa: E731
+                fwd = flops / bench(jax.jit(fn), (q, k, v), repeats) / 1e12
+                grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2)))
+                fb = 3.5 * flops / bench(grad, (q, k, v), repeats) / 1e12
+                print(f"sweep h{h} s{s} {name:>12}: fwd {fwd:6.1f}  f+b {fb:6.1f} TFLOP/s", flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"sweep h{h} s{s} {name:>12}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help="numerics and seq 4096 only")
+    p.add_argument("--seqs", default="1024,4096,8192")
+    p.add_argument("--sweep", action="store_true", help="time block-size variants of the kernel (h64/h80, seq 4096)")
+    p.add_argument("--dims", default="64,80,128")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--skip-check", action="store_true")
+    args = p.parse_args()
+
+    dev = jax.devices()[0]
+    print(f"# gpu_attention  date {datetime.datetime.now().isoformat(timespec='seconds')}  device {dev.device_kind} "
+          f"({dev.platform})  jax {jax.__version__}  python {platform.python_version()}", flush=True)
+
+    n_fail = 0
+    if not args.skip_check:
+        cases = [
+            dict(name="h64 causal GQA 8:2 left/right padding T=S=300", batch=2, t=300, s=300, n=8, kv=2, h=64,
+                 kind="left"),
+            dict(name="h80 causal GQA 8:2 left/right padding T=S=300", batch=2, t=300, s=300, n=8, kv=2, h=80,
+                 kind="left"),
+            dict(name="h80 causal packed segments GQA 4:2 T=S=256", batch=2, t=256, s=256, n=4, kv=2, h=80,
+                 kind="packed"),
+            dict(name="h80 float16 non-causal padding T=S=129", batch=2, t=129, s=129, n=4, kv=4, h=80,
+                 causal=False, kind="left", dt=jnp.float16),
+            dict(name="h80 causal q_offset 100 T=37 S=137", batch=2, t=37, s=137, n=4, kv=2, h=80, q_offset=100),
+        ]
+        for case in cases:
+            try:
+                n_fail += not check_case(**case)
+            except Exception as e:  # noqa: BLE001 - report and go on
+                n_fail += 1
+                print(f"FAIL {case['name']}: {type(e).__name__}: {str(e)[:400]}", flush=True)
+                traceback.print_exc(limit=3)
+        print(f"numerics: {'PASS' if n_fail == 0 else f'FAIL ({n_fail} cases)'}", flush=True)
+
+    if args.sweep:
+        sweep(args.batch, args.heads, args.repeats)
+    seqs = [4096] if args.quick else [int(x) for x in args.seqs.split(",")]
+    dims = [int(x) for x in args.dims.split(",")]
+    b, n = args.batch, args.heads
+    impls = {
+        "pallas": lambda q, k, v: flash_attention_gpu(q, k, v, causal=True),
+        "cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"),
+        "xla": lambda q, k, v: attention_reference(q, k, v, causal=True),
+    }
+    print(f"\n# TFLOP/s, causal bf16, batch {b}, {n} heads (fwd+bwd counted as 3.5x forward FLOPs)")
+    print(f"{'head_dim':>8} {'seq':>6} " + " ".join(f"{name + ' fwd':>12} {name + ' f+b':>12}" for name in impls),
+          flush=True)
+    for h in dims:
+        for s in seqs:
+            keys = jax.random.split(jax.random.key(s + h), 3)
+            q, k, v = (jax.random.normal(kk, (b, s, n, h), jnp.bfloat16) for kk in keys)
+            flops = 4 * b * n * s * s * h / 2
+            row = []
+            for name, fn in impls.items():
+                for mode in ("fwd", "f+b"):
+                    if name == "xla" and s * s * b * n * 4 > (8 << 30) // (1 if mode == "fwd" else 3):
+                        row.append(f"{'(mem)':>12}")  # the reference materialises the scores
+                        continue
+                    try:
+                        if mode == "fwd":
+                            f = jax.jit(fn)
+                        else:
+                            f = jax.jit(jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32)),
+                                                 argnums=(0, 1, 2)))
+                        sec = bench(f, (q, k, v), args.repeats)
+                        row.append(f"{flops * (1 if mode == 'fwd' else 3.5) / sec / 1e12:12.1f}")
+                    except Exception as e:  # noqa: BLE001
+                        row.append(f"{'ERR':>12}")
+                        print(f"  {name} {mode} h{h} s{s}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            print(f"{h:>8} {s:>6} " + " ".join(row), flush=True)
+    print(f"\n{'PASS' if n_fail == 0 else 'FAIL'} gpu_attention numerics", flush=True)
+
+
+if __name__ == "__main__":
+    main()

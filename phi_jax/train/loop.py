@@ -1,0 +1,253 @@
+"""The fine-tuning run behind `phi-jax finetune`: load, shard, train, checkpoint, resume, export.
+
+Everything a step depends on is a function of (seed, step): the batch (`data.batch_at`), the dropout key
+(`step.step_key`), the learning rate (the schedule), so a run resumed from a checkpoint at step s computes
+exactly the steps s, s+1, ... of the uninterrupted run. SIGTERM finishes the current step, saves and returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import phi_jax.sharding as sharding
+from phi_jax.config import PhiConfig
+from phi_jax.train import data as data_lib
+from phi_jax.train.checkpoint import TrainCheckpoints, abstract_like
+from phi_jax.train.lora import add_lora, merge_lora
+from phi_jax.train.step import (TrainConfig, make_optimizer, make_train_step, path_key, schedule, split_model,
+                                step_key)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "added_tokens.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """One fine-tuning run. `mesh`: "data=1,fsdp=8,tensor=1" (empty: every device on fsdp)."""
+
+    model: str
+    data: str
+    output: str
+    steps: int = 100
+    batch_size: int = 8
+    seq_len: int = 512
+    seed: int = 0
+    mesh: str = ""
+    lora_rank: int = 0
+    compute_dtype: str = "float32"
+    attn_implementation: str = "xla"
+    save_every: int = 100
+    keep: int = 3
+    resume: bool = False
+    progress: bool = True
+    export: bool = True
+    train: TrainConfig = TrainConfig()
+
+
+def _mesh(text: str):
+    if not text:
+        return sharding.make_mesh()
+    return sharding.make_mesh(**sharding.parse_mesh(text))
+
+
+def _shard_tree(tree: dict, template, mesh, rules) -> dict:
+    names = {path_key(p): (v.get_metadata().get("out_sharding"), v.get_value().shape) for p, v in template}
+    return {k: jax.sharding.NamedSharding(mesh, sharding.spec_for(*names[k], mesh, rules)) for k in tree}
+
+
+def build(split, tx, mesh, rules=sharding.DEFAULT_RULES, accum_steps: int = 1):
+    """Places the split model's parameters on `mesh` and compiles the sharded step.
+
+    Returns `(state, frozen, step_fn, batch_sharding)`: `step_fn(state, frozen, batch, key) -> (state, metrics)`
+    with the state donated; the optimizer state takes its parameters' shardings. Parameters already on their
+    sharding are used in place (no copy), so the model's own arrays are donated to the first step.
+    """
+    train_sh = _shard_tree(split.trainable, split.template, mesh, rules)
+    frozen_sh = _shard_tree(split.frozen, split.template, mesh, rules)
+    def put(v, sh):
+        if isinstance(v, jax.Array) and v.sharding == sh:
+            return v  # loaded in place (`from_pretrained(..., mesh=mesh)`)
+        if jax.process_count() == 1:
+            return jax.device_put(v, sh)  # device to device
+        return sharding.place(np.asarray(v), sh)  # each process places its slices from its host copy
+
+    params = {k: put(v, train_sh[k]) for k, v in split.trainable.items()}
+    frozen = {k: put(v, frozen_sh[k]) for k, v in split.frozen.items()}
+    with jax.set_mesh(mesh):
+        state = jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p)})(params)
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    batch_sh = sharding.batch_sharding(mesh, rules)
+    step = make_train_step(split, tx, accum_steps)
+
+    def traced_step(*args):
+        with sharding.rules_in_force(mesh, rules):  # the model's activation constraints, while tracing
+            return step(*args)
+
+    step_fn = jax.jit(traced_step, in_shardings=(state_sh, frozen_sh, batch_sh, None),
+                      out_shardings=(state_sh, None), donate_argnums=0)
+    return state, frozen, step_fn, batch_sh
+
+
+def _read_log(path: str, upto: int) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [r for r in (json.loads(line) for line in f if line.strip()) if r["step"] <= upto]
+
+
+def plot_losses(log_path: str, png_path: str) -> None:
+    """The loss curve of a metrics log as a PNG (matplotlib, Agg backend)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = _read_log(log_path, upto=1 << 62)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = png_path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def export(split, params: dict, frozen: dict, directory: str, tokenizer_dir: str | None = None) -> None:
+    """Writes the trained model (adapters merged) as a Hugging Face directory, with the tokenizer files."""
+    model = split.merge({k: jnp.asarray(_gather(v)) for k, v in params.items()},
+                        {k: jnp.asarray(_gather(v)) for k, v in frozen.items()})
+    model = merge_lora(model)
+    if jax.process_index() != 0:
+        return
+    model.save_pretrained(directory)
+    for name in TOKENIZER_FILES if tokenizer_dir else ():
+        src = os.path.join(tokenizer_dir, name)
+        if os.path.exists(src):
+            shutil.copyfile(src, os.path.join(directory, name))
+
+
+def finetune(run: RunConfig, model=None, rules=sharding.DEFAULT_RULES) -> dict:
+    """Runs (or resumes) `run`; returns {"losses": {step: loss}, "interrupted": bool, "export": dir or None}.
+
+    `model`: an already built PhiForCausalLM (else loaded from `run.model`).
+    """
+    from phi_jax.modeling.model import PhiForCausalLM
+    out_dir = os.path.abspath(run.output)
+    os.makedirs(out_dir, exist_ok=True)
+    mesh = _mesh(run.mesh)
+    rows_split = mesh.shape["data"] * mesh.shape["fsdp"]
+    if run.batch_size % (rows_split * run.train.accum_steps):
+        raise ValueError(f"--batch-size {run.batch_size} must be a multiple of data x fsdp ({rows_split}) x "
+                         f"accum-steps ({run.train.accum_steps})")
+    # the data first: a bad record fails before a large model is read
+    config = model.config if model is not None else PhiConfig.from_pretrained(run.model)
+    rows = data_lib.load_dataset(run.data, data_lib.load_tokenizer(run.model), config, run.seq_len)
+    if model is None:
+        model = PhiForCausalLM.from_pretrained(run.model, dtype=jnp.dtype(run.compute_dtype),
+                                               param_dtype=jnp.float32, mesh=mesh, rules=rules,
+                                               attn_implementation=run.attn_implementation)
+    if run.lora_rank:
+        add_lora(model, run.lora_rank, seed=run.seed)
+    split = split_model(model, nnx.LoRAParam if run.lora_rank else nnx.Param,
+                        remat_policy=run.train.remat_policy)
+    tx = make_optimizer(dataclasses.replace(run.train, total_steps=run.steps))
+    state, frozen, step_fn, batch_sh = build(split, tx, mesh, rules, run.train.accum_steps)
+
+    ckpts = TrainCheckpoints(os.path.join(out_dir, "checkpoints"), save_every=run.save_every, keep=run.keep)
+    log_path = os.path.join(out_dir, "metrics.jsonl")
+    start = 0
+    if run.resume and ckpts.latest_step() is not None:
+        state, meta = ckpts.restore(abstract_like(state))
+        for k, want in (("batch_size", run.batch_size), ("seed", run.seed), ("seq_len", run.seq_len),
+                        ("data_rows", len(rows["input_ids"]))):
+            if meta[k] != want:
+                raise ValueError(f"cannot resume: the checkpoint has {k}={meta[k]}, this run {want}")
+        start = int(meta["step"])
+    elif ckpts.latest_step() is not None:
+        raise FileExistsError(f"{ckpts.directory} holds checkpoints: pass --resume to continue or use a new "
+                              f"--output")
+    logged = _read_log(log_path, upto=start)
+    losses = {r["step"]: r["loss"] for r in logged}
+    is_main = jax.process_index() == 0
+    if is_main:
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in logged)
+        os.replace(log_path + ".tmp", log_path)
+
+    def meta(step):
+        return {"step": step, "rows_seen": step * run.batch_size, "batch_size": run.batch_size, "seed": run.seed,
+                "seq_len": run.seq_len, "data_rows": int(len(rows["input_ids"])),
+                "rng": np.asarray(jax.random.key_data(step_key(run.seed, step))).tolist()}
+
+    stop = {"flag": False}
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+    except ValueError:  # not the main thread
+        pass
+    bar = None
+    if run.progress and is_main:
+        from tqdm import tqdm
+        bar = tqdm(total=run.steps, initial=start, desc="finetune", unit="step")
+    tokens_per_step = run.batch_size * run.seq_len
+    interrupted, last = False, None
+    lr_at = schedule(dataclasses.replace(run.train, total_steps=run.steps))
+    try:
+        with jax.set_mesh(mesh), open(log_path, "a") if is_main else open(os.devnull, "w") as log:
+            for step in range(start, run.steps):
+                t0 = time.perf_counter()
+                host_batch = data_lib.batch_at(rows, step, run.batch_size, run.seed)
+                batch = {k: sharding.place(v, batch_sh) for k, v in host_batch.items()}
+                state, metrics = step_fn(state, frozen, batch, step_key(run.seed, step))
+                loss = float(metrics["loss"])
+                dt = time.perf_counter() - t0
+                record = {"step": step + 1, "loss": loss, "grad_norm": float(metrics["grad_norm"]),
+                          "lr": float(lr_at(step)), "targets": int(metrics["tokens"]),
+                          "tokens_per_s": tokens_per_step / dt, "time": time.time()}
+                losses[step + 1] = loss
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}")
+                last = ckpts.save(step + 1, state, meta(step + 1)) and step + 1
+                if stop["flag"] and step + 1 < run.steps:
+                    interrupted = True
+                    break
+        done = int(state["step"])
+        if ckpts.latest_step() != done and last != done:
+            ckpts.save(done, state, meta(done), force=True)
+        ckpts.wait()
+    finally:
+        ckpts.close()
+        if bar is not None:
+            bar.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if is_main and os.path.exists(log_path):
+        plot_losses(log_path, os.path.join(out_dir, "loss.png"))
+    export_dir = None
+    if run.export and not interrupted:
+        export_dir = os.path.join(out_dir, "model")
+        export(split, state["params"], frozen, export_dir, run.model)
+    return {"losses": losses, "interrupted": interrupted, "export": export_dir}
+

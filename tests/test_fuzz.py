@@ -1,0 +1,562 @@
+"""Differential fuzzing against transformers (issue 9), with `hypothesis`.
+
+Each example draws a small random Phi configuration (vocabularies from a few dozen ids to past 50256, head_dim
+16..80, grouped-query ratios, partial rotary, qk LayerNorm, tied embeddings, every rope type, the transformers 4.x
+and 5.x config layouts) and random batches, builds the model in transformers with randomized weights, writes it
+with `save_pretrained`, loads it with `phi_jax.PhiForCausalLM.from_pretrained` and compares, through the public API
+only:
+
+- logits and every hidden state at real positions: max|Δ| / std(reference) <= TOL (1e-4, float32);
+- the causal-LM loss with -100 labels: relative error <= 1e-5;
+- masked positions hold junk in the phi_jax input (any id, out-of-range and negative ones included) and the
+  reference gets the same batch with 0 there; a second phi_jax run with other junk gives bit-identical logits at
+  real positions;
+- greedy `generate` against transformers' `generate`, token by token. Rule for near-ties: a row may differ from
+  the reference first at step k only if the reference's logit gap there, between its token and phi_jax's token,
+  is <= 2 * TOL * std(reference logits of that step). (If every phi_jax logit is within TOL * std of the
+  reference, argmax can only flip where the gap is at most twice that.) After an allowed divergence the rest of
+  the row is not compared; any other difference fails;
+- `generate_stream` yields exactly the tokens of `generate`.
+
+Corrupted inputs: one field of config.json (or of its rope parameters) deleted, given a wrong type, zero,
+negative, huge or non-finite; a safetensors file truncated or its header made inconsistent. Loading must either
+work (then a forward pass gives finite logits) or raise ValueError / FileNotFoundError whose message names the
+culprit (the field, or the file or tensor); any other exception type fails.
+
+CI runs a few examples per test with a fixed seed (derandomized). `PHI_JAX_FUZZ_EXAMPLES=N` runs N examples per
+test, randomly (pass `--hypothesis-seed=S` to repeat a run); `PHI_JAX_FUZZ_LOG=FILE` appends one line per
+example tried (test, status, seconds).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import copy
+import functools
+import json
+import math
+import os
+import shutil
+import signal
+import struct
+import tempfile
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, assume, given, note, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import phi_jax  # noqa: E402
+from conftest import randomize, rel_err, write_checkpoint  # noqa: E402
+
+TOL = 1e-4  # logits / hidden states: max|Δ| / std(reference)
+LOSS_TOL = 1e-5  # relative
+LONG_RUN = int(os.environ.get("PHI_JAX_FUZZ_EXAMPLES", "0") or 0)
+LOG = os.environ.get("PHI_JAX_FUZZ_LOG")
+TIMEOUT_S = int(os.environ.get("PHI_JAX_FUZZ_TIMEOUT", "60"))  # one load must fail fast, not build 1e9 layers
+
+
+def fuzz_settings(ci_examples: int):
+    """CI: `ci_examples`, derandomized (the same examples every run). Long run: PHI_JAX_FUZZ_EXAMPLES, random."""
+    return settings(max_examples=LONG_RUN or ci_examples, derandomize=not LONG_RUN, deadline=None, database=None,
+                    print_blob=True, suppress_health_check=list(HealthCheck))
+
+
+def _log(test: str, status: str, seconds: float) -> None:
+    if LOG:
+        with open(LOG, "a") as f:
+            f.write(f"{time.strftime('%H:%M:%S')} {test} {status} {seconds:.2f} "
+                    f"{os.environ.get('PHI_JAX_FUZZ_CHUNK', '-')}\n")
+
+
+@contextlib.contextmanager
+def logged(test: str):
+    start = time.perf_counter()
+    status = "fail"
+    try:
+        yield
+        status = "ok"
+    except hypothesis.errors.UnsatisfiedAssumption:
+        status = "skip"
+        raise
+    finally:
+        _log(test, status, time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int, what: str):
+    """Fails (TimeoutError) when the block runs longer than `seconds` (a hang is a finding too)."""
+    def handler(signum, frame):
+        raise TimeoutError(f"{what} ran past {seconds} s")
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# ---- configurations ------------------------------------------------------------------------------
+
+ACTIVATIONS = ("gelu_new", "gelu", "gelu_fast", "gelu_pytorch_tanh", "quick_gelu", "relu", "silu")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
+
+
+@st.composite
+def rope_parameters(draw, rotary_ndims: int, max_pos: int) -> dict:
+    """One rope type's parameters, transformers 5.x style (without rope_theta / partial_rotary_factor)."""
+    rope_type = draw(st.sampled_from(ROPE_TYPES))
+    factor = st.sampled_from([1.0, 1.5, 2.0, 3.0, 4.0, 8.0])
+    original = st.integers(2, max_pos)
+    p = {"rope_type": rope_type}
+    if rope_type in ("linear", "dynamic"):
+        p["factor"] = draw(factor)
+    elif rope_type == "yarn":
+        p["factor"] = draw(factor)
+        if draw(st.booleans()):
+            p["original_max_position_embeddings"] = draw(original)
+        if draw(st.booleans()):
+            p["beta_fast"], p["beta_slow"] = draw(st.sampled_from([(32, 1), (8, 2), (16, 0.5)]))
+        extra = draw(st.sampled_from(["none", "mscale", "attention_factor"]))
+        if extra == "mscale":
+            p["mscale"], p["mscale_all_dim"] = draw(st.sampled_from([(0.8, 0.5), (1.0, 1.0), (1.0, 0.0)]))
+        elif extra == "attention_factor":
+            p["attention_factor"] = draw(st.sampled_from([0.7, 1.0, 1.3]))
+        if draw(st.booleans()):
+            p["truncate"] = draw(st.booleans())
+    elif rope_type == "llama3":
+        p["factor"] = draw(factor)
+        p["low_freq_factor"], p["high_freq_factor"] = draw(st.sampled_from([(1.0, 4.0), (1.0, 2.0), (0.5, 8.0)]))
+        p["original_max_position_embeddings"] = draw(original)
+    elif rope_type == "longrope":
+        n = rotary_ndims // 2
+        floats = st.floats(1.0, 8.0, allow_nan=False, width=32)
+        p["short_factor"] = draw(st.lists(floats, min_size=n, max_size=n))
+        p["long_factor"] = draw(st.lists(floats, min_size=n, max_size=n))
+        p["original_max_position_embeddings"] = draw(original)
+        if draw(st.booleans()):
+            p["factor"] = draw(factor)
+    return p
+
+
+@st.composite
+def phi_configs(draw) -> dict:
+    """transformers.PhiConfig keyword arguments of a tiny model, plus `layout` ('4.x' or '5.x')."""
+    big_vocab = draw(st.booleans())
+    heads = draw(st.integers(1, 2 if big_vocab else 4))
+    kv_heads = draw(st.sampled_from([d for d in range(1, heads + 1) if heads % d == 0]))
+    head_dim = draw(st.sampled_from([16, 80]) | st.integers(8, 40).map(lambda x: 2 * x))
+    if big_vocab:
+        vocab = draw(st.sampled_from([50257, 51200]) | st.integers(50257, 50400))
+    else:
+        vocab = draw(st.integers(24, 600))
+    rotary = draw(st.integers(1, head_dim // 2)) * 2
+    prf = draw(st.sampled_from([rotary / head_dim, 0.25, 0.4, 0.5, 1.0]))
+    assume(int(head_dim * prf) % 2 == 0 and int(head_dim * prf) >= 2)
+    max_pos = draw(st.integers(4, 64))
+    rope = draw(rope_parameters(int(head_dim * prf), max_pos))
+    rope["rope_theta"] = draw(st.sampled_from([10000.0, 500.0, 1e6]))
+    rope["partial_rotary_factor"] = prf
+    special = st.none() | st.integers(0, vocab - 1)
+    eos = draw(special | st.lists(st.integers(0, vocab - 1), min_size=1, max_size=3))
+    return dict(
+        vocab_size=vocab, hidden_size=heads * head_dim, intermediate_size=draw(st.integers(4, 96)),
+        num_hidden_layers=draw(st.integers(1, 2)), num_attention_heads=heads, num_key_value_heads=kv_heads,
+        hidden_act=draw(st.sampled_from(ACTIVATIONS)), max_position_embeddings=max_pos,
+        layer_norm_eps=draw(st.sampled_from([1e-5, 1e-6, 1e-3])), tie_word_embeddings=draw(st.booleans()),
+        qk_layernorm=draw(st.booleans()), rope_parameters=rope, bos_token_id=draw(special), eos_token_id=eos,
+        pad_token_id=draw(special), layout=draw(st.sampled_from(["4.x", "5.x"])), seed=draw(st.integers(0, 3)))
+
+
+# ---- checkpoints (built once per configuration per session) ---------------------------------------
+
+_ROOT = tempfile.mkdtemp(prefix="phi_jax_fuzz_")
+atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
+
+
+@functools.lru_cache(maxsize=4)
+def _checkpoint(key: str):
+    kw = json.loads(key)
+    layout, seed = kw.pop("layout"), kw.pop("seed")
+    torch.manual_seed(seed)
+    ref = transformers.PhiForCausalLM(transformers.PhiConfig(**kw)).eval()
+    randomize(ref, seed)
+    directory = tempfile.mkdtemp(dir=_ROOT)
+    write_checkpoint(directory, ref, "safetensors", layout)
+    return directory, ref
+
+
+def checkpoint(kw: dict):
+    """(directory, a fresh copy of the reference model): dynamic and longrope ropes keep state between calls in
+    transformers, so every comparison starts from the model as saved."""
+    directory, ref = _checkpoint(json.dumps(kw, sort_keys=True))
+    return directory, copy.deepcopy(ref)
+
+
+@functools.lru_cache(maxsize=4)
+def _jax_model(key: str):
+    directory, _ = _checkpoint(key)
+    return phi_jax.PhiForCausalLM.from_pretrained(directory)
+
+
+def jax_model(kw: dict):
+    return _jax_model(json.dumps(kw, sort_keys=True))
+
+
+# ---- batches ---------------------------------------------------------------------------------------
+
+def special_ids(kw: dict) -> list[int]:
+    eos = kw["eos_token_id"]
+    ids = [kw["bos_token_id"], kw["pad_token_id"], *(eos if isinstance(eos, list) else [eos])]
+    return [i for i in ids if i is not None]
+
+
+@st.composite
+def batches(draw, kw: dict, *, generation: bool = False) -> dict:
+    """ids (with junk at masked positions), the reference's ids (0 there), mask, labels, position_ids."""
+    vocab = kw["vocab_size"]
+    b = draw(st.integers(1, 3))
+    t = draw(st.integers(1, 12) | st.integers(13, 40))
+    rng = np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1)))
+    ids = rng.integers(0, vocab, (b, t))
+    specials = special_ids(kw)
+    if specials and draw(st.booleans()):  # special ids at random places
+        spots = rng.random((b, t)) < 0.3
+        ids[spots] = rng.choice(specials, size=int(spots.sum()))
+    mask = np.zeros((b, t), bool)
+    for row in range(b):
+        n = draw(st.integers(1 if generation else 0, t))  # 0: a fully padded row
+        left = generation or draw(st.booleans())
+        if left:
+            mask[row, t - n:] = True
+        else:
+            mask[row, :n] = True
+    junk = rng.integers(-3, vocab + 1000, (b, t))
+    if vocab < 50300:
+        junk[rng.random((b, t)) < 0.3] = 50256
+    ids_jax = np.where(mask, ids, junk)
+    ids_ref = np.where(mask, ids, 0)
+    labels = np.where(mask, ids, -100)
+    labels[rng.random((b, t)) < 0.2] = -100
+    positions = None
+    if draw(st.booleans()):
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    return dict(ids=ids_jax, ids_ref=ids_ref, mask=mask, labels=labels, position_ids=positions,
+                other_junk=rng.integers(-5, vocab + 60000, (b, t)))
+
+
+# ---- the differential checks -----------------------------------------------------------------------
+
+def check_forward(kw: dict, batch: dict) -> None:
+    """Logits, hidden states and loss at real positions against transformers; junk at masked positions inert."""
+    directory, ref_model = checkpoint(kw)
+    model = jax_model(kw)
+    mask = batch["mask"]
+    pos = batch["position_ids"]
+    with torch.no_grad():
+        ref = ref_model(torch.from_numpy(batch["ids_ref"]), attention_mask=torch.from_numpy(mask.astype(np.int64)),
+                        position_ids=None if pos is None else torch.from_numpy(pos),
+                        labels=torch.from_numpy(batch["labels"]), output_hidden_states=True)
+    jpos = None if pos is None else jnp.asarray(pos)
+    forward = phi_jax.compiled(model)  # one XLA program per example (eager dispatch compiles every op per shape)
+    out = forward(jnp.asarray(batch["ids"]), jnp.asarray(mask), jpos, labels=jnp.asarray(batch["labels"]),
+                  output_hidden_states=True)
+    logits = np.asarray(out.logits)
+    real = mask
+    if real.any():
+        ref_logits = ref.logits.float().numpy()
+        assert np.isfinite(logits[real]).all()
+        assert rel_err(logits[real], ref_logits[real]) <= TOL
+        assert len(out.hidden_states) == len(ref.hidden_states) == kw["num_hidden_layers"] + 1
+        for i, (a, r) in enumerate(zip(out.hidden_states, ref.hidden_states)):
+            err = rel_err(np.asarray(a)[real], r.numpy()[real])
+            assert err <= TOL, f"hidden state {i}: {err}"
+    # loss: transformers shifts labels left; count what it averages over
+    if (batch["labels"][:, 1:] != -100).any():
+        loss, ref_loss = float(out.loss), float(ref.loss)
+        assert abs(loss - ref_loss) <= LOSS_TOL * abs(ref_loss), (loss, ref_loss)
+    # other junk at masked positions: real-position logits bit-identical
+    other = np.where(mask, batch["ids"], batch["other_junk"])
+    again = np.asarray(forward(jnp.asarray(other), jnp.asarray(mask), jpos, labels=jnp.asarray(batch["labels"]),
+                               output_hidden_states=True).logits)
+    np.testing.assert_array_equal(again[real], logits[real])
+
+
+def _padded(tokens: np.ndarray, length: int, pad: int) -> np.ndarray:
+    return np.pad(tokens, ((0, 0), (0, length - tokens.shape[1])), constant_values=pad)
+
+
+def check_generate(kw: dict, batch: dict, max_new_tokens: int, explicit: bool) -> None:
+    """Greedy `generate` against transformers' (near-tie rule in the module docstring); stream == generate."""
+    directory, ref_model = checkpoint(kw)
+    model = jax_model(kw)
+    eos = kw["eos_token_id"]
+    eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    pad = kw["pad_token_id"]
+    if pad is None:
+        pad = eos[0] if eos else 0  # transformers pads with the first eos id when there is no pad id
+    mask = batch["mask"]
+    # left-padded prompts; the pad slots hold a valid id (transformers' embedding rejects others)
+    prompt = np.where(mask, batch["ids_ref"], pad)
+    gen = transformers.GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos or None,
+                                        pad_token_id=pad, bos_token_id=None)
+    with torch.no_grad():
+        ref = ref_model.generate(torch.from_numpy(prompt), attention_mask=torch.from_numpy(mask.astype(np.int64)),
+                                 generation_config=gen, output_logits=True, return_dict_in_generate=True)
+    t = prompt.shape[1]
+    ref_new = _padded(ref.sequences[:, t:].numpy(), max_new_tokens, pad)
+    special = dict(eos_token_id=eos, pad_token_id=pad) if explicit else {}
+    out = np.asarray(model.generate(jnp.asarray(prompt), jnp.asarray(mask), max_new_tokens=max_new_tokens,
+                                    **special))
+    np.testing.assert_array_equal(out[:, :t], prompt)
+    new = out[:, t:]
+    assert new.shape == ref_new.shape
+    for row in range(new.shape[0]):
+        diff = np.flatnonzero(new[row] != ref_new[row])
+        if not diff.size:
+            continue
+        k = int(diff[0])
+        assert k < len(ref.logits), f"row {row}: step {k} after the reference stopped ({new[row]} vs {ref_new[row]})"
+        step = ref.logits[k][row].float().numpy()
+        gap = step[ref_new[row, k]] - step[new[row, k]]
+        note(f"row {row} diverges at step {k}: gap {gap}, allowed {2 * TOL * np.std(step)}")
+        _log("generate-near-tie", "tie" if gap <= 2 * TOL * np.std(step) else "mismatch", float(gap))
+        assert gap <= 2 * TOL * np.std(step), (
+            f"row {row} step {k}: phi_jax {new[row]} vs transformers {ref_new[row]}, logit gap {gap:.3g} is not a "
+            f"near-tie (std {np.std(step):.3g})")
+    stream = list(model.generate_stream(jnp.asarray(prompt), jnp.asarray(mask), max_new_tokens=max_new_tokens,
+                                        **special))
+    assert 1 <= len(stream) <= max_new_tokens
+    streamed = np.stack(stream, axis=1)  # [B, steps]
+    np.testing.assert_array_equal(streamed, new[:, :streamed.shape[1]])
+    np.testing.assert_array_equal(new[:, streamed.shape[1]:], pad)
+
+
+@st.composite
+def forward_cases(draw):
+    kw = draw(phi_configs())
+    return kw, draw(batches(kw))
+
+
+@st.composite
+def generate_cases(draw):
+    kw = draw(phi_configs())
+    return kw, draw(batches(kw, generation=True)), draw(st.integers(1, 8)), draw(st.booleans())
+
+
+@fuzz_settings(ci_examples=6)
+@given(case=forward_cases())
+def test_forward_matches_transformers(case):
+    kw, batch = case
+    with logged("forward"):
+        check_forward(kw, batch)
+
+
+@fuzz_settings(ci_examples=3)
+@given(case=generate_cases())
+def test_generate_matches_transformers(case):
+    kw, batch, max_new_tokens, explicit = case
+    with logged("generate"):
+        check_generate(kw, batch, max_new_tokens, explicit)
+
+
+# ---- corrupted inputs -------------------------------------------------------------------------------
+
+BASE = dict(vocab_size=40, hidden_size=32, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=32, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))
+
+
+@functools.lru_cache(maxsize=2)
+def _base_checkpoint(layout: str) -> str:
+    torch.manual_seed(0)
+    ref = transformers.PhiForCausalLM(transformers.PhiConfig(**BASE)).eval()
+    randomize(ref, 0)
+    return write_checkpoint(tempfile.mkdtemp(dir=_ROOT), ref, "safetensors", layout)
+
+
+def fresh_copy(layout: str = "5.x") -> str:
+    d = tempfile.mkdtemp(dir=_ROOT)
+    shutil.copytree(_base_checkpoint(layout), d, dirs_exist_ok=True)
+    return d
+
+
+def load_or_clear_error(directory: str, culprits: list[str]) -> str:
+    """Loads `directory`: either it works and a forward pass gives finite logits, or it raises ValueError /
+    FileNotFoundError naming one of `culprits`. Returns 'loaded' or 'error'."""
+    try:
+        with time_limit(TIMEOUT_S, "from_pretrained"):
+            model = phi_jax.PhiForCausalLM.from_pretrained(directory)
+    except (ValueError, FileNotFoundError) as e:
+        msg = str(e)
+        assert any(c in msg for c in culprits), f"error names none of {culprits}: {type(e).__name__}: {msg}"
+        assert "\n" not in msg.strip(), f"error is not one line: {msg!r}"
+        return "error"
+    logits = np.asarray(phi_jax.compiled(model)(jnp.zeros((1, 3), jnp.int32)).logits)
+    assert np.isfinite(logits).all(), "loaded a config that gives non-finite logits without a word"
+    return "loaded"
+
+
+def _mutations():
+    huge = st.sampled_from([10 ** 9, 2 ** 31, 10 ** 18, 1e300])
+    return st.one_of(
+        st.just(("delete", None)),
+        st.tuples(st.just("set"), st.sampled_from([0, -1, -7, 0.5, 1.5, True, False, None, "2", "x", [], [3], {},
+                                                   {"a": 1}, float("nan"), float("inf"), -float("inf")])),
+        st.tuples(st.just("set"), huge),
+        st.tuples(st.just("set"), st.integers(-10 ** 6, 10 ** 6)),
+        st.tuples(st.just("stringify"), st.none()),
+    )
+
+
+@st.composite
+def config_corruptions(draw):
+    layout = draw(st.sampled_from(["4.x", "5.x"]))
+    with open(os.path.join(_base_checkpoint(layout), "config.json")) as f:
+        cfg = json.load(f)
+    nested = [k for k in ("rope_parameters", "rope_scaling") if isinstance(cfg.get(k), dict)]
+    paths = [(k,) for k in cfg] + [(n, k) for n in nested for k in cfg[n]]
+    path = draw(st.sampled_from(sorted(paths)))
+    return layout, path, draw(_mutations())
+
+
+def corrupt_config(layout: str, path: tuple, mutation: tuple) -> tuple[str, list[str]]:
+    """A copy of the base checkpoint with one config field changed; returns (directory, names that may be blamed)."""
+    d = fresh_copy(layout)
+    p = os.path.join(d, "config.json")
+    with open(p) as f:
+        cfg = json.load(f)
+    parent = cfg
+    for key in path[:-1]:
+        parent = parent[key]
+    kind, value = mutation
+    if kind == "delete":
+        parent.pop(path[-1])
+    elif kind == "stringify":
+        parent[path[-1]] = json.dumps(parent[path[-1]])
+    else:
+        parent[path[-1]] = value
+    with open(p, "w") as f:
+        json.dump(cfg, f)
+    # the field itself, or for a nested key its parent; a derived size may be blamed by the name it feeds
+    culprits = list(path)
+    if path[-1] in ("hidden_size", "num_attention_heads"):
+        culprits += ["head_dim"]
+    if path[-1] in ("partial_rotary_factor", "hidden_size", "num_attention_heads"):
+        culprits += ["rotary"]
+    if path[-1] == "rope_type" or path[-1] == "type":
+        culprits += ["rope type"]
+    return d, culprits
+
+
+@fuzz_settings(ci_examples=40)
+@given(case=config_corruptions())
+def test_corrupted_config_is_a_clear_error(case):
+    layout, path, mutation = case
+    with logged("config"):
+        d, culprits = corrupt_config(layout, path, mutation)
+        note(f"{'.'.join(path)} <- {mutation}")
+        try:
+            load_or_clear_error(d, culprits)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _header(path: str) -> tuple[dict, bytes]:
+    with open(path, "rb") as f:
+        raw = f.read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def _write(path: str, header: dict, data: bytes, pad: bool = True) -> None:
+    text = json.dumps(header).encode()
+    if pad:
+        text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + data)
+
+
+@st.composite
+def file_corruptions(draw):
+    kind = draw(st.sampled_from(["truncate", "header_length", "header_bytes", "dtype", "shape", "offsets",
+                                 "drop_tensor", "extra_tensor", "rename_tensor", "swap_shape", "not_json",
+                                 "entry_type"]))
+    return kind, draw(st.integers(0, 2 ** 31)), draw(st.floats(0, 1))
+
+
+def corrupt_file(kind: str, n: int, frac: float) -> tuple[str, list[str]]:
+    """A copy of the base checkpoint with model.safetensors corrupted; returns (directory, blameable names)."""
+    d = fresh_copy()
+    p = os.path.join(d, "model.safetensors")
+    header, data = _header(p)
+    names = sorted(k for k in header if k != "__metadata__")
+    name = names[n % len(names)]
+    culprits = ["model.safetensors", name]
+    if kind == "truncate":
+        with open(p, "rb") as f:
+            raw = f.read()
+        with open(p, "wb") as f:
+            f.write(raw[:int(frac * (len(raw) - 1))])
+    elif kind == "header_length":
+        with open(p, "r+b") as f:
+            f.write(struct.pack("<Q", [0, 1, 2 ** 63, n, 7][n % 5]))
+    elif kind == "header_bytes":  # may land in any tensor's name or entry
+        culprits += names
+        with open(p, "r+b") as f:
+            f.seek(8 + int(frac * 40))
+            f.write(bytes([n % 256, (n >> 8) % 256]))
+    elif kind == "not_json":
+        _write(p, {}, b"")
+        with open(p, "wb") as f:
+            text = b"[1, 2, 3]" if n % 2 else b"{\"a\": 1}"
+            f.write(struct.pack("<Q", len(text)) + text + data)
+    else:
+        e = header[name]
+        if kind == "dtype":
+            e["dtype"] = ["F16", "I64", "BF16", "XX", "F64", 3][n % 6]
+        elif kind == "shape":
+            e["shape"] = [[], [1], [e["shape"][0] + 1] + e["shape"][1:], [-1], [10 ** 12], "ab"][n % 6]
+        elif kind == "offsets":
+            b, end = e["data_offsets"]
+            e["data_offsets"] = [[b, end + 4], [b + 4, end], [end, b], [-4, end], [b, 10 ** 15], [b]][n % 6]
+        elif kind == "drop_tensor":
+            del header[name]
+        elif kind == "extra_tensor":
+            header["model.layers.9.mlp.fc9.weight"] = dict(e)
+            # the stray tensor, or at least its layer (tests/test_regressions.py asks for the tensor's name)
+            culprits += ["model.layers.9.mlp.fc9.weight", "layers.9"]
+        elif kind == "rename_tensor":
+            header[name + ".x"] = header.pop(name)
+            culprits.append(name + ".x")
+        elif kind == "swap_shape":
+            other = header[names[(n + 1) % len(names)]]
+            e["shape"], other["shape"] = other["shape"], e["shape"]
+            e["data_offsets"], other["data_offsets"] = other["data_offsets"], e["data_offsets"]
+            culprits.append(names[(n + 1) % len(names)])
+        elif kind == "entry_type":
+            header[name] = [None, "x", 3, [1, 2]][n % 4]
+        _write(p, header, data, pad=bool(n % 2))
+    return d, culprits
+
+
+@fuzz_settings(ci_examples=30)
+@given(case=file_corruptions())
+def test_corrupted_safetensors_is_a_clear_error(case):
+    kind, n, frac = case
+    with logged("safetensors"):
+        d, culprits = corrupt_file(kind, n, frac)
+        note(f"{kind} n={n} frac={frac} culprits={culprits}")
+        try:
+            load_or_clear_error(d, culprits)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
