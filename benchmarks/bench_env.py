@@ -13,6 +13,7 @@ import os
 import platform
 import socket
 import sys
+import time
 
 
 def pin_threads(n: int | None) -> int:
@@ -60,3 +61,14 @@ def header(threads: int) -> list[str]:
         thread_line += f"; torch intra-op threads {torch.get_num_threads()}"
     lines.append(thread_line)
     return lines
+
+
+def median_time(fn, repeats: int) -> float:
+    """Median wall time of `repeats` calls of `fn` (which must block until its result is ready)."""
+    import numpy as np
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from bench_env import header, pin_threads
+from bench_env import header, median_time, pin_threads
 
 MIN_REPEATS = 5
 
@@ -33,15 +33,6 @@ def forward_flops(cfg, batch: int, seq: int) -> float:
     tokens = batch * seq
     per_layer = 2 * tokens * (d * d + 2 * d * kv + d * d + 2 * d * f) + 2 * 2 * batch * seq * seq * d
     return n_layers * per_layer + 2 * tokens * d * v
-
-
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def matmul_rate(repeats: int, dtype) -> float:

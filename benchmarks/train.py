@@ -22,7 +22,6 @@ import datetime
 import os
 import platform
 import sys
-import time
 
 if "--gpu" not in sys.argv:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -30,6 +29,8 @@ if "--gpu" not in sys.argv:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+from bench_env import median_time  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5 lite": 197e12, "TPU v4": 275e12,
              "TPU v5p": 459e12, "TPU v6 lite": 918e12}
@@ -45,15 +46,6 @@ def train_flops(cfg, batch: int, seq: int, remat: bool) -> float:
     tokens = batch * seq
     per_layer = 2 * tokens * (2 * d * d + 2 * d * kv + 2 * d * f) + 2 * 2 * batch * seq * seq * d
     return 3 * (n * per_layer + 2 * tokens * d * v)
-
-
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def header(extra: str = "") -> None:
