@@ -22,6 +22,7 @@ import datetime
 import os
 import platform
 import sys
+import time
 
 if "--gpu" not in sys.argv:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
