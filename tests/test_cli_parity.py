@@ -37,7 +37,7 @@ def test_parity_command_fails_on_impossible_tolerance(capsys):
 def _readme_python_example() -> str:
     with open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md"), encoding="utf-8") as f:
         readme = f.read()
-    return re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    return re.search(r"```python\n(.*?)```", readme[readme.index("## Usage"):], re.S).group(1)  # Usage's example
 
 
 def test_readme_usage_example_runs_on_parity_save(tmp_path, monkeypatch, capsys):
