@@ -8,7 +8,8 @@ interrupted run resumes where it stopped):
   1. corpus: `.py` files of the standard library (recipes/tiny_code_data.py), 1 in 20 held out by path hash;
   2. tokenizer: byte-level BPE (`tokenizers`), `--vocab-size` tokens, trained on the training files;
   3. model: phi-1's shape scaled down (parallel block, partial rotary 0.5, gelu_new), N(0, 0.02) init;
-  4. training: AdamW with warmup + cosine decay on packed rows of `--seq-len` tokens (recipes/tiny_code_train.py);
+  4. training with `phi_jax.train` (recipes/tiny_code_train.py): packed rows of `--seq-len` tokens (no attention
+     across files), AdamW with warmup + cosine decay and clipping, Orbax checkpoints;
   5. evaluation: loss on every held-out row, on the first `--slice-rows` rows (the slice tests/test_shipped.py
      re-evaluates) and a unigram baseline on the same predictions; greedy sample completions;
   6. output: config.json, model.safetensors, tokenizer files, metrics.json, loss_curve.png.
@@ -56,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--intermediate-size", type=int, default=768)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=600, help="the shipped model: 600")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--weight-decay", type=float, default=0.1)
@@ -88,20 +89,35 @@ def tokenizer_in(work: str, train_texts, vocab_size: int, seq_len: int):
     return Tokenizer.from_file(path), directory
 
 
-def measure(model, rows, args):
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx, _ = loop.make_optimizer(args.lr, args.warmup, args.steps, args.weight_decay, args.clip)
-    opt_state = tx.init(params)
-    step = loop.make_train_step(graphdef, rest, tx)
-    ids = jax.numpy.asarray(loop.batch_at(rows, 0, args.batch_size, args.seed))
-    jax.block_until_ready(step(params, opt_state, ids))  # compile
-    t = time.perf_counter()
-    for i in range(args.measure):
-        params, opt_state, loss, _ = step(params, opt_state, ids)
-    jax.block_until_ready(loss)
-    dt = time.perf_counter() - t
+def make_trainer(model, train_rows, args, work: str):
+    return loop.Trainer(model, train_rows, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                        warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip, seed=args.seed,
+                        ckpt_dir=os.path.join(work, "checkpoints"), save_every=args.save_every)
+
+
+def measure(model, train_rows, args):
+    """Times `args.measure` train steps after one compiling step."""
+    import tempfile
+
+    from phi_jax import sharding
+    from phi_jax.train.data import batch_at
+    from phi_jax.train.step import step_key
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = make_trainer(model, train_rows, args, tmp)
+        batch = {k: sharding.place(v, trainer.batch_sh)
+                 for k, v in batch_at(train_rows, 0, args.batch_size, args.seed).items()}
+        with jax.set_mesh(trainer.mesh):
+            state, metrics = trainer.step_fn(trainer.state, trainer.frozen, batch, step_key(args.seed, 0))
+            jax.block_until_ready(metrics)
+            t = time.perf_counter()
+            for i in range(args.measure):
+                state, metrics = trainer.step_fn(state, trainer.frozen, batch, step_key(args.seed, i + 1))
+            jax.block_until_ready(metrics)
+            dt = time.perf_counter() - t
+    tokens = args.measure * args.batch_size * args.seq_len
     print(f"{args.measure} steps of {args.batch_size}x{args.seq_len}: {dt / args.measure * 1000:.0f} ms/step, "
-          f"{args.measure * ids.size / dt:.0f} tokens/s, loss {float(loss):.3f}")
+          f"{tokens / dt:.0f} tokens/s, loss {float(metrics['loss']):.3f}")
 
 
 def hardware() -> str:
@@ -143,10 +159,11 @@ def main(argv=None) -> int:
     eos_id = tok.token_to_id(data.EOS)
     train_docs = [np.asarray(e.ids, np.int32) for e in tok.encode_batch(train_texts)]
     valid_docs = [np.asarray(e.ids, np.int32) for e in tok.encode_batch(valid_texts)]
-    train_rows = loop.pack_rows(train_docs, eos_id, args.seq_len)
-    valid_rows = loop.pack_rows(valid_docs, eos_id, args.seq_len)
-    print(f"{data.python_version()}: {len(train_files)} training files ({train_rows.size} tokens in "
-          f"{len(train_rows)} rows), {len(valid_files)} held out ({valid_rows.size} tokens)", flush=True)
+    train_rows = loop.pack_documents(train_docs, eos_id, args.seq_len)
+    valid_rows = loop.contiguous_rows(valid_docs, eos_id, args.seq_len)
+    train_ids = np.concatenate([np.append(d, eos_id) for d in train_docs])
+    print(f"{data.python_version()}: {len(train_files)} training files ({train_ids.size} tokens in "
+          f"{len(train_rows['input_ids'])} rows), {len(valid_files)} held out ({valid_rows.size} tokens)", flush=True)
 
     config = build_config(args, eos_id)
     model = PhiForCausalLM(config, rngs=nnx.Rngs(args.seed))
@@ -158,19 +175,14 @@ def main(argv=None) -> int:
         return 0
 
     log_path = os.path.join(args.work, "log.jsonl")
-    wall = loop.train(model, train_rows, valid_rows, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip, seed=args.seed,
-                      eval_every=args.eval_every, eval_stride=args.eval_stride,
-                      ckpt_dir=os.path.join(args.work, "checkpoints"),
-                      log_path=log_path, save_every=args.save_every)
-
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    nll_sum = loop.make_eval(graphdef, rest)
-    valid_loss = loop.evaluate(nll_sum, params, valid_rows, args.batch_size)
+    trainer = make_trainer(model, train_rows, args, args.work)
+    wall = trainer.run(valid_rows, eval_every=args.eval_every, eval_stride=args.eval_stride, log_path=log_path)
+    model = trainer.model()
+    valid_loss = trainer.evaluate(valid_rows)
     slice_rows = valid_rows[: args.slice_rows]
-    slice_loss = loop.evaluate(nll_sum, params, slice_rows, args.batch_size)
-    unigram = loop.unigram_loss(train_rows, valid_rows, config.vocab_size)
-    unigram_slice = loop.unigram_loss(train_rows, slice_rows, config.vocab_size)
+    slice_loss = trainer.evaluate(slice_rows)
+    unigram = loop.unigram_loss(train_ids, valid_rows, config.vocab_size)
+    unigram_slice = loop.unigram_loss(train_ids, slice_rows, config.vocab_size)
     print(f"validation loss {valid_loss:.4f} (unigram {unigram:.4f}); slice {slice_loss:.4f}", flush=True)
 
     stage = os.path.join(args.work, "shipped")  # everything is written here, then copied into --out
@@ -190,7 +202,7 @@ def main(argv=None) -> int:
         "valid_tokens": int(sum(len(d) + 1 for d in valid_docs)),
         "parameters": int(n_params), "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size,
         "seq_len": args.seq_len, "tokens_seen": args.steps * args.batch_size * args.seq_len,
-        "epochs": round(args.steps * args.batch_size / len(train_rows), 2),
+        "epochs": round(args.steps * args.batch_size / len(train_rows["input_ids"]), 2),
         "optimizer": {"name": "adamw", "lr": args.lr, "warmup": args.warmup, "schedule": "warmup_cosine_decay",
                       "end_lr": args.lr * 0.1, "b1": 0.9, "b2": 0.95, "weight_decay": args.weight_decay,
                       "clip": args.clip},
@@ -203,7 +215,8 @@ def main(argv=None) -> int:
                   "description": "the first rows of the held-out files' tokens (files in valid_files order, each "
                                  "followed by <|endoftext|>, cut into rows of seq_len)"},
         "samples": samples(model, tok),
-        "trained_with": "recipes/tiny_code.py (phi_jax model, optax AdamW, Orbax checkpoints)",
+        "trained_with": "recipes/tiny_code.py on phi_jax.train (train.data packing, train.step AdamW step, "
+                        "train.checkpoint Orbax checkpoints)",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {m.__name__: m.__version__ for m in (jax, np)},
     }

@@ -1,8 +1,10 @@
-"""The training loop of the tiny code model: AdamW (optax) on packed rows, Orbax checkpoints, a JSON-lines log.
+"""The training loop of the tiny code model, on phi_jax's own training code (`phi_jax.train`).
 
-Rows: the training files' tokens, each file followed by `<|endoftext|>`, concatenated and cut into rows of
-`seq_len` tokens; every epoch visits the rows in an order drawn from `seed` and the epoch number, so the
-batch at step s is a function of (seed, s) alone and a resumed run sees the same batches as an uninterrupted one.
+`phi_jax.train` supplies the pieces: documents packed into rows with segment ids and per-document positions,
+batches as a function of (seed, step) (`train.data`), the jitted step with AdamW, warmup + cosine decay and
+clipping (`train.step`, compiled on a one-device mesh by `train.loop.build`), Orbax checkpoints
+(`train.checkpoint`) and the Hugging Face export (`train.loop.export`). This module adds what a from-scratch
+run needs on top: transformers' initialisation, periodic validation, a JSON-lines log and the loss curve.
 """
 
 from __future__ import annotations
@@ -15,25 +17,29 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from phi_jax.modeling.losses import causal_lm_loss
+from phi_jax import sharding
+from phi_jax.train import data as train_data
+from phi_jax.train.checkpoint import TrainCheckpoints, abstract_like
+from phi_jax.train.loop import build
+from phi_jax.train.step import TrainConfig, make_optimizer, schedule, split_model, step_key
 
 
-def pack_rows(docs: list[np.ndarray], eos_id: int, seq_len: int) -> np.ndarray:
-    """`[rows, seq_len]` int32: documents joined by eos, the tail shorter than a row dropped."""
+def pack_documents(docs: list[np.ndarray], eos_id: int, seq_len: int) -> dict[str, np.ndarray]:
+    """Training rows: each document's tokens then eos, packed by `phi_jax.train.data.pack` (segment ids in
+    `attention_mask`, positions restarting per document, every token a target)."""
+    documents = [train_data.Document(np.append(d, eos_id).astype(np.int32), np.ones(len(d) + 1, bool))
+                 for d in docs]
+    return train_data.pack(documents, seq_len)
+
+
+def contiguous_rows(docs: list[np.ndarray], eos_id: int, seq_len: int) -> np.ndarray:
+    """Validation rows `[rows, seq_len]`: documents joined by eos and cut every `seq_len` tokens (the tail shorter
+    than a row dropped); the loss covers every token of a row but its first."""
     flat = np.concatenate([np.append(d, eos_id) for d in docs]).astype(np.int32)
     rows = len(flat) // seq_len
     return flat[: rows * seq_len].reshape(rows, seq_len)
-
-
-def batch_at(rows: np.ndarray, step: int, batch_size: int, seed: int) -> np.ndarray:
-    """The batch of step `step` (0-based): epoch e = step // steps_per_epoch visits a seeded permutation."""
-    per_epoch = len(rows) // batch_size
-    epoch, i = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(len(rows))
-    return rows[order[i * batch_size:(i + 1) * batch_size]]
 
 
 def init_like_hf(model, seed: int, std: float) -> None:
@@ -52,38 +58,16 @@ def init_like_hf(model, seed: int, std: float) -> None:
             raise ValueError(f"no initialiser for parameter {'.'.join(map(str, path))}")
 
 
-def make_optimizer(lr: float, warmup: int, steps: int, weight_decay: float, clip: float):
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, end_value=lr * 0.1)
-
-    def decay_mask(params):  # no weight decay on biases, LayerNorm and embeddings
-        return jax.tree_util.tree_map_with_path(
-            lambda path, _: any(str(getattr(k, "key", getattr(k, "name", k))) == "kernel" for k in path), params)
-
-    tx = optax.chain(optax.clip_by_global_norm(clip),
-                     optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=weight_decay, mask=decay_mask))
-    return tx, schedule
+def train_config(*, steps, lr, warmup, weight_decay, clip) -> TrainConfig:
+    return TrainConfig(learning_rate=lr, warmup_steps=warmup, total_steps=steps, final_lr_ratio=0.1,
+                       weight_decay=weight_decay, b1=0.9, b2=0.95, max_grad_norm=clip)
 
 
-def loss_fn(graphdef, params, rest, ids):
-    model = nnx.merge(graphdef, params, rest)
-    return causal_lm_loss(model(ids).logits, ids)
-
-
-def make_train_step(graphdef, rest, tx):
-    @jax.jit
-    def step(params, opt_state, ids):
-        loss, grads = jax.value_and_grad(lambda p: loss_fn(graphdef, p, rest, ids))(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads)
-    return step
-
-
-def make_eval(graphdef, rest):
+def make_eval(split, frozen):
     @jax.jit
     def nll_sum(params, ids):
         """(summed next-token NLL, number of predictions) over `ids: [B, T]`."""
-        model = nnx.merge(graphdef, params, rest)
-        logits = model(ids).logits[:, :-1]
+        logits = split.merge(params, frozen)(ids).logits[:, :-1]
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
         return jnp.sum(nll), nll.size
@@ -100,61 +84,71 @@ def evaluate(nll_sum, params, rows: np.ndarray, batch_size: int) -> float:
     return total / count
 
 
-def unigram_loss(train_rows: np.ndarray, valid_rows: np.ndarray, vocab_size: int) -> float:
+def unigram_loss(train_ids: np.ndarray, valid_rows: np.ndarray, vocab_size: int) -> float:
     """Cross-entropy (nats/token) of the training tokens' unigram frequencies (add-one smoothed) on the
     validation predictions (every token but each row's first, the tokens the model's loss covers)."""
-    counts = np.bincount(train_rows.ravel(), minlength=vocab_size).astype(np.float64) + 1.0
+    counts = np.bincount(train_ids.ravel(), minlength=vocab_size).astype(np.float64) + 1.0
     logp = np.log(counts / counts.sum())
     return float(-logp[valid_rows[:, 1:]].mean())
 
 
-def train(model, train_rows, valid_rows, *, steps, batch_size, lr, warmup, weight_decay, clip, seed,
-          eval_every, eval_stride, ckpt_dir, log_path, save_every):
-    """Trains `model` in place; resumes from the newest checkpoint in `ckpt_dir`. Every `eval_every` steps the log
-    records the loss on every `eval_stride`-th validation row. Returns the wall seconds of this run's steps plus
-    those recorded before a resume."""
-    import orbax.checkpoint as ocp
+class Trainer:
+    """A from-scratch run: `run()` trains (resuming from the newest checkpoint in `ckpt_dir`); `evaluate(rows)`
+    and `export(directory)` use the current parameters."""
 
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx, schedule = make_optimizer(lr, warmup, steps, weight_decay, clip)
-    opt_state = tx.init(params)
-    step_fn = make_train_step(graphdef, rest, tx)
-    nll_sum = make_eval(graphdef, rest)
-    manager = ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=ocp.CheckpointManagerOptions(max_to_keep=2))
-    start, wall_before = 0, 0.0
-    if manager.latest_step() is not None:
-        start = manager.latest_step()
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
-                                          {"params": params, "opt_state": opt_state, "wall": 0.0})
-        restored = manager.restore(start, args=ocp.args.StandardRestore(abstract))
-        params, opt_state, wall_before = restored["params"], restored["opt_state"], float(restored["wall"])
-        print(f"resumed at step {start} ({wall_before:.0f} s of training before)", flush=True)
-    mode = "a" if start else "w"
-    t0 = time.perf_counter()
-    tokens = 0
-    with open(log_path, mode) as log:
-        for step in range(start, steps):
-            ids = jnp.asarray(batch_at(train_rows, step, batch_size, seed))
-            params, opt_state, loss, gnorm = step_fn(params, opt_state, ids)
-            tokens += ids.size
-            done = step + 1
-            record = None
-            if done % 10 == 0 or done == steps:
+    def __init__(self, model, train_rows: dict, *, steps, batch_size, lr, warmup, weight_decay, clip, seed,
+                 ckpt_dir, save_every):
+        self.split = split_model(model)
+        self.cfg = train_config(steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay, clip=clip)
+        self.tx = make_optimizer(self.cfg)
+        self.mesh = sharding.make_mesh()
+        self.state, self.frozen, self.step_fn, self.batch_sh = build(self.split, self.tx, self.mesh)
+        self.nll_sum = make_eval(self.split, self.frozen)
+        self.rows, self.steps, self.batch_size, self.seed = train_rows, steps, batch_size, seed
+        self.ckpts = TrainCheckpoints(ckpt_dir, save_every=save_every, keep=2)
+
+    def meta(self, step: int, wall: float) -> dict:
+        return {"step": step, "wall_s": wall, "seed": self.seed, "batch_size": self.batch_size,
+                "data_rows": int(len(self.rows["input_ids"]))}
+
+    def run(self, valid_rows: np.ndarray, *, eval_every: int, eval_stride: int, log_path: str) -> float:
+        """Trains to `steps`; every `eval_every` steps the log records the loss on every `eval_stride`-th
+        validation row. Returns the wall seconds of all training steps, those before a resume included."""
+        start, wall_before = 0, 0.0
+        if self.ckpts.latest_step() is not None:
+            self.state, meta = self.ckpts.restore(abstract_like(self.state))
+            if meta["data_rows"] != len(self.rows["input_ids"]) or meta["seed"] != self.seed:
+                raise ValueError(f"cannot resume from {self.ckpts.directory}: it was trained on other data")
+            start, wall_before = int(meta["step"]), float(meta["wall_s"])
+            print(f"resumed at step {start} ({wall_before:.0f} s of training before)", flush=True)
+        lr_at = schedule(self.cfg)
+        t0, tokens = time.perf_counter(), 0
+        with jax.set_mesh(self.mesh), open(log_path, "a" if start else "w") as log:
+            for step in range(start, self.steps):
+                host = train_data.batch_at(self.rows, step, self.batch_size, self.seed)
+                batch = {k: sharding.place(v, self.batch_sh) for k, v in host.items()}
+                self.state, metrics = self.step_fn(self.state, self.frozen, batch, step_key(self.seed, step))
+                tokens += host["input_ids"].size
+                done = step + 1
                 wall = wall_before + time.perf_counter() - t0
-                record = {"step": done, "loss": float(loss), "grad_norm": float(gnorm), "lr": float(schedule(step)),
-                          "wall_s": round(wall, 2), "tokens_per_s": round(tokens / (time.perf_counter() - t0), 1)}
-            if done % eval_every == 0 or done == steps:
-                record["valid_loss"] = evaluate(nll_sum, params, valid_rows[::eval_stride], batch_size)
-            if record:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                print(json.dumps(record), flush=True)
-            if done % save_every == 0 or done == steps:
-                wall = wall_before + time.perf_counter() - t0
-                manager.save(done, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state, "wall": wall}))
-    manager.wait_until_finished()
-    nnx.update(model, params)
-    return wall_before + time.perf_counter() - t0
+                if done % 10 == 0 or done == self.steps:
+                    record = {"step": done, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+                              "lr": float(lr_at(step)), "wall_s": round(wall, 2),
+                              "tokens_per_s": round(tokens / (time.perf_counter() - t0), 1)}
+                    if done % eval_every == 0 or done == self.steps:
+                        record["valid_loss"] = self.evaluate(valid_rows[::eval_stride])
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    print(json.dumps(record), flush=True)
+                self.ckpts.save(done, self.state, self.meta(done, wall), force=done == self.steps)
+        self.ckpts.wait()
+        return wall_before + time.perf_counter() - t0
+
+    def evaluate(self, rows: np.ndarray) -> float:
+        return evaluate(self.nll_sum, self.state["params"], rows, self.batch_size)
+
+    def model(self):
+        return self.split.merge(self.state["params"], self.frozen)
 
 
 def plot_losses(log_path: str, png_path: str, unigram: float, eval_stride: int, final_valid: float) -> None:
