@@ -13,7 +13,6 @@ import os
 import platform
 import socket
 import sys
-import time
 
 
 def pin_threads(n: int | None) -> int:
@@ -65,10 +64,5 @@ def header(threads: int) -> list[str]:
 
 def median_time(fn, repeats: int) -> float:
     """Median wall time of `repeats` calls of `fn` (which must block until its result is ready)."""
-    import numpy as np
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    from phi_jax.parity import median_seconds
+    return median_seconds(fn, repeats)

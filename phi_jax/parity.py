@@ -252,7 +252,7 @@ def nonfinite_weights(model) -> list[str]:
     return found
 
 
-def _median_seconds(fn, repeats: int) -> float:
+def median_seconds(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -293,9 +293,9 @@ def compare(jax_model, torch_model, input_ids, attention_mask=None, *, dtype: st
     report.top1 = float(np.mean(ours.argmax(-1)[real] == ref.argmax(-1)[real]))
     if repeats:
         report.compile_seconds = compile_s
-        report.jax_seconds = _median_seconds(lambda: jax.block_until_ready(fwd(ids, jax_mask).logits), repeats)
+        report.jax_seconds = median_seconds(lambda: jax.block_until_ready(fwd(ids, jax_mask).logits), repeats)
         with torch.no_grad():
-            report.torch_seconds = _median_seconds(lambda: torch_model(t_ids, attention_mask=t_mask), repeats)
+            report.torch_seconds = median_seconds(lambda: torch_model(t_ids, attention_mask=t_mask), repeats)
     full = real.all(axis=0)
     prompt_len = t if full.all() else int(np.argmin(full))
     if new_tokens and prompt_len:
