@@ -57,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--intermediate-size", type=int, default=768)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=600, help="the shipped model: 600")
+    p.add_argument("--steps", type=int, default=1000, help="the shipped model: 1000")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--weight-decay", type=float, default=0.1)
