@@ -166,29 +166,19 @@ def _run_prompt(args, model, tokenizer, ids: list[int]) -> int:
 
 def _read_prompts(path: str, tokenizer) -> list[dict]:
     """[{"line", "record", "ids"}] for every non-blank line; a bad line is a ValueError naming it."""
+    from phi_jax.io.jsonl import read_jsonl
     if not os.path.isfile(path):
         raise FileNotFoundError(f"input file not found: {path}")
     prompts = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path} line {n}: not UTF-8 text ({e.reason})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if isinstance(record, str):
-                record = {"prompt": record}
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ValueError(f"{path} line {n}: expected a JSON object with a string \"prompt\" "
-                                 f"(or a JSON string), got {line.strip()[:80]}")
-            if "line" in record:
-                raise ValueError(f"{path} line {n}: the key \"line\" is reserved for the output")
-            prompts.append({"line": n, "record": record})
+    for n, line, record in read_jsonl(path, lambda n: f"{path} line {n}"):
+        if isinstance(record, str):
+            record = {"prompt": record}
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise ValueError(f"{path} line {n}: expected a JSON object with a string \"prompt\" "
+                             f"(or a JSON string), got {line.strip()[:80]}")
+        if "line" in record:
+            raise ValueError(f"{path} line {n}: the key \"line\" is reserved for the output")
+        prompts.append({"line": n, "record": record})
     if not prompts:
         raise ValueError(f"{path} holds no prompts")
     for p, enc in zip(prompts, tokenizer.encode_batch([p["record"]["prompt"] for p in prompts])):

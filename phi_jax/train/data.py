@@ -14,11 +14,11 @@ Batches are a pure function of (seed, step): the row order of each epoch is a pe
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import numpy as np
 
+from phi_jax.io.jsonl import read_jsonl
 from phi_jax.modeling.losses import IGNORE_INDEX
 
 EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>")
@@ -36,30 +36,23 @@ def read_records(path: str | os.PathLike) -> list[dict]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file not found: {path}")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
-            keys = set(rec)
-            if keys == {"text"}:
-                fields = ("text",)
-            elif keys == {"prompt", "completion"}:
-                fields = ("prompt", "completion")
-            else:
-                raise ValueError(f"{path}:{n}: expected keys {{'text'}} or {{'prompt', 'completion'}}, "
-                                 f"got {sorted(keys)}")
-            for k in fields:
-                if not isinstance(rec[k], str):
-                    raise ValueError(f"{path}:{n}: field {k!r} must be a string, got {type(rec[k]).__name__}")
-            if not "".join(rec[k] for k in fields):
-                raise ValueError(f"{path}:{n}: empty record")
-            records.append(rec)
+    for n, _, rec in read_jsonl(path, lambda n: f"{path}:{n}"):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+        keys = set(rec)
+        if keys == {"text"}:
+            fields = ("text",)
+        elif keys == {"prompt", "completion"}:
+            fields = ("prompt", "completion")
+        else:
+            raise ValueError(f"{path}:{n}: expected keys {{'text'}} or {{'prompt', 'completion'}}, "
+                             f"got {sorted(keys)}")
+        for k in fields:
+            if not isinstance(rec[k], str):
+                raise ValueError(f"{path}:{n}: field {k!r} must be a string, got {type(rec[k]).__name__}")
+        if not "".join(rec[k] for k in fields):
+            raise ValueError(f"{path}:{n}: empty record")
+        records.append(rec)
     if not records:
         raise ValueError(f"{path}: no records")
     return records
