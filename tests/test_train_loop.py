@@ -114,6 +114,14 @@ def test_bad_record_names_the_line(tmp_path, line, message):
         read_records(p)
 
 
+def test_record_that_is_not_utf8_names_the_line(tmp_path):
+    from phi_jax.train.data import read_records
+    p = tmp_path / "data.jsonl"
+    p.write_bytes(b'{"text": "ok"}\n\xff\xfe\n')
+    with pytest.raises(ValueError, match="data.jsonl:2: not UTF-8"):
+        read_records(p)
+
+
 def test_cli(tiny, tmp_path, capsys):
     from phi_jax.cli import main
     path, data = tiny
