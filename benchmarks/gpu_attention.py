@@ -108,6 +108,42 @@ def sweep(b: int, n: int, repeats: int) -> None:
                 print(f"sweep h{h} s{s} {name:>12}: {type(e).__name__}: {str(e)[:300]}", flush=True)
 
 
+ABLATIONS = {  # name: forward stages left out (BlockSizes.ablate); the output of these variants is wrong
+    "whole kernel": (),
+    "no masks": ("mask",),
+    "no softmax": ("exp",),
+    "no PV": ("pv",),
+    "no QK^T": ("qk",),
+    "matmuls only": ("exp", "mask"),
+    "softmax only": ("qk", "pv"),
+    "loads and loop only": ("qk", "pv", "exp", "mask"),
+}
+
+
+def ablate(b: int, n: int, repeats: int, dims, s: int = 4096, interpret: bool = False) -> None:
+    """A profile without hardware counters: the forward kernel's time with stages left out (BlockSizes.ablate).
+    The time a stage costs on the critical path is the whole kernel's time minus the time without it."""
+    from phi_jax.kernels.flash_attention_gpu import BlockSizes
+    print(f"\n# ablation profile, forward, causal bf16, batch {b}, {n} heads, seq {s}: ms per call (TFLOP/s "
+          "counting the whole kernel's FLOPs)", flush=True)
+    for h in dims:
+        keys = jax.random.split(jax.random.key(h), 3)
+        q, k, v = (jax.random.normal(kk, (b, s, n, h), jnp.bfloat16) for kk in keys)
+        flops = 4 * b * n * s * s * h / 2
+        whole = None
+        for name, stages in ABLATIONS.items():
+            bs = BlockSizes(ablate=frozenset(stages))
+            try:
+                fn = jax.jit(lambda q, k, v, bs=bs: flash_attention_gpu(q, k, v, causal=True, block_sizes=bs,
+                                                                        interpret=interpret))
+                sec = bench(fn, (q, k, v), repeats)
+                whole = sec if whole is None else whole
+                print(f"ablate h{h} {name:>20}: {1e3 * sec:8.3f} ms ({flops / sec / 1e12:6.1f} TFLOP/s)  "
+                      f"saves {1e3 * (whole - sec):7.3f} ms", flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"ablate h{h} {name:>20}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="numerics and seq 4096 only")
@@ -118,6 +154,8 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--skip-check", action="store_true")
+    p.add_argument("--ablate", action="store_true", help="profile the forward by leaving stages out (h64/h80)")
+    p.add_argument("--skip-table", action="store_true", help="no TFLOP/s table")
     args = p.parse_args()
 
     dev = jax.devices()[0]
@@ -148,6 +186,10 @@ def main() -> None:
 
     if args.sweep:
         sweep(args.batch, args.heads, args.repeats)
+    if args.ablate:
+        ablate(args.batch, args.heads, args.repeats, [h for h in (64, 80) if str(h) in args.dims.split(",")])
+    if args.skip_table:
+        return
     seqs = [4096] if args.quick else [int(x) for x in args.seqs.split(",")]
     dims = [int(x) for x in args.dims.split(",")]
     b, n = args.batch, args.heads

@@ -19,7 +19,7 @@ from phi_jax.modeling import attention
 def main() -> None:
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind}; jax {jax.__version__}; CUDA kernel: {attention.flash_attention_gpu.__module__}")
-    cfg = phi_2(num_hidden_layers=2, vocab_size=1024)
+    cfg = phi_2(num_hidden_layers=2, vocab_size=1024, bos_token_id=None, eos_token_id=None)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 1024, (3, 256)), jnp.int32)
     mask = np.ones((3, 256), np.int32)
     mask[0, :40] = 0  # left padding

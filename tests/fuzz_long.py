@@ -55,7 +55,15 @@ def main() -> None:
     ap.add_argument("--out", default="fuzz_run")
     ap.add_argument("--tests", nargs="+", default=["safetensors", "forward", "generate"], choices=sorted(TESTS))
     ap.add_argument("--seed", type=int, default=1000)
+    ap.add_argument("--chunk", action="append", default=[], metavar="TEST=N",
+                    help="examples per pytest process for one test (default: %s)" % CHUNK)
     args = ap.parse_args()
+    chunks = dict(CHUNK)
+    for item in args.chunk:
+        name, _, n = item.partition("=")
+        if name not in CHUNK or not n.isdigit() or int(n) < 1:
+            ap.error(f"--chunk {item!r}: expected TEST=N with TEST one of {sorted(CHUNK)} and N >= 1")
+        chunks[name] = int(n)
     os.makedirs(args.out, exist_ok=True)
     log = os.path.abspath(os.path.join(args.out, "examples.log"))
     here = os.path.dirname(os.path.abspath(__file__))
@@ -67,7 +75,7 @@ def main() -> None:
             if time.time() >= deadline:
                 break
             chunk += 1
-            env = dict(os.environ, PHI_JAX_FUZZ_EXAMPLES=str(CHUNK[name]), PHI_JAX_FUZZ_LOG=log,
+            env = dict(os.environ, PHI_JAX_FUZZ_EXAMPLES=str(chunks[name]), PHI_JAX_FUZZ_LOG=log,
                        PHI_JAX_FUZZ_CHUNK=str(chunk),
                        PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
             cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(here, "test_fuzz.py"),

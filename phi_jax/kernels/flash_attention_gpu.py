@@ -53,6 +53,10 @@ class BlockSizes:
     block_kv_dkv: int = 64
     slots: int = 2
     overlap: bool = True  # forward: the QK^T of block j+1 runs on the tensor cores during the softmax of block j
+    # Profiling only (benchmarks/gpu_attention.py --ablate): forward stages left out, so that the time each one
+    # costs is the difference to the whole kernel. Any of "qk" (no QK^T matmul), "exp" (no online softmax: P is
+    # S cast to 16 bits), "pv" (no PV matmul), "mask" (no masks). The output is then WRONG.
+    ablate: frozenset = frozenset()
 
     def __post_init__(self):
         for name in ("block_q", "block_kv", "block_q_dq", "block_kv_dq", "block_q_dkv", "block_kv_dkv"):
@@ -61,6 +65,9 @@ class BlockSizes:
                 raise ValueError(f"BlockSizes.{name}={val} must be a multiple of 64 and at most 256")
         if self.slots < 2:
             raise ValueError(f"BlockSizes.slots={self.slots} must be at least 2")
+        unknown = set(self.ablate) - {"qk", "exp", "pv", "mask"}
+        if unknown:
+            raise ValueError(f"BlockSizes.ablate={sorted(self.ablate)}: unknown stages {sorted(unknown)}")
 
     @classmethod
     def get_default(cls) -> "BlockSizes":
@@ -151,6 +158,7 @@ def _fwd_call(q, k, v, qmeta, kvseg, *, causal, static_offset, use_seg, scale, b
     dtype = q.dtype
     ops = _Ops(interpret is not None)
     c = scale * _LOG2E  # scores -> base-2 logits
+    ablate = bs.ablate
 
     def body(q_ref, k_ref, v_ref, qmeta_ref, kvseg_ref, o_ref, lse_ref, *,
              q_smem, k_smem, v_smem, qmeta_smem, kvseg_smem, lse_smem, q_bar, k_bar, v_bar, s_bar):
@@ -189,7 +197,9 @@ def _fwd_call(q, k, v, qmeta, kvseg, *, causal, static_offset, use_seg, scale, b
         def softmax(step, s, carry, masked):
             """Online-softmax update with the scores of `step`: (rescaled acc, m, l, 16-bit P)."""
             acc, m_i, l_i = carry
-            if masked:
+            if "exp" in ablate:
+                return acc, m_i, l_i, s.astype(dtype)
+            if masked and "mask" not in ablate:
                 slot = lax.rem(step, jnp.int32(slots))
                 mask = _mask(ops, (bq, bk), causal=causal, use_seg=use_seg, q_along=0, qpos=qpos, qseg=qseg,
                              kv0=step * bk, kvseg=ops.vec(kvseg_smem.at[slot], 1))
@@ -211,10 +221,14 @@ def _fwd_call(q, k, v, qmeta, kvseg, *, causal, static_offset, use_seg, scale, b
         def qk(slot):
             plgpu.barrier_wait(k_bar.at[slot])
             plgpu.barrier_wait(s_bar.at[slot])
+            if "qk" in ablate:
+                return ops.full((bq, bk), 0.0)
             return ops.matmul(q_smem, k_smem.at[slot], a_is_ref=True, transpose_b=True, shape=(bq, bk))
 
         def pv(step, slot, p16):
             plgpu.barrier_wait(v_bar.at[slot])
+            if "pv" in ablate:
+                return ops.full((bq, head_dim), 0.0)
             return ops.matmul(p16, v_smem.at[slot], a_is_ref=False, transpose_b=False, shape=(bq, head_dim))
 
         def step_fn(step, carry, masked):  # S = QK^T, softmax, O += PV, one after the other
@@ -234,17 +248,19 @@ def _fwd_call(q, k, v, qmeta, kvseg, *, causal, static_offset, use_seg, scale, b
             plgpu.barrier_wait(s_bar.at[nslot])
 
             def with_next_scores(s_next_ref):
-                if not ops.interpret:
+                if not ops.interpret and s_next_ref is not None:
                     plgpu.wgmma(s_next_ref, q_smem, plgpu.transpose_ref(k_smem.at[nslot], (1, 0)))
                 acc, m_i, l_i, p16 = softmax(step, s_cur, carry, masked)
                 refill(step, slot, "k")
                 acc = acc + pv(step, slot, p16)  # waits for both matmuls
                 refill(step, slot, "v")
+                if "qk" in ablate:
+                    return acc, m_i, l_i, ops.full((bq, bk), 0.0)
                 if ops.interpret:  # the barriers for nslot were waited on above
                     return acc, m_i, l_i, ops.matmul(q_smem, k_smem.at[nslot], a_is_ref=True, transpose_b=True,
                                                      shape=(bq, bk))
                 return acc, m_i, l_i, s_next_ref[...]
-            if ops.interpret:
+            if ops.interpret or "qk" in ablate:
                 return with_next_scores(None)
             return pl.run_scoped(with_next_scores, plgpu.ACC((bq, bk), _F32))
 
@@ -257,7 +273,7 @@ def _fwd_call(q, k, v, qmeta, kvseg, *, causal, static_offset, use_seg, scale, b
                                   carry)
             *carry, s_last = carry
             last_slot = lax.rem(last, jnp.int32(slots))
-            acc, m_i, l_i, p16 = softmax(last, s_last, carry, causal or use_seg)
+            acc, m_i, l_i, p16 = softmax(last, s_last, carry, bool(causal or use_seg))
             acc = acc + pv(last, last_slot, p16)
         else:
             carry = lax.fori_loop(0, n_free, functools.partial(step_fn, masked=False), carry)

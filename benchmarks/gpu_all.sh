@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Every GPU check and timing of the open issues in one run on a lent H100/H200 (see benchmarks/RESULTS.md).
+# Each step gets a time limit cut to what is left of DEADLINE seconds, so that a slow or hanging step costs its
+# own figures only; each writes its log to OUTDIR (default: $OUT on the device machine, else ./gpu_out).
+#
+#   bash benchmarks/gpu_all.sh [DEADLINE]        # from the repository root; < 10 minutes
+#
+# tokamax (optional, compared in benchmarks/attention.py) is installed from .whl/ when that folder holds its
+# wheels (see the device notes: pip download --python-version 3.12 ... tokamax==0.0.17 and its needs).
+set -u
+DEADLINE=${1:-560}
+OUTDIR=${OUT:-gpu_out}
+mkdir -p "$OUTDIR"
+export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
+START=$(date +%s)
+
+step() {  # step NAME LIMIT COMMAND...: run COMMAND with min(LIMIT, time left) seconds, output to OUTDIR/NAME.txt
+    local name=$1 limit=$2
+    shift 2
+    local left=$((DEADLINE - ($(date +%s) - START) - 5))
+    if [ "$left" -lt 20 ]; then
+        echo "== $name: skipped (out of time)" | tee -a "$OUTDIR/summary.txt"
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    local t0=$(date +%s)
+    timeout -k 5 "$limit" "$@" > "$OUTDIR/$name.txt" 2>&1
+    local rc=$?
+    echo "== $name: rc $rc in $(($(date +%s) - t0)) s (limit $limit s): $*" | tee -a "$OUTDIR/summary.txt"
+    grep -E "PASS|FAIL|speed-up|ratios|MFU|largest|floor|transformers|TFLOP|Error|error" "$OUTDIR/$name.txt" \
+        | head -40 >> "$OUTDIR/summary.txt"
+}
+
+{
+    date -u +%Y-%m-%dT%H:%M:%SZ
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+    python3 -c "import jax, flax, optax, torch, transformers; print('jax', jax.__version__, 'flax', flax.__version__, \
+'optax', optax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+} > "$OUTDIR/summary.txt" 2>&1
+
+if ls .whl/tokamax-*.whl > /dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl >> "$OUTDIR/summary.txt" 2>&1
+fi
+
+# issue 10: the model's attention implementations agree with xla on the GPU
+step impls 90 python3 benchmarks/gpu_attn_impls.py
+# issue 11: time to first token and decode through the public API, both libraries on the GPU
+step generate 150 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 python3 benchmarks/generate.py --gpu --geometry phi2 \
+    --layers 32 --dtype bfloat16 --batch 1 8 --new-tokens 32
+# issue 11: batch-1 decode without the duplicated row, against batch 2 and the weight-read floor
+step decode 100 python3 benchmarks/gpu_decode.py --steps 30 --repeats 3
+# issue 12: phi-2 full fine-tuning step, MFU and the largest batch
+step train 150 python3 benchmarks/train.py --gpu
+# issue 10: kernels against cuDNN, torch SDPA, tokamax; phi-2 forward with each implementation vs transformers
+step attention 200 env PYTHONPATH="/tmp/site:$PWD" XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 python3 \
+    benchmarks/attention.py --seqs 4096 --budget 0.1
+# issue 10: where the forward kernel's time goes (stages left out), head_dim 64 and 80
+step ablate 90 python3 benchmarks/gpu_attention.py --ablate --skip-check --skip-table --dims 64,80 --repeats 3
+# issue 10: the kernel tests that need a GPU
+step pytest 60 env JAX_PLATFORMS=cuda,cpu python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py -k TestGpu
+echo "total $(($(date +%s) - START)) s" >> "$OUTDIR/summary.txt"
