@@ -44,7 +44,9 @@ _F32 = jnp.float32
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     """Tile sizes: rows of Q and K per block in the forward, dq and dk/dv kernels; `slots` is the depth of the
-    TMA pipeline (>= 2); `overlap` software-pipelines the forward's two matmuls."""
+    TMA pipeline (>= 2); `overlap` software-pipelines the forward's two matmuls; `warpgroups` (1 or 2) is the
+    number of consumer warpgroups per forward CTA, each owning `block_q` query rows and all sharing every K/V
+    tile in shared memory (2: a third, producer warpgroup issues the K/V copies, as in FlashAttention-3)."""
     block_q: int = 64
     block_kv: int = 128
     block_q_dq: int = 64
@@ -53,6 +55,7 @@ class BlockSizes:
     block_kv_dkv: int = 64
     slots: int = 2
     overlap: bool = True  # forward: the QK^T of block j+1 runs on the tensor cores during the softmax of block j
+    warpgroups: int = 1  # forward: consumer warpgroups per CTA (2 halves the K/V copies per query row)
     # Profiling only (benchmarks/gpu_attention.py --ablate): forward stages left out, so that the time each one
     # costs is the difference to the whole kernel. Any of "qk" (no QK^T matmul), "exp" (no online softmax: P is
     # S cast to 16 bits), "pv" (no PV matmul), "mask" (no masks). The output is then WRONG.
@@ -65,6 +68,8 @@ class BlockSizes:
                 raise ValueError(f"BlockSizes.{name}={val} must be a multiple of 64 and at most 256")
         if self.slots < 2:
             raise ValueError(f"BlockSizes.slots={self.slots} must be at least 2")
+        if self.warpgroups not in (1, 2):
+            raise ValueError(f"BlockSizes.warpgroups={self.warpgroups} must be 1 or 2")
         unknown = set(self.ablate) - {"qk", "exp", "pv", "mask"}
         if unknown:
             raise ValueError(f"BlockSizes.ablate={sorted(self.ablate)}: unknown stages {sorted(unknown)}")
@@ -153,27 +158,30 @@ def _fwd_call(q, k, v, qmeta, kvseg, *, causal, static_offset, use_seg, scale, b
     batch, t_pad, n_heads, head_dim = q.shape
     s_pad, kv_heads = k.shape[1], k.shape[2]
     group = n_heads // kv_heads
-    bq, bk, slots = bs.block_q, bs.block_kv, bs.slots
-    nq, nkv = t_pad // bq, s_pad // bk
+    bq, bk, slots, wgs = bs.block_q, bs.block_kv, bs.slots, bs.warpgroups
+    nq, nkv = t_pad // (wgs * bq), s_pad // bk  # a CTA holds wgs * bq query rows
     dtype = q.dtype
     ops = _Ops(interpret is not None)
     c = scale * _LOG2E  # scores -> base-2 logits
     ablate = bs.ablate
 
-    def body(q_ref, k_ref, v_ref, qmeta_ref, kvseg_ref, o_ref, lse_ref, *,
-             q_smem, k_smem, v_smem, qmeta_smem, kvseg_smem, lse_smem, q_bar, k_bar, v_bar, s_bar):
-        qi, h, b = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
-        kvh = lax.div(h, jnp.int32(group))
-        q0 = qi * bq
+    def kv_steps(q0):
+        """(steps, unmasked steps) of key blocks for the query rows [q0, q0 + bq)."""
         if causal and static_offset is not None:  # skip blocks above the diagonal, no masks below it
             n_steps = jnp.minimum(jnp.int32(nkv), lax.div(q0 + (static_offset + bq + bk - 1), jnp.int32(bk)))
             n_free = 0 if use_seg else jnp.minimum(n_steps, lax.div(q0 + (static_offset + 1), jnp.int32(bk)))
         else:
             n_steps = jnp.int32(nkv)
             n_free = 0 if (causal or use_seg) else n_steps
+        return n_steps, n_free
 
-        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q0, bq), h], q_smem, q_bar.at[0])
-        plgpu.copy_gmem_to_smem(qmeta_ref.at[b, :, pl.ds(q0, bq)], qmeta_smem, q_bar.at[1])
+    def body(q_ref, k_ref, v_ref, qmeta_ref, kvseg_ref, o_ref, lse_ref, *,
+             q_smem, k_smem, v_smem, qmeta_smem, kvseg_smem, lse_smem, q_bar, k_bar, v_bar, s_bar,
+             k_free=None, v_free=None):
+        qi, h, b = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
+        kvh = lax.div(h, jnp.int32(group))
+        wg = lax.axis_index("wg") if wgs > 1 else 0
+        n_cta, _ = kv_steps(qi * (wgs * bq) + (wgs - 1) * bq)  # the last warpgroup's rows need the most keys
 
         def fetch(step, slot, what):
             rows = (b, pl.ds(step * bk, bk), kvh)
@@ -183,124 +191,193 @@ def _fwd_call(q, k, v, qmeta, kvseg, *, causal, static_offset, use_seg, scale, b
             else:
                 plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
 
-        for i in range(min(slots, nkv)):
-            @pl.when(i < n_steps)
-            def _():
-                fetch(i, i, "k")
-                fetch(i, i, "v")
+        def prologue():  # the first `slots` key blocks
+            for i in range(min(slots, nkv)):
+                @pl.when(i < n_cta)
+                def _():
+                    fetch(i, i, "k")
+                    fetch(i, i, "v")
 
-        plgpu.barrier_wait(q_bar.at[0])
-        plgpu.barrier_wait(q_bar.at[1])
-        qpos = ops.vec(qmeta_smem.at[0], 0)
-        qseg = ops.vec(qmeta_smem.at[1], 0)
-
-        def softmax(step, s, carry, masked):
-            """Online-softmax update with the scores of `step`: (rescaled acc, m, l, 16-bit P)."""
-            acc, m_i, l_i = carry
-            if "exp" in ablate:
-                return acc, m_i, l_i, s.astype(dtype)
-            if masked and "mask" not in ablate:
-                slot = lax.rem(step, jnp.int32(slots))
-                mask = _mask(ops, (bq, bk), causal=causal, use_seg=use_seg, q_along=0, qpos=qpos, qseg=qseg,
-                             kv0=step * bk, kvseg=ops.vec(kvseg_smem.at[slot], 1))
-                s = jnp.where(mask, s, -jnp.inf)
-            m_new = jnp.maximum(m_i, s.max(axis=1) * c)
-            m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-            p = jnp.exp2(s * c - _bcast(m_use, (bq, bk), 0))
-            alpha = jnp.exp2(m_i - m_use)
-            l_i = l_i * alpha + p.sum(axis=1)
-            return acc * _bcast(alpha, (bq, head_dim), 0), m_new, l_i, p.astype(dtype)
-
-        def refill(step, slot, what):
+        def release(step, slot, what):
+            """This warpgroup is done with K (and the key segments) or V of `slot`."""
+            if wgs > 1:  # the producer refills it once every consumer warpgroup has arrived
+                plgpu.barrier_arrive((k_free if what == "k" else v_free).at[slot])
+                return
             plgpu.commit_smem()  # every thread is done reading the slot before the TMA refills it
 
-            @pl.when(step + slots < n_steps)
+            @pl.when(step + slots < n_cta)
             def _():
                 fetch(step + slots, slot, what)
 
-        def qk(slot):
-            plgpu.barrier_wait(k_bar.at[slot])
-            plgpu.barrier_wait(s_bar.at[slot])
-            if "qk" in ablate:
-                return ops.full((bq, bk), 0.0)
-            return ops.matmul(q_smem, k_smem.at[slot], a_is_ref=True, transpose_b=True, shape=(bq, bk))
+        def consumer(wg):
+            """One warpgroup: attention of the query rows [q0, q0 + bq) over the key blocks of this CTA."""
+            mine = (lambda ref: ref.at[wg]) if wgs > 1 else (lambda ref: ref)
+            q_s, qmeta_s, lse_s = mine(q_smem), mine(qmeta_smem), mine(lse_smem)
+            q0 = qi * (wgs * bq) + wg * bq
+            n_steps, n_free = kv_steps(q0)
 
-        def pv(step, slot, p16):
-            plgpu.barrier_wait(v_bar.at[slot])
-            if "pv" in ablate:
-                return ops.full((bq, head_dim), 0.0)
-            return ops.matmul(p16, v_smem.at[slot], a_is_ref=False, transpose_b=False, shape=(bq, head_dim))
+            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q0, bq), h], q_s, q_bar.at[2 * wg])
+            plgpu.copy_gmem_to_smem(qmeta_ref.at[b, :, pl.ds(q0, bq)], qmeta_s, q_bar.at[2 * wg + 1])
+            if wgs == 1:
+                prologue()
+            plgpu.barrier_wait(q_bar.at[2 * wg])
+            plgpu.barrier_wait(q_bar.at[2 * wg + 1])
+            qpos = ops.vec(qmeta_s.at[0], 0)
+            qseg = ops.vec(qmeta_s.at[1], 0)
 
-        def step_fn(step, carry, masked):  # S = QK^T, softmax, O += PV, one after the other
-            slot = lax.rem(step, jnp.int32(slots))
-            acc, m_i, l_i, p16 = softmax(step, qk(slot), carry, masked)
-            refill(step, slot, "k")
-            acc = acc + pv(step, slot, p16)
-            refill(step, slot, "v")
-            return acc, m_i, l_i
+            def softmax(step, s, carry, masked):
+                """Online-softmax update with the scores of `step`: (rescaled acc, m, l, 16-bit P)."""
+                acc, m_i, l_i = carry
+                if "exp" in ablate:
+                    return acc, m_i, l_i, s.astype(dtype)
+                if masked and "mask" not in ablate:
+                    slot = lax.rem(step, jnp.int32(slots))
+                    mask = _mask(ops, (bq, bk), causal=causal, use_seg=use_seg, q_along=0, qpos=qpos, qseg=qseg,
+                                 kv0=step * bk, kvseg=ops.vec(kvseg_smem.at[slot], 1))
+                    s = jnp.where(mask, s, -jnp.inf)
+                m_new = jnp.maximum(m_i, s.max(axis=1) * c)
+                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+                p = jnp.exp2(s * c - _bcast(m_use, (bq, bk), 0))
+                alpha = jnp.exp2(m_i - m_use)
+                l_i = l_i * alpha + p.sum(axis=1)
+                return acc * _bcast(alpha, (bq, head_dim), 0), m_new, l_i, p.astype(dtype)
 
-        def step_overlap(step, carry, masked):
-            """The tensor cores compute S for step+1 while this warpgroup does the softmax of step (carried)."""
-            *carry, s_cur = carry
-            slot = lax.rem(step, jnp.int32(slots))
-            nslot = lax.rem(step + 1, jnp.int32(slots))
-            plgpu.barrier_wait(k_bar.at[nslot])
-            plgpu.barrier_wait(s_bar.at[nslot])
-
-            def with_next_scores(s_next_ref):
-                if not ops.interpret and s_next_ref is not None:
-                    plgpu.wgmma(s_next_ref, q_smem, plgpu.transpose_ref(k_smem.at[nslot], (1, 0)))
-                acc, m_i, l_i, p16 = softmax(step, s_cur, carry, masked)
-                refill(step, slot, "k")
-                acc = acc + pv(step, slot, p16)  # waits for both matmuls
-                refill(step, slot, "v")
+            def qk(slot):
+                plgpu.barrier_wait(k_bar.at[slot])
+                plgpu.barrier_wait(s_bar.at[slot])
                 if "qk" in ablate:
-                    return acc, m_i, l_i, ops.full((bq, bk), 0.0)
-                if ops.interpret:  # the barriers for nslot were waited on above
-                    return acc, m_i, l_i, ops.matmul(q_smem, k_smem.at[nslot], a_is_ref=True, transpose_b=True,
-                                                     shape=(bq, bk))
-                return acc, m_i, l_i, s_next_ref[...]
-            if ops.interpret or "qk" in ablate:
-                return with_next_scores(None)
-            return pl.run_scoped(with_next_scores, plgpu.ACC((bq, bk), _F32))
+                    return ops.full((bq, bk), 0.0)
+                return ops.matmul(q_s, k_smem.at[slot], a_is_ref=True, transpose_b=True, shape=(bq, bk))
 
-        carry = (ops.full((bq, head_dim), 0.0), ops.full((bq,), -jnp.inf), ops.full((bq,), 0.0))
-        if bs.overlap:
-            last = n_steps - 1
-            carry = (*carry, qk(0))
-            carry = lax.fori_loop(0, jnp.minimum(n_free, last), functools.partial(step_overlap, masked=False), carry)
-            carry = lax.fori_loop(jnp.minimum(n_free, last), last, functools.partial(step_overlap, masked=True),
-                                  carry)
-            *carry, s_last = carry
-            last_slot = lax.rem(last, jnp.int32(slots))
-            acc, m_i, l_i, p16 = softmax(last, s_last, carry, bool(causal or use_seg))
-            acc = acc + pv(last, last_slot, p16)
-        else:
-            carry = lax.fori_loop(0, n_free, functools.partial(step_fn, masked=False), carry)
-            acc, m_i, l_i = lax.fori_loop(n_free, n_steps, functools.partial(step_fn, masked=True), carry)
+            def pv(step, slot, p16):
+                plgpu.barrier_wait(v_bar.at[slot])
+                if "pv" in ablate:
+                    return ops.full((bq, head_dim), 0.0)
+                return ops.matmul(p16, v_smem.at[slot], a_is_ref=False, transpose_b=False, shape=(bq, head_dim))
 
-        empty = l_i == 0.0
-        inv_l = 1.0 / jnp.where(empty, 1.0, l_i)
-        q_smem[...] = (acc * _bcast(inv_l, (bq, head_dim), 0)).astype(dtype)
-        lse_smem[...] = jnp.where(empty, jnp.inf, m_i + jnp.log2(jnp.where(empty, 1.0, l_i)))
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, pl.ds(q0, bq), h])
-        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q0, bq)])
-        plgpu.wait_smem_to_gmem(0)
+            def step_fn(step, carry, masked):  # S = QK^T, softmax, O += PV, one after the other
+                slot = lax.rem(step, jnp.int32(slots))
+                acc, m_i, l_i, p16 = softmax(step, qk(slot), carry, masked)
+                release(step, slot, "k")
+                acc = acc + pv(step, slot, p16)
+                release(step, slot, "v")
+                return acc, m_i, l_i
+
+            def step_overlap(step, carry, masked):
+                """The tensor cores compute S for step+1 while this warpgroup does the softmax of step (carried)."""
+                *carry, s_cur = carry
+                slot = lax.rem(step, jnp.int32(slots))
+                nslot = lax.rem(step + 1, jnp.int32(slots))
+                plgpu.barrier_wait(k_bar.at[nslot])
+                plgpu.barrier_wait(s_bar.at[nslot])
+
+                def with_next_scores(s_next_ref):
+                    if not ops.interpret and s_next_ref is not None:
+                        plgpu.wgmma(s_next_ref, q_s, plgpu.transpose_ref(k_smem.at[nslot], (1, 0)))
+                    acc, m_i, l_i, p16 = softmax(step, s_cur, carry, masked)
+                    release(step, slot, "k")
+                    acc = acc + pv(step, slot, p16)  # waits for both matmuls
+                    release(step, slot, "v")
+                    if "qk" in ablate:
+                        return acc, m_i, l_i, ops.full((bq, bk), 0.0)
+                    if ops.interpret:  # the barriers for nslot were waited on above
+                        return acc, m_i, l_i, ops.matmul(q_s, k_smem.at[nslot], a_is_ref=True, transpose_b=True,
+                                                         shape=(bq, bk))
+                    return acc, m_i, l_i, s_next_ref[...]
+                if ops.interpret or "qk" in ablate:
+                    return with_next_scores(None)
+                return pl.run_scoped(with_next_scores, plgpu.ACC((bq, bk), _F32))
+
+            carry = (ops.full((bq, head_dim), 0.0), ops.full((bq,), -jnp.inf), ops.full((bq,), 0.0))
+            if bs.overlap:
+                last = n_steps - 1
+                carry = (*carry, qk(0))
+                carry = lax.fori_loop(0, jnp.minimum(n_free, last), functools.partial(step_overlap, masked=False),
+                                      carry)
+                carry = lax.fori_loop(jnp.minimum(n_free, last), last,
+                                      functools.partial(step_overlap, masked=True), carry)
+                *carry, s_last = carry
+                last_slot = lax.rem(last, jnp.int32(slots))
+                acc, m_i, l_i, p16 = softmax(last, s_last, carry, bool(causal or use_seg))
+                if wgs > 1:  # (one warpgroup: nothing left to refill)
+                    release(last, last_slot, "k")
+                acc = acc + pv(last, last_slot, p16)
+                if wgs > 1:
+                    release(last, last_slot, "v")
+            else:
+                carry = lax.fori_loop(0, n_free, functools.partial(step_fn, masked=False), carry)
+                acc, m_i, l_i = lax.fori_loop(n_free, n_steps, functools.partial(step_fn, masked=True), carry)
+
+            empty = l_i == 0.0
+            inv_l = 1.0 / jnp.where(empty, 1.0, l_i)
+            q_s[...] = (acc * _bcast(inv_l, (bq, head_dim), 0)).astype(dtype)
+            lse_s[...] = jnp.where(empty, jnp.inf, m_i + jnp.log2(jnp.where(empty, 1.0, l_i)))
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_s, o_ref.at[b, pl.ds(q0, bq), h])
+            plgpu.copy_smem_to_gmem(lse_s, lse_ref.at[b, h, pl.ds(q0, bq)])
+
+            if wgs > 1:
+                def drain(step, _):
+                    """Key blocks that only a later warpgroup needs: take part in their barriers so the
+                    producer can refill the slots (and every waiter sees every phase)."""
+                    slot = lax.rem(step, jnp.int32(slots))
+                    for bar in (k_bar, s_bar, v_bar):
+                        plgpu.barrier_wait(bar.at[slot])
+                    plgpu.barrier_arrive(k_free.at[slot])
+                    plgpu.barrier_arrive(v_free.at[slot])
+                lax.fori_loop(n_steps, n_cta, drain, None)
+            plgpu.wait_smem_to_gmem(0)
+
+        if wgs == 1:
+            consumer(0)
+            return
+
+        @pl.when(wg < wgs)
+        def _consumers():
+            plgpu.set_max_registers(232, action="increase")
+            consumer(wg)
+
+        @pl.when(wg == wgs)
+        def _producer():
+            """Issues every K/V copy: block step + slots into a slot once all consumers released it."""
+            plgpu.set_max_registers(40, action="decrease")
+            prologue()
+
+            def refill(step, _):
+                slot = lax.rem(step, jnp.int32(slots))
+                plgpu.barrier_wait(k_free.at[slot])
+                fetch(step + slots, slot, "k")
+                plgpu.barrier_wait(v_free.at[slot])
+                fetch(step + slots, slot, "v")
+            lax.fori_loop(0, jnp.maximum(n_cta - slots, 0), refill, None)
+            for i in range(slots):  # the last releases, so that this thread sees every phase of the barriers
+                step = n_cta - slots + i
+
+                @pl.when(step >= 0)
+                def _():
+                    slot = lax.rem(step, jnp.int32(slots))
+                    plgpu.barrier_wait(k_free.at[slot])
+                    plgpu.barrier_wait(v_free.at[slot])
 
     tr = _tile_transforms(head_dim, dtype)
+    lead = (wgs,) if wgs > 1 else ()  # per consumer warpgroup
     scratch = dict(
-        q_smem=plgpu.SMEM((bq, head_dim), dtype, transforms=tr),
+        q_smem=plgpu.SMEM((*lead, bq, head_dim), dtype, transforms=tr),
         k_smem=plgpu.SMEM((slots, bk, head_dim), dtype, transforms=tr),
         v_smem=plgpu.SMEM((slots, bk, head_dim), dtype, transforms=tr),
-        qmeta_smem=plgpu.SMEM((2, bq), jnp.int32),
+        qmeta_smem=plgpu.SMEM((*lead, 2, bq), jnp.int32),
         kvseg_smem=plgpu.SMEM((slots, bk), jnp.int32),
-        lse_smem=plgpu.SMEM((bq,), _F32),
-        q_bar=plgpu.Barrier(num_barriers=2),
+        lse_smem=plgpu.SMEM((*lead, bq), _F32),
+        q_bar=plgpu.Barrier(num_barriers=2 * wgs),
         k_bar=plgpu.Barrier(num_barriers=slots),
         v_bar=plgpu.Barrier(num_barriers=slots),
         s_bar=plgpu.Barrier(num_barriers=slots),
     )
+    threads = {}
+    if wgs > 1:  # consumer warpgroups 0..wgs-1 and one producer warpgroup
+        scratch.update(k_free=plgpu.Barrier(num_arrivals=wgs, num_barriers=slots),
+                       v_free=plgpu.Barrier(num_arrivals=wgs, num_barriers=slots))
+        threads = dict(num_threads=wgs + 1, thread_name="wg")
     return plgpu.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((batch, n_heads, t_pad), _F32)),
@@ -309,6 +386,7 @@ def _fwd_call(q, k, v, qmeta, kvseg, *, causal, static_offset, use_seg, scale, b
         grid_names=("q", "h", "b"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
+        **threads,
     )(q, k, v, qmeta, kvseg)
 
 
@@ -627,7 +705,7 @@ def flash_attention_gpu(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_i
 
     if kv_segment_ids is None:
         q_segment_ids = None  # the contract ignores query segments without key segments
-    t_mult = math.lcm(bs.block_q, bs.block_q_dq, bs.block_q_dkv)
+    t_mult = math.lcm(bs.warpgroups * bs.block_q, bs.block_q_dq, bs.block_q_dkv)
     s_mult = math.lcm(bs.block_kv, bs.block_kv_dq, bs.block_kv_dkv)
     t_pad, s_pad = _round_up(t, t_mult), _round_up(s, s_mult)
     use_seg = kv_segment_ids is not None or s_pad != s
