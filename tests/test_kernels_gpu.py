@@ -7,6 +7,7 @@ Mosaic GPU interpreter on the CPU (same kernels, TMA copies, barriers and maskin
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -56,7 +57,8 @@ def _rel(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-2))
 
 
-class GpuKernelCases:
+class _KernelCheck:
+    """check(): the kernel's output and gradients against the reference; skips without a GPU unless interpreted."""
     INTERPRET = False
 
     @pytest.fixture(autouse=True)
@@ -65,7 +67,7 @@ class GpuKernelCases:
             pytest.skip("needs a GPU (the interpreted subclass runs these on the CPU)")
 
     def check(self, *, batch=1, t, s, n, kv, h, dtype=jnp.float32, causal=True, kind="none", q_offset=0,
-              grads=True, seed=0, jit_offset=False):
+              grads=True, seed=0, jit_offset=False, block_sizes=None):
         q, k, v, cot = _inputs(seed, batch, t, s, n, kv, h, dtype)
         qseg, kvseg = _segments(kind, batch, t, s)
         kw = dict(q_segment_ids=qseg, kv_segment_ids=kvseg, causal=causal)
@@ -79,7 +81,8 @@ class GpuKernelCases:
             out, vjp = jax.vjp(f, q, k, v)
             return out, vjp(cot.astype(out.dtype))
 
-        kernel = lambda q, k, v, **a: flash_attention_gpu(q, k, v, interpret=self.INTERPRET, **a)  # noqa: E731
+        kernel = lambda q, k, v, **a: flash_attention_gpu(q, k, v, interpret=self.INTERPRET,  # noqa: E731
+                                                          block_sizes=block_sizes, **a)
         if jit_offset:  # q_offset as a traced scalar
             out, g = jax.jit(lambda off: run(kernel, off))(jnp.int32(q_offset))
         else:  # one compile for the forward and the backward
@@ -94,6 +97,8 @@ class GpuKernelCases:
             if grads:
                 assert np.all(np.asarray(g[0][0, :9]) == 0.0)
 
+
+class GpuKernelCases(_KernelCheck):
     def test_fp32_h64_gqa_8to2_len37_left_right_padding(self):
         self.check(batch=2, t=37, s=37, n=8, kv=2, h=64, kind="left")
 
@@ -136,6 +141,39 @@ class TestInterpret(GpuKernelCases):
     INTERPRET = True
 
 
+class Warpgroups2Cases(_KernelCheck):
+    """The forward with two consumer warpgroups per CTA (`BlockSizes(warpgroups=2)`) and a producer warpgroup;
+    its log-sum-exp feeds the unchanged backward, so the gradients check it too. block_kv=64 makes the first
+    warpgroup of a causal CTA need fewer key blocks than the second (its drain of the shared pipeline)."""
+
+    def test_wg2_fp32_h80_gqa_8to2_len129_causal_left_padding(self):  # forward only: the backward is slow to interpret
+        self.check(batch=2, t=129, s=129, n=8, kv=2, h=80, kind="left", seed=11, grads=False,
+                   block_sizes=BlockSizes(warpgroups=2, block_kv=64))
+
+    def test_wg2_fp32_h64_len256_packed_segments(self):
+        self.check(t=256, s=256, n=2, kv=1, h=64, kind="packed", seed=12, block_sizes=BlockSizes(warpgroups=2))
+
+    def test_wg2_fp32_h80_prefill_q_offset(self):
+        bs = BlockSizes(warpgroups=2, block_kv=64, overlap=False)
+        self.check(batch=2, t=100, s=229, n=2, kv=1, h=80, q_offset=129, kind="left", seed=13, block_sizes=bs)
+        self.check(t=37, s=129, n=2, kv=2, h=80, q_offset=92, seed=14, jit_offset=True, grads=False,
+                   block_sizes=BlockSizes(warpgroups=2))
+
+    def test_wg2_bf16_h80_gqa_8to2_len256_gpu(self):
+        if self.INTERPRET:
+            pytest.skip("too slow to interpret")
+        self.check(batch=2, t=256, s=256, n=8, kv=2, h=80, dtype=jnp.bfloat16, kind="left", seed=15,
+                   block_sizes=BlockSizes(warpgroups=2))
+
+
+class TestGpuWarpgroups2(Warpgroups2Cases):
+    INTERPRET = False
+
+
+class TestInterpretWarpgroups2(Warpgroups2Cases):
+    INTERPRET = True
+
+
 def test_fallbacks_and_errors():
     q, k, v, _ = _inputs(0, 1, 5, 5, 2, 1, 8, jnp.float32)
     # head_dim 8 is not a multiple of 16: the reference answers
@@ -144,6 +182,8 @@ def test_fallbacks_and_errors():
         flash_attention_gpu(q, k[:, :, :1].repeat(3, axis=2), v[:, :, :1].repeat(3, axis=2))
     with pytest.raises(ValueError, match="block_kv=96"):
         BlockSizes(block_kv=96)
+    with pytest.raises(ValueError, match="warpgroups=3"):
+        BlockSizes(warpgroups=3)
     with pytest.raises(ValueError, match="4-D"):
         flash_attention_gpu(q[0], k, v)
     q16, k16 = (jnp.zeros((1, 5, 2, 16), jnp.bfloat16) for _ in range(2))
@@ -177,3 +217,27 @@ def test_export_cuda_forward_and_backward(head_dim):
     # forward (as the residual pass), dq and dk/dv kernels
     assert len(re.findall(r'stablehlo.custom_call @mosaic_gpu\w*', bwd_text)) >= 3
     assert len(re.findall(r'stablehlo.custom_call @mosaic_gpu\w*', fwd_text)) == 1
+
+
+@pytest.mark.parametrize("head_dim", [64, 80])
+def test_export_cuda_forward_two_warpgroups(head_dim):
+    """BlockSizes(warpgroups=2) lowers for CUDA: the forward alone and under jax.vjp with the backward kernels."""
+    q = jax.ShapeDtypeStruct((2, 200, 8, head_dim), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((2, 200, 2, head_dim), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((2, 200), jnp.int32)
+
+    def fwd(q, k, v, seg, warpgroups=2):
+        return flash_attention_gpu(q, k, v, kv_segment_ids=seg, block_sizes=BlockSizes(warpgroups=warpgroups))
+
+    def fwd_vjp(q, k, v, seg):
+        out, vjp = jax.vjp(lambda *a: fwd(*a, seg), q, k, v)
+        return out, vjp(jnp.ones_like(out))
+
+    calls = lambda text: re.findall(r'stablehlo.custom_call @mosaic_gpu\w*', text)  # noqa: E731
+    fwd_text = _export_text(fwd, q, k, k, seg)
+    vjp_text = _export_text(fwd_vjp, q, k, k, seg)
+    assert len(calls(fwd_text)) == 1
+    assert len(calls(vjp_text)) == 3  # the two-warpgroup forward, dq, dk/dv
+    # the producer/consumer register split (setmaxnreg) is only in the warp-specialised kernel
+    assert "nvvm.setmaxregister" in fwd_text and "nvvm.setmaxregister" in vjp_text
+    assert "nvvm.setmaxregister" not in _export_text(functools.partial(fwd, warpgroups=1), q, k, k, seg)
