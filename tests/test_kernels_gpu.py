@@ -147,7 +147,7 @@ class Warpgroups2Cases(_KernelCheck):
     warpgroup of a causal CTA need fewer key blocks than the second (its drain of the shared pipeline)."""
 
     def test_wg2_fp32_h80_gqa_8to2_len129_causal_left_padding(self):  # forward only: the backward is slow to interpret
-        self.check(batch=2, t=129, s=129, n=8, kv=2, h=80, kind="left", seed=11, grads=False,
+        self.check(t=129, s=129, n=8, kv=2, h=80, kind="left", seed=11, grads=False,
                    block_sizes=BlockSizes(warpgroups=2, block_kv=64))
 
     def test_wg2_fp32_h64_len256_packed_segments(self):
