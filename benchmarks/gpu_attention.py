@@ -6,15 +6,21 @@
 2. Speed: forward and forward+backward TFLOP/s, causal, bf16, batch 4, 32 heads, head_dim 64/80/128,
    seq 1024..8192, against `jax.nn.dot_product_attention(implementation="cudnn")` and the XLA reference.
    Causal FLOPs count half of 4*B*N*T*S*H; forward+backward counts 3.5x the forward.
+3. `--wg2-check` (alone, < 60 s): the forward with two consumer warpgroups per CTA (`BlockSizes(warpgroups=2)`)
+   against the reference (PASS/FAIL per case, output and gradients), then forward and forward+backward TFLOP/s of
+   warpgroups 1 vs 2 (and cuDNN) at head_dim 64/80, seq 4096, with the ratio.
 Each case runs in its own try/except, so one failure prints its error and the rest still run.
 
     python benchmarks/gpu_attention.py [--quick] [--seqs 1024,2048,4096,8192] [--dims 64,80,128]
+    python benchmarks/gpu_attention.py --wg2-check
+    python benchmarks/gpu_attention.py --ablate --warpgroups 1,2 --dims 64,80 --skip-check --skip-table
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import platform
 import time
 import traceback
@@ -24,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phi_jax.kernels.flash_attention_gpu import flash_attention_gpu
+from phi_jax.kernels.flash_attention_gpu import BlockSizes, flash_attention_gpu
 from phi_jax.kernels.reference import attention_reference
 
 
@@ -35,7 +41,7 @@ def rel_err(a, b) -> float:
 
 
 def check_case(name, *, batch, t, s, n, kv, h, causal=True, q_offset=0, kind="none", tol=2e-2,
-               dt=jnp.bfloat16) -> bool:
+               dt=jnp.bfloat16, bs=None) -> bool:
     keys = jax.random.split(jax.random.key(zlib.crc32(name.encode())), 4)
     q = jax.random.normal(keys[0], (batch, t, n, h), dt)
     k = jax.random.normal(keys[1], (batch, s, kv, h), dt)
@@ -56,7 +62,7 @@ def check_case(name, *, batch, t, s, n, kv, h, causal=True, q_offset=0, kind="no
             return out, vjp(cot.astype(out.dtype))
         return jax.jit(f)
 
-    out, grads = out_and_grads(flash_attention_gpu)(q, k, v)
+    out, grads = out_and_grads(functools.partial(flash_attention_gpu, block_sizes=bs))(q, k, v)
     ref, grads_ref = out_and_grads(attention_reference)(q, k, v)
     errs = [rel_err(out, ref)] + [rel_err(a, b) for a, b in zip(grads, grads_ref)]
     finite = all(bool(jnp.all(jnp.isfinite(x))) for x in (out, *grads))
@@ -81,7 +87,6 @@ def bench(fn, args, repeats: int, calls: int = 10) -> float:
 
 def sweep(b: int, n: int, repeats: int) -> None:
     """TFLOP/s of the kernel under several BlockSizes, to choose the defaults."""
-    from phi_jax.kernels.flash_attention_gpu import BlockSizes
     variants = {
         "default": BlockSizes(),
         "no-overlap": BlockSizes(overlap=False),
@@ -91,6 +96,10 @@ def sweep(b: int, n: int, repeats: int) -> None:
         "no-ov kv64": BlockSizes(block_kv=64, overlap=False),
         "dq kv128": BlockSizes(block_kv_dq=128),
         "dkv q128": BlockSizes(block_q_dkv=128),
+        "wg2": BlockSizes(warpgroups=2),
+        "wg2 no-overlap": BlockSizes(warpgroups=2, overlap=False),
+        "wg2 kv64 s3": BlockSizes(warpgroups=2, block_kv=64, slots=3),
+        "wg2 s3": BlockSizes(warpgroups=2, slots=3),
     }
     s = 4096
     for h in (80,):
@@ -120,28 +129,83 @@ ABLATIONS = {  # name: forward stages left out (BlockSizes.ablate); the output o
 }
 
 
-def ablate(b: int, n: int, repeats: int, dims, s: int = 4096, interpret: bool = False) -> None:
+def ablate(b: int, n: int, repeats: int, dims, s: int = 4096, interpret: bool = False,
+           warpgroups: int = 1) -> None:
     """A profile without hardware counters: the forward kernel's time with stages left out (BlockSizes.ablate).
     The time a stage costs on the critical path is the whole kernel's time minus the time without it."""
-    from phi_jax.kernels.flash_attention_gpu import BlockSizes
-    print(f"\n# ablation profile, forward, causal bf16, batch {b}, {n} heads, seq {s}: ms per call (TFLOP/s "
-          "counting the whole kernel's FLOPs)", flush=True)
+    print(f"\n# ablation profile, forward, warpgroups={warpgroups}, causal bf16, batch {b}, {n} heads, seq {s}: "
+          "ms per call (TFLOP/s counting the whole kernel's FLOPs)", flush=True)
     for h in dims:
         keys = jax.random.split(jax.random.key(h), 3)
         q, k, v = (jax.random.normal(kk, (b, s, n, h), jnp.bfloat16) for kk in keys)
         flops = 4 * b * n * s * s * h / 2
         whole = None
         for name, stages in ABLATIONS.items():
-            bs = BlockSizes(ablate=frozenset(stages))
+            bs = BlockSizes(ablate=frozenset(stages), warpgroups=warpgroups)
             try:
                 fn = jax.jit(lambda q, k, v, bs=bs: flash_attention_gpu(q, k, v, causal=True, block_sizes=bs,
                                                                         interpret=interpret))
                 sec = bench(fn, (q, k, v), repeats)
                 whole = sec if whole is None else whole
-                print(f"ablate h{h} {name:>20}: {1e3 * sec:8.3f} ms ({flops / sec / 1e12:6.1f} TFLOP/s)  "
+                print(f"ablate wg{warpgroups} h{h} {name:>20}: {1e3 * sec:8.3f} ms ({flops / sec / 1e12:6.1f} TFLOP/s)  "
                       f"saves {1e3 * (whole - sec):7.3f} ms", flush=True)
             except Exception as e:  # noqa: BLE001
-                print(f"ablate h{h} {name:>20}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                print(f"ablate wg{warpgroups} h{h} {name:>20}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+
+
+def wg2_check(b: int = 4, n: int = 32, s: int = 4096, repeats: int = 3) -> int:
+    """BlockSizes(warpgroups=2): numerics against the reference, then TFLOP/s against warpgroups=1 and cuDNN.
+    Returns the number of failed numerics cases."""
+    wg2 = BlockSizes(warpgroups=2)
+    cases = [  # block_kv=64 makes a causal CTA's first warpgroup need fewer key blocks than its second
+        dict(name="wg2 h80 causal GQA 8:2 left/right padding T=S=300 kv64", batch=2, t=300, s=300, n=8, kv=2, h=80,
+             kind="left", bs=BlockSizes(warpgroups=2, block_kv=64)),
+        dict(name="wg2 h64 causal GQA 8:2 left/right padding T=S=300", batch=2, t=300, s=300, n=8, kv=2, h=64,
+             kind="left", bs=wg2),
+        dict(name="wg2 h64 causal packed segments GQA 4:2 T=S=256", batch=2, t=256, s=256, n=4, kv=2, h=64,
+             kind="packed", bs=wg2),
+        dict(name="wg2 h80 float16 non-causal padding no-overlap T=S=129", batch=2, t=129, s=129, n=4, kv=4, h=80,
+             causal=False, kind="left", dt=jnp.float16, bs=BlockSizes(warpgroups=2, overlap=False)),
+        dict(name="wg2 h80 causal q_offset 100 T=37 S=137", batch=2, t=37, s=137, n=4, kv=2, h=80, q_offset=100,
+             bs=wg2),
+    ]
+    n_fail = 0
+    for case in cases:
+        try:
+            n_fail += not check_case(**case)
+        except Exception as e:  # noqa: BLE001 - report and go on
+            n_fail += 1
+            print(f"FAIL {case['name']}: {type(e).__name__}: {str(e)[:400]}", flush=True)
+            traceback.print_exc(limit=3)
+    print(f"wg2 numerics: {'PASS' if n_fail == 0 else f'FAIL ({n_fail} cases)'}", flush=True)
+
+    print(f"\n# warpgroups 1 vs 2: TFLOP/s, causal bf16, batch {b}, {n} heads, seq {s} (f+b = 3.5x forward FLOPs)",
+          flush=True)
+    impls = {
+        "wg1": lambda q, k, v: flash_attention_gpu(q, k, v, causal=True, block_sizes=BlockSizes(warpgroups=1)),
+        "wg2": lambda q, k, v: flash_attention_gpu(q, k, v, causal=True, block_sizes=wg2),
+        "cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"),
+    }
+    for h in (64, 80):
+        keys = jax.random.split(jax.random.key(s + h), 3)
+        q, k, v = (jax.random.normal(kk, (b, s, n, h), jnp.bfloat16) for kk in keys)
+        flops = 4 * b * n * s * s * h / 2
+        got = {}
+        for name, fn in impls.items():
+            for mode in ("fwd", "f+b"):
+                try:
+                    f = jax.jit(fn) if mode == "fwd" else jax.jit(jax.grad(
+                        lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2)))
+                    sec = bench(f, (q, k, v), repeats)
+                    got[name, mode] = flops * (1 if mode == "fwd" else 3.5) / sec / 1e12
+                    print(f"wg2-bench h{h} s{s} {name:>5} {mode}: {1e3 * sec:8.3f} ms  {got[name, mode]:6.1f} TFLOP/s",
+                          flush=True)
+                except Exception as e:  # noqa: BLE001
+                    print(f"wg2-bench h{h} s{s} {name:>5} {mode}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        for mode in ("fwd", "f+b"):
+            if ("wg1", mode) in got and ("wg2", mode) in got:
+                print(f"wg2-bench h{h} s{s} {mode}: wg2 / wg1 = {got['wg2', mode] / got['wg1', mode]:.2f}x", flush=True)
+    return n_fail
 
 
 def main() -> None:
@@ -156,11 +220,18 @@ def main() -> None:
     p.add_argument("--skip-check", action="store_true")
     p.add_argument("--ablate", action="store_true", help="profile the forward by leaving stages out (h64/h80)")
     p.add_argument("--skip-table", action="store_true", help="no TFLOP/s table")
+    p.add_argument("--warpgroups", default="1", help="--ablate: profile these BlockSizes.warpgroups (e.g. 1,2)")
+    p.add_argument("--wg2-check", action="store_true",
+                   help="only: warpgroups=2 numerics (PASS/FAIL) and TFLOP/s of warpgroups 1 vs 2, h64/h80 seq 4096")
     args = p.parse_args()
 
     dev = jax.devices()[0]
     print(f"# gpu_attention  date {datetime.datetime.now().isoformat(timespec='seconds')}  device {dev.device_kind} "
           f"({dev.platform})  jax {jax.__version__}  python {platform.python_version()}", flush=True)
+    if args.wg2_check:
+        n_fail = wg2_check(args.batch, args.heads, repeats=min(args.repeats, 3))
+        print(f"\n{'PASS' if n_fail == 0 else 'FAIL'} gpu_attention --wg2-check numerics", flush=True)
+        return
 
     n_fail = 0
     if not args.skip_check:
@@ -187,7 +258,9 @@ def main() -> None:
     if args.sweep:
         sweep(args.batch, args.heads, args.repeats)
     if args.ablate:
-        ablate(args.batch, args.heads, args.repeats, [h for h in (64, 80) if str(h) in args.dims.split(",")])
+        for wgs in (int(x) for x in args.warpgroups.split(",")):
+            ablate(args.batch, args.heads, args.repeats, [h for h in (64, 80) if str(h) in args.dims.split(",")],
+                   warpgroups=wgs)
     if args.skip_table:
         return
     seqs = [4096] if args.quick else [int(x) for x in args.seqs.split(",")]

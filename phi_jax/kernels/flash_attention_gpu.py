@@ -4,11 +4,16 @@
 grouped-query attention without repeating K/V, segment ids for padding and packing, causal with a query offset,
 zeros for rows that see nothing) and is differentiable through `jax.custom_vjp`.
 
-Kernels (all `plgpu.kernel`, one warpgroup per CTA, K/V or Q/dO streamed through shared memory by TMA copies
+Kernels (all `plgpu.kernel`, one warpgroup per CTA by default, K/V or Q/dO streamed through shared memory by TMA copies
 `slots` deep, so the copy of block j+slots runs while block j is in the tensor cores):
   - forward: one CTA per (query block, head, batch); S = Q K^T and O += P V on `plgpu.wgmma` (P from registers),
     online softmax in float32 (base-2, the scale folded into one multiplier); writes O and the base-2
     log-sum-exp per row (+inf for a row that sees nothing, so the backward gives it zero gradients).
+    `BlockSizes(warpgroups=2)` (opt-in) makes it warp-specialised: two consumer warpgroups of `block_q` rows each
+    share every K/V tile (half the K/V copies per query row) and a third, producer warpgroup issues all K/V copies;
+    each consumer arrives on a per-slot "free" barrier (two arrivals) when done with K or V of a slot, and the
+    producer waits on it before refilling the slot. A consumer whose causal rows need fewer key blocks than its
+    neighbour's still waits on and releases the remaining blocks after writing its output.
   - dq: one CTA per (query block, head, batch), loops over key blocks; dS = P (dP - delta), dQ += dS K.
   - dk/dv: one CTA per (key block, KV head, batch), loops over the G query heads of its group and their query
     blocks, so GQA gradients are summed in the kernel (K/V never repeated, no reduction afterwards).
@@ -17,9 +22,9 @@ Kernels (all `plgpu.kernel`, one warpgroup per CTA, K/V or Q/dO streamed through
   multiples of 16 (phi-2's 80) use (8, 16) tiles and a 32-byte swizzle, never padded to 128.
 
 Interpret mode (`interpret=True`, for CPU tests) runs the same kernels in Pallas's Mosaic GPU interpreter (TMA
-copies, barriers, the pipelining and all the masking and softmax code are shared) with one difference: the
-interpreter has no transposed wgmma operands and no register operands, so the matrix products are plain
-`lax.dot_general`s on the same shared-memory tiles. Where the kernel cannot run (float32 inputs outside
+copies, barriers, warpgroup threads, the pipelining and all the masking and softmax code are shared; it checks that
+every waiter sees every phase of a barrier) with one difference: the interpreter has no transposed wgmma operands
+and no register operands, so the matrix products are plain `lax.dot_general`s on the same shared-memory tiles. Where the kernel cannot run (float32 inputs outside
 interpret mode, head_dim not a multiple of 16), the wrapper falls back to `attention_reference`.
 """
 
