@@ -24,8 +24,9 @@ Kernels (all `plgpu.kernel`, one warpgroup per CTA by default, K/V or Q/dO strea
 Interpret mode (`interpret=True`, for CPU tests) runs the same kernels in Pallas's Mosaic GPU interpreter (TMA
 copies, barriers, warpgroup threads, the pipelining and all the masking and softmax code are shared; it checks that
 every waiter sees every phase of a barrier) with one difference: the interpreter has no transposed wgmma operands
-and no register operands, so the matrix products are plain `lax.dot_general`s on the same shared-memory tiles. Where the kernel cannot run (float32 inputs outside
-interpret mode, head_dim not a multiple of 16), the wrapper falls back to `attention_reference`.
+and no register operands, so the matrix products are plain `lax.dot_general`s on the same shared-memory tiles.
+Where the kernel cannot run (float32 inputs outside interpret mode, head_dim not a multiple of 16), the wrapper
+falls back to `attention_reference`.
 """
 
 from __future__ import annotations
