@@ -8,7 +8,7 @@
    Causal FLOPs count half of 4*B*N*T*S*H; forward+backward counts 3.5x the forward.
 3. `--wg2-check` (alone, < 60 s): the forward with two consumer warpgroups per CTA (`BlockSizes(warpgroups=2)`)
    against the reference (PASS/FAIL per case, output and gradients), then forward and forward+backward TFLOP/s of
-   warpgroups 1 vs 2 (and cuDNN) at head_dim 64/80, seq 4096, with the ratio.
+   warpgroups 1 vs 2 (and cuDNN's forward) at head_dim 64/80, seq 4096, with the ratio.
 Each case runs in its own try/except, so one failure prints its error and the rest still run.
 
     python benchmarks/gpu_attention.py [--quick] [--seqs 1024,2048,4096,8192] [--dims 64,80,128]
@@ -160,8 +160,6 @@ def wg2_check(b: int = 4, n: int = 32, s: int = 4096, repeats: int = 3) -> int:
     cases = [  # block_kv=64 makes a causal CTA's first warpgroup need fewer key blocks than its second
         dict(name="wg2 h80 causal GQA 8:2 left/right padding T=S=300 kv64", batch=2, t=300, s=300, n=8, kv=2, h=80,
              kind="left", bs=BlockSizes(warpgroups=2, block_kv=64)),
-        dict(name="wg2 h64 causal GQA 8:2 left/right padding T=S=300", batch=2, t=300, s=300, n=8, kv=2, h=64,
-             kind="left", bs=wg2),
         dict(name="wg2 h64 causal packed segments GQA 4:2 T=S=256", batch=2, t=256, s=256, n=4, kv=2, h=64,
              kind="packed", bs=wg2),
         dict(name="wg2 h80 float16 non-causal padding no-overlap T=S=129", batch=2, t=129, s=129, n=4, kv=4, h=80,
@@ -192,7 +190,7 @@ def wg2_check(b: int = 4, n: int = 32, s: int = 4096, repeats: int = 3) -> int:
         flops = 4 * b * n * s * s * h / 2
         got = {}
         for name, fn in impls.items():
-            for mode in ("fwd", "f+b"):
+            for mode in ("fwd",) if name == "cudnn" else ("fwd", "f+b"):  # (the backward kernels are the same)
                 try:
                     f = jax.jit(fn) if mode == "fwd" else jax.jit(jax.grad(
                         lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2)))
