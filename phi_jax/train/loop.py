@@ -140,12 +140,26 @@ def _gather(x: jax.Array) -> np.ndarray:
 
 
 def export(split, params: dict, frozen: dict, directory: str, tokenizer_dir: str | None = None) -> None:
-    """Writes the trained model (adapters merged) as a Hugging Face directory, with the tokenizer files."""
-    model = split.merge({k: jnp.asarray(_gather(v)) for k, v in params.items()},
-                        {k: jnp.asarray(_gather(v)) for k, v in frozen.items()})
-    model = merge_lora(model)
-    if jax.process_index() != 0:
+    """Writes the trained model (adapters merged) as a Hugging Face directory, with the tokenizer files.
+
+    Every process takes part in gathering each tensor (a collective across hosts), one tensor at a time; only
+    process 0 keeps them, builds the model and writes it, so the other hosts never hold more than one whole
+    tensor."""
+    main = jax.process_index() == 0
+
+    def gather_all(tree: dict) -> dict:
+        kept = {}
+        for k, v in tree.items():
+            whole = _gather(v)
+            if main:
+                kept[k] = jnp.asarray(whole)
+            del whole
+        return kept
+
+    params, frozen = gather_all(params), gather_all(frozen)
+    if not main:
         return
+    model = merge_lora(split.merge(params, frozen))
     model.save_pretrained(directory)
     for name in TOKENIZER_FILES if tokenizer_dir else ():
         src = os.path.join(tokenizer_dir, name)
