@@ -299,8 +299,10 @@ def main() -> int:
     import torch
     torch.set_num_threads(threads)
     import einops  # noqa: F401  (the original code needs it; fail here with a clear message rather than inside it)
-    import transformers  # noqa: F401
+    import transformers
     import phi_jax  # noqa: F401
+    transformers.utils.logging.set_verbosity_error()  # its deprecation notices about the 4.3x-era code
+    transformers.utils.logging.disable_progress_bar()
     for line in header(threads):
         print(line)
     print(f"versions: einops {einops.__version__}, phi_jax {phi_jax.__version__}")
