@@ -89,6 +89,8 @@ def main() -> None:
                     rc = "timeout"
             with open(os.path.join(args.out, "chunks.log"), "a") as f:
                 f.write(f"{time.strftime('%H:%M:%S')} chunk {chunk} {name} seed {args.seed + chunk} rc {rc}\n")
+            if rc not in (0, 1, "timeout"):  # 0 passed, 1 a failure found; anything else: pytest could not run
+                sys.exit(f"fuzz_long: pytest exited {rc} (see {out.name}); stopping")
     text = summary(log)
     with open(os.path.join(args.out, "summary.txt"), "w") as f:
         f.write(text + "\n")

@@ -127,6 +127,16 @@ def test_corrupted_config_field_is_named(path, mutation, names):
     _expect_named_error(d, *names)
 
 
+@pytest.mark.parametrize("layout", ["4.x", "5.x"])
+@pytest.mark.parametrize("key", ["rope_theta", "partial_rotary_factor"])
+def test_null_rope_setting_is_named(layout, key):
+    """Long-run find (chunk seed 5005): `"rope_theta": null` in a 4.x config loaded, then the first forward raised
+    TypeError in `float(None)` (transformers: TypeError in its rotary init)."""
+    path = (key,) if layout == "4.x" else ("rope_parameters", key)
+    d, _ = corrupt_config(layout, path, ("set", None))
+    _expect_named_error(d, key)
+
+
 def test_huge_layer_norm_eps_is_named_or_works():
     """Long-run find (chunk seed 9005 and 20001): `layer_norm_eps: 2147483648` loads, then the first forward
     raises OverflowError ("An overflow was encountered while parsing an argument to a jitted computation")."""
