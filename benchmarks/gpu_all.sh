@@ -56,7 +56,8 @@ step train 150 python3 benchmarks/train.py --gpu
 step attention 200 env PYTHONPATH="/tmp/site:$PWD" XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 python3 \
     benchmarks/attention.py --seqs 4096 --budget 0.1
 # issue 10: where the forward kernel's time goes (stages left out), head_dim 64 and 80
-step ablate 90 python3 benchmarks/gpu_attention.py --ablate --skip-check --skip-table --dims 64,80 --repeats 3
+step ablate 90 python3 benchmarks/gpu_attention.py --ablate --decode --skip-check --skip-table --dims 64,80 \
+    --repeats 3
 # issue 10: the kernel tests that need a GPU
-step pytest 60 env JAX_PLATFORMS=cuda,cpu python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py -k TestGpu
+step pytest 60 env JAX_PLATFORMS=cuda,cpu python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py tests/test_decode_attention_gpu.py -k TestGpu
 echo "total $(($(date +%s) - START)) s" >> "$OUTDIR/summary.txt"
