@@ -166,10 +166,13 @@ def test_one_program_for_several_platforms(platforms):
     assert exported.platforms == tuple(platforms)
 
 
-def test_decode_step_exports_with_decode_kernel(make_checkpoint):
-    """A cached one-token step of the pallas model lowers for TPU with the flash-decoding kernel."""
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_decode_step_exports_with_decode_kernel(make_checkpoint, platform):
+    """A cached one-token step of the pallas model lowers with the flash-decoding kernel: the Mosaic TPU one for
+    TPU, the Mosaic GPU one for CUDA (not the xla path)."""
     from phi_jax.generation.cache import KVCache
-    d, _ = make_checkpoint("phi1", hidden_size=128, num_attention_heads=2, num_hidden_layers=1)
+    d, _ = make_checkpoint("phi1", hidden_size=160 if platform == "cuda" else 128, num_attention_heads=2,
+                           num_hidden_layers=1)
     model = phi_jax.PhiForCausalLM.from_pretrained(d, attn_implementation="pallas", dtype=jnp.bfloat16)
     graphdef, state = nnx.split(model)
     cache = KVCache.init(model.config, 2, 512, jnp.bfloat16)
@@ -179,7 +182,13 @@ def test_decode_step_exports_with_decode_kernel(make_checkpoint):
         return out.last_hidden_state, out.cache
 
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (state, cache.layers))
-    text = jax.export.export(jax.jit(step), platforms=["tpu"])(
+    text = jax.export.export(
+        jax.jit(step), platforms=[platform],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2"),
+                         jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu")])(
         shapes[0], jax.ShapeDtypeStruct((2, 1), jnp.int32), jax.ShapeDtypeStruct((2, 512), jnp.bool_), shapes[1],
         jax.ShapeDtypeStruct((), jnp.int32)).mlir_module()
-    assert 'kernel_name = "phi_decode_attention"' in text and "phi_flash_attention_fwd" not in text
+    if platform == "tpu":
+        assert 'kernel_name = "phi_decode_attention"' in text and "phi_flash_attention_fwd" not in text
+    else:
+        assert "mosaic_gpu" in text

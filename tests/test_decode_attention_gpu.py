@@ -1,8 +1,8 @@
 """Flash-decoding on Mosaic GPU (phi_jax/kernels/decode_attention_gpu.py) against the reference.
 
 `TestInterpret` runs the kernel in Pallas's Mosaic GPU interpreter on the CPU; `TestGpu` runs the same cases
-compiled and skips without a GPU. The export test lowers a cached decode step of the pallas model for CUDA from
-this CPU and checks that it carries the Mosaic GPU kernel.
+compiled and skips without a GPU. tests/test_attn_implementations.py lowers a cached decode step of the pallas
+model for CUDA and checks that it carries this kernel.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from phi_jax.kernels.decode_attention_gpu import decode_attention_gpu, default_splits
 from phi_jax.kernels.reference import attention_reference
@@ -96,25 +95,3 @@ def test_default_splits_and_errors():
     q8 = jnp.ones((1, 1, 2, 8), jnp.float32)  # head_dim 8: the reference answers
     np.testing.assert_array_equal(np.asarray(decode_attention_gpu(q8, q8, q8)), np.asarray(attention_reference(q8, q8, q8)))
 
-
-def test_decode_step_exports_for_cuda_with_the_kernel(make_checkpoint):
-    """A cached one-token step of the pallas model, lowered for CUDA, runs the Mosaic GPU kernel (not xla)."""
-    import phi_jax
-    from phi_jax.generation.cache import KVCache
-    d, _ = make_checkpoint("phi1", hidden_size=160, num_attention_heads=2, num_hidden_layers=1)
-    model = phi_jax.PhiForCausalLM.from_pretrained(d, attn_implementation="pallas", dtype=jnp.bfloat16)
-    graphdef, state = nnx.split(model)
-    cache = KVCache.init(model.config, 2, 512, jnp.bfloat16)
-
-    def step(state, ids, mask, layers, index):
-        out = nnx.merge(graphdef, state).model(ids, mask, cache=layers, cache_index=index)
-        return out.last_hidden_state, out.cache
-
-    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (state, cache.layers))
-    exported = jax.export.export(
-        jax.jit(step), platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2"),
-                         jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu")])(
-        shapes[0], jax.ShapeDtypeStruct((2, 1), jnp.int32), jax.ShapeDtypeStruct((2, 512), jnp.bool_), shapes[1],
-        jax.ShapeDtypeStruct((), jnp.int32))
-    assert "mosaic_gpu" in exported.mlir_module()

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from phi_jax.kernels.flash_attention_gpu import BlockSizes, _fwd_call, _interpret_params, _round_up
-from phi_jax.kernels.reference import attention_reference
+from phi_jax.kernels.reference import attention_reference, check_shapes
 
 # About two waves of CTAs on an H100/H200 (132 multiprocessors): the default number of splits aims at this many
 # CTAs in all, B * N * splits, at least one key block per split.
@@ -47,16 +47,9 @@ def decode_attention_gpu(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_
                          interpret=False) -> jax.Array:
     """The contract of `phi_jax.kernels.reference` for decode steps, on the Mosaic GPU forward kernel split over
     the keys (see the module docstring). num_splits: key ranges run in parallel (default `default_splits`)."""
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"decode_attention_gpu: q, k, v must be 4-D, got {q.shape}, {k.shape}, {v.shape}")
+    check_shapes(q, k, v, q_segment_ids, kv_segment_ids, "decode_attention_gpu")
     batch, t, n_heads, head_dim = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
-    if k.shape != (batch, s, kv_heads, head_dim) or v.shape != k.shape:
-        raise ValueError(f"decode_attention_gpu: k {k.shape} and v {v.shape} must both be [B, S, K, H] with q {q.shape}")
-    if n_heads % kv_heads:
-        raise ValueError(f"decode_attention_gpu: {n_heads} query heads are not a multiple of {kv_heads} KV heads")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"decode_attention_gpu: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
                                    or num_splits < 1):
         raise ValueError(f"decode_attention_gpu: num_splits={num_splits!r} must be a positive integer")

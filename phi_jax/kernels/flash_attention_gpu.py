@@ -35,7 +35,7 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from phi_jax.kernels.reference import attention_reference
+from phi_jax.kernels.reference import attention_reference, check_shapes
 
 _LOG2E = math.log2(math.e)
 _F32 = jnp.float32
@@ -602,16 +602,9 @@ def flash_attention_gpu(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_i
     block_sizes: a `BlockSizes` (defaults fit head_dim 64..128 on an H100/H200). interpret: True runs the
     kernels in Pallas's Mosaic GPU interpreter (CPU tests; float32 allowed there).
     """
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"flash_attention_gpu: q, k, v must be 4-D, got {q.shape}, {k.shape}, {v.shape}")
+    check_shapes(q, k, v, q_segment_ids, kv_segment_ids, "flash_attention_gpu")
     batch, t, n_heads, head_dim = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
-    if k.shape != (batch, s, kv_heads, head_dim) or v.shape != k.shape:
-        raise ValueError(f"flash_attention_gpu: k {k.shape} and v {v.shape} must both be [B, S, K, H] with q {q.shape}")
-    if n_heads % kv_heads:
-        raise ValueError(f"flash_attention_gpu: {n_heads} query heads are not a multiple of {kv_heads} KV heads")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"flash_attention_gpu: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     ref_kw = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, causal=causal, q_offset=q_offset,
                   sm_scale=sm_scale)
     sixteen_bit = q.dtype in (jnp.bfloat16, jnp.float16)
