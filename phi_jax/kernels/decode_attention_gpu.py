@@ -27,7 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from phi_jax.kernels.flash_attention_gpu import BlockSizes, _fwd_call, _interpret_params, _round_up
+from phi_jax.kernels.flash_attention_gpu import BlockSizes, _fwd_call, _interpret_params, _round_up, segment_ids
 from phi_jax.kernels.reference import attention_reference, check_shapes
 
 # About two waves of CTAs on an H100/H200 (132 multiprocessors): the default number of splits aims at this many
@@ -71,15 +71,7 @@ def decode_attention_gpu(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_
     t_pad = _round_up(t, bs.block_q)
     scale = float(head_dim ** -0.5 if sm_scale is None else sm_scale)
 
-    # segment ids as in flash_attention_gpu: without query ids a key only has to be valid (id 1 for all)
-    kvseg = jnp.ones((batch, s), jnp.int32) if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
-    if kv_segment_ids is None:
-        q_segment_ids = None
-    if q_segment_ids is None:
-        kvseg = jnp.where(kvseg != 0, 1, 0)
-        qseg = jnp.ones((batch, t), jnp.int32)
-    else:
-        qseg = q_segment_ids.astype(jnp.int32)
+    qseg, kvseg = segment_ids(q_segment_ids, kv_segment_ids, batch, t, s)
     kvseg = jnp.pad(kvseg, ((0, 0), (0, s_pad - s))).reshape(batch * splits, chunk)
 
     def split_keys(x):  # [B, S, K, H] -> [B * splits, chunk, K, H], split-minor

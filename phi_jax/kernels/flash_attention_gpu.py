@@ -590,6 +590,18 @@ def _flash_bwd(causal, static_offset, use_seg, scale, bs, interpret, res, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+def segment_ids(q_segment_ids, kv_segment_ids, batch: int, t: int, s: int) -> tuple[jax.Array, jax.Array]:
+    """The kernels' int32 query `[B, T]` and key `[B, S]` ids for the contract's segment ids (either may be None):
+    a query sees a key when the ids are equal and the key's is not 0."""
+    if kv_segment_ids is None:
+        q_segment_ids = None  # the contract ignores query segments without key segments
+    kvseg = jnp.ones((batch, s), jnp.int32) if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
+    if q_segment_ids is None:
+        # a key only has to be valid: every query and every valid key share the id 1
+        return jnp.ones((batch, t), jnp.int32), jnp.where(kvseg != 0, 1, 0)
+    return q_segment_ids.astype(jnp.int32), kvseg
+
+
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
@@ -618,17 +630,11 @@ def flash_attention_gpu(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_i
     if static_offset is not None and static_offset < 0:
         raise ValueError(f"flash_attention_gpu: q_offset={q_offset} must be >= 0")
 
-    if kv_segment_ids is None:
-        q_segment_ids = None  # the contract ignores query segments without key segments
     t_mult = math.lcm(bs.block_q, bs.block_q_dq, bs.block_q_dkv)
     s_mult = math.lcm(bs.block_kv, bs.block_kv_dq, bs.block_kv_dkv)
     t_pad, s_pad = _round_up(t, t_mult), _round_up(s, s_mult)
     use_seg = kv_segment_ids is not None or s_pad != s
-    kvseg = jnp.ones((batch, s), jnp.int32) if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
-    qseg = (jnp.ones((batch, t), jnp.int32) if q_segment_ids is None else q_segment_ids.astype(jnp.int32))
-    if q_segment_ids is None:
-        # a key segment only has to be non-zero: give each query the key's own id through a shared id of 1
-        kvseg = jnp.where(kvseg != 0, 1, 0)
+    qseg, kvseg = segment_ids(q_segment_ids, kv_segment_ids, batch, t, s)
     qpos = jnp.broadcast_to((jnp.asarray(q_offset, jnp.int32) + jnp.arange(t_pad, dtype=jnp.int32))[None],
                             (batch, t_pad))
     qmeta = jnp.stack([qpos, jnp.pad(qseg, ((0, 0), (0, t_pad - t)))], axis=1)  # [B, 2, T]
