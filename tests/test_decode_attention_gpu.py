@@ -85,6 +85,7 @@ def test_default_splits_and_errors():
     assert default_splits(1, 32, 2048, 128) == 8  # phi-2 at batch 1: 256 CTAs
     assert default_splits(8, 32, 2048, 128) == 1
     assert default_splits(1, 2, 100, 128) == 1  # never more splits than key blocks
+    assert default_splits(1, 32, 7 * 128, 128) == 7 and default_splits(1, 32, 11 * 128, 128) == 1  # divisors only
     q = jnp.zeros((1, 1, 2, 16), jnp.bfloat16)
     with pytest.raises(ValueError, match="num_splits=0"):
         decode_attention_gpu(q, q, q, num_splits=0)

@@ -16,7 +16,9 @@ Positions: queries sit at `q_offset + [0, T)` (an int or a traced scalar); split
 `[i * chunk, (i + 1) * chunk)`, so its queries are given positions `q_offset + t - i * chunk` for the kernel's
 causal comparison with the chunk-local key index. Valid keys come from `kv_segment_ids` (0 = padding or a cache
 slot not written yet), as in the forward kernel. Key blocks past the query inside a split are masked, not
-skipped (the forward kernel skips blocks only for a static offset).
+skipped (the forward kernel skips blocks only for a static offset). The splits are a reshape of the cache, free
+when its length is a multiple of the key block (128) and `num_splits` divides the number of blocks (the default
+does); otherwise the cache is padded, a copy per call.
 
 Inference only (no gradient). `interpret=True` runs it in Pallas's Mosaic GPU interpreter (CPU tests; float32
 allowed there).
@@ -36,9 +38,11 @@ TARGET_CTAS = 264
 
 
 def default_splits(batch: int, n_heads: int, kv_len: int, block_kv: int) -> int:
-    """Splits of the keys so that B * N * splits is about TARGET_CTAS, each with at least one key block."""
+    """Splits of the keys so that B * N * splits is at most about TARGET_CTAS: the largest divisor of the number of
+    key blocks under that, so that the splits tile the (block-rounded) cache exactly and it is never copied."""
     blocks = max(1, -(-kv_len // block_kv))
-    return max(1, min(blocks, TARGET_CTAS // max(1, batch * n_heads)))
+    want = max(1, min(blocks, TARGET_CTAS // max(1, batch * n_heads)))
+    return max(d for d in range(1, want + 1) if blocks % d == 0)
 
 
 def decode_attention_gpu(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids=None, kv_segment_ids=None,
