@@ -147,8 +147,8 @@ def ablate(b: int, n: int, repeats: int, dims, s: int = 4096, interpret: bool = 
                                                                         interpret=interpret))
                 sec = bench(fn, (q, k, v), repeats)
                 whole = sec if whole is None else whole
-                print(f"ablate wg{warpgroups} h{h} {name:>20}: {1e3 * sec:8.3f} ms ({flops / sec / 1e12:6.1f} TFLOP/s)  "
-                      f"saves {1e3 * (whole - sec):7.3f} ms", flush=True)
+                print(f"ablate wg{warpgroups} h{h} {name:>20}: {1e3 * sec:8.3f} ms "
+                      f"({flops / sec / 1e12:6.1f} TFLOP/s)  saves {1e3 * (whole - sec):7.3f} ms", flush=True)
             except Exception as e:  # noqa: BLE001
                 print(f"ablate wg{warpgroups} h{h} {name:>20}: {type(e).__name__}: {str(e)[:300]}", flush=True)
 
@@ -206,6 +206,39 @@ def wg2_check(b: int = 4, n: int = 32, s: int = 4096, repeats: int = 3) -> int:
     return n_fail
 
 
+def decode_bench(repeats: int, kv_len: int = 2048, interpret: bool = False) -> None:
+    """The decode kernel (phi_jax/kernels/decode_attention_gpu.py): one query per sequence against a `kv_len`-token
+    cache, phi-2's heads (32 x 80), bf16, at batch 1 and 8, against the KV-cache read floor (K and V bytes / the
+    copy bandwidth measured here) and the xla path. Goal (issue 10): within 1.5x of the floor."""
+    from phi_jax.kernels.decode_attention_gpu import decode_attention_gpu, decode_flops_and_bytes, default_splits
+    x = jnp.ones((1 << 28) // 4, jnp.float32)
+    copy = jax.jit(lambda a: a + 1)
+    bandwidth = 2 * x.nbytes / bench(copy, (x,), repeats)
+    print(f"\n# decode attention, bf16, 32 heads x 80, cache {kv_len}; copy bandwidth {bandwidth / 1e9:.0f} GB/s "
+          "(read + write)", flush=True)
+    for b in (1, 8):
+        keys = jax.random.split(jax.random.key(b), 3)
+        q = jax.random.normal(keys[0], (b, 1, 32, 80), jnp.bfloat16)
+        k, v = (jax.random.normal(kk, (b, kv_len, 32, 80), jnp.bfloat16) for kk in keys[1:])
+        _, nbytes = decode_flops_and_bytes(b, 1, 32, 32, kv_len, 80, 2)
+        floor = nbytes / bandwidth
+        fns = {
+            f"pallas (splits {default_splits(b, 32, kv_len, 128)})": lambda q, k, v, off: decode_attention_gpu(
+                q, k, v, q_offset=off, interpret=interpret),
+            "xla": lambda q, k, v, off: attention_reference(q, k, v, q_offset=off),
+        }
+        for name, fn in fns.items():
+            try:
+                sec = bench(jax.jit(fn), (q, k, v, jnp.int32(kv_len - 1)), repeats)
+                print(f"decode b{b} {name:>18}: {1e6 * sec:8.1f} us = {sec / floor:5.2f}x the floor "
+                      f"({1e6 * floor:.1f} us for {nbytes / 1e6:.1f} MB)", flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"decode b{b} {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        out = decode_attention_gpu(q, k, v, q_offset=kv_len - 1, interpret=interpret)
+        err = rel_err(out, attention_reference(q, k, v, q_offset=kv_len - 1))
+        print(f"{'PASS' if err <= 2e-2 else 'FAIL'} decode b{b} numerics: rel err {err:.2e}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="numerics and seq 4096 only")
@@ -221,6 +254,7 @@ def main() -> None:
     p.add_argument("--warpgroups", default="1", help="--ablate: profile these BlockSizes.warpgroups (e.g. 1,2)")
     p.add_argument("--wg2-check", action="store_true",
                    help="only: warpgroups=2 numerics (PASS/FAIL) and TFLOP/s of warpgroups 1 vs 2, h64/h80 seq 4096")
+    p.add_argument("--decode", action="store_true", help="the decode kernel against the KV-cache read floor")
     args = p.parse_args()
 
     dev = jax.devices()[0]
@@ -259,6 +293,8 @@ def main() -> None:
         for wgs in (int(x) for x in args.warpgroups.split(",")):
             ablate(args.batch, args.heads, args.repeats, [h for h in (64, 80) if str(h) in args.dims.split(",")],
                    warpgroups=wgs)
+    if args.decode:
+        decode_bench(args.repeats)
     if args.skip_table:
         return
     seqs = [4096] if args.quick else [int(x) for x in args.seqs.split(",")]

@@ -162,7 +162,9 @@ class PhiConfig:
         for key, what, ok in (("rope_theta", "a finite number > 0", lambda v: 0 < v < math.inf),
                               ("partial_rotary_factor", "a number in (0, 1]", lambda v: 0 < v <= 1),
                               ("factor", "a finite number > 0", lambda v: 0 < v < math.inf)):
-            if rope.get(key) is not None and not (_is_number(rope[key]) and ok(rope[key])):
+            # null: no default stands in for it (transformers fails at the first forward), except for `factor`
+            if key in rope and (rope[key] is not None or key != "factor") and not (_is_number(rope[key])
+                                                                                 and ok(rope[key])):
                 raise ValueError(f"rope_parameters[{key!r}]={rope[key]!r} must be {what}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             for token in _token_ids(self, name):

@@ -127,6 +127,16 @@ def test_corrupted_config_field_is_named(path, mutation, names):
     _expect_named_error(d, *names)
 
 
+@pytest.mark.parametrize("layout", ["4.x", "5.x"])
+@pytest.mark.parametrize("key", ["rope_theta", "partial_rotary_factor"])
+def test_null_rope_setting_is_named(layout, key):
+    """Long-run find (chunk seed 5005): `"rope_theta": null` in a 4.x config loaded, then the first forward raised
+    TypeError in `float(None)` (transformers: TypeError in its rotary init)."""
+    path = (key,) if layout == "4.x" else ("rope_parameters", key)
+    d, _ = corrupt_config(layout, path, ("set", None))
+    _expect_named_error(d, key)
+
+
 def test_huge_layer_norm_eps_is_named_or_works():
     """Long-run find (chunk seed 9005 and 20001): `layer_norm_eps: 2147483648` loads, then the first forward
     raises OverflowError ("An overflow was encountered while parsing an argument to a jitted computation")."""
@@ -181,3 +191,33 @@ def test_generate_accepts_any_id_at_masked_prompt_positions(tmp_path):
     np.testing.assert_array_equal(np.asarray(clean)[:, 2:], np.asarray(junk)[:, 2:])
     with pytest.raises(ValueError, match="1000"):
         model.generate(jnp.asarray([[0, 0, 5, 1000, 7]]), attention_mask=mask, max_new_tokens=3)
+
+
+def test_microsoft_config_written_in_full_loads(make_checkpoint, tmp_path):
+    """Found by benchmarks/original_model.py: Microsoft's own config classes (`PhiConfig` of phi-2,
+    `MixFormerSequentialConfig`) inherit PretrainedConfig, so a config.json they write in full (`to_dict()`, as
+    `to_json_file(use_diff=False)` does) carries its generic keys (`id2label`, `output_attentions`,
+    `chunk_size_feed_forward`, ...). The legacy reader refused them as unknown while the transformers reader
+    ignores them. A key the original code has no setting for (`rope_theta`) is still refused by name."""
+    from phi_jax import convert
+    from test_convert import _legacy_config, _write_legacy
+    _, ref = make_checkpoint("phi2", vocab_size=1000)
+    src = _write_legacy(tmp_path / "legacy", ref, "phi-msft", "safetensors")
+    plain = phi_jax.PhiForCausalLM.from_pretrained(src)
+    generic = {"chunk_size_feed_forward": 0, "id2label": {"0": "LABEL_0", "1": "LABEL_1"},
+               "label2id": {"LABEL_0": 0, "LABEL_1": 1}, "is_encoder_decoder": False, "output_attentions": False,
+               "output_hidden_states": False, "problem_type": None, "return_dict": True, "dtype": "float32"}
+    d = _legacy_config(ref, "phi-msft")
+    cfg = os.path.join(src, "config.json")
+    with open(cfg, "w") as f:
+        json.dump({**d, **generic}, f)
+    full = phi_jax.PhiForCausalLM.from_pretrained(src)
+    assert full.config == plain.config
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 1000, (2, 9)))
+    np.testing.assert_array_equal(np.asarray(full(ids).logits), np.asarray(plain(ids).logits))
+    convert.legacy_to_hf(src, tmp_path / "hf")
+    assert phi_jax.PhiForCausalLM.from_pretrained(tmp_path / "hf").config.vocab_size == 1000
+    with open(cfg, "w") as f:
+        json.dump({**d, "rope_theta": 500.0}, f)
+    with pytest.raises(ValueError, match="rope_theta"):
+        phi_jax.PhiForCausalLM.from_pretrained(src)

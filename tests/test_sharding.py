@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 MESHES = ((8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4))
-STEP_MESH = (2, 2, 2)  # the mesh of the train-step check
 
 
 def test_logical_rules_and_divisibility():
@@ -79,10 +78,9 @@ def worker(path: str, out: str) -> None:
         assert np.prod(shard) * shape[1] * shape[2] == np.prod(fc1.shape), (shape, shard)
         with jax.set_mesh(mesh):
             results[f"logits_{shape}"] = np.asarray(forward(model, ids))
-        if shape == STEP_MESH:
-            results["loss_sharded"], params = train_step(model, mesh)
-            for k, v in params.items():
-                results[f"sharded/{k}"] = v
+        results[f"loss_{shape}"], params = train_step(model, mesh)
+        for k, v in params.items():
+            results[f"{shape}/{k}"] = v
     np.savez(out, **results)
 
 
@@ -104,9 +102,11 @@ def test_sharded_load_forward_and_step(make_checkpoint, tmp_path):
     for shape in MESHES:
         assert rel_err(r[f"logits_{shape}"], ref) <= 1e-4, shape
         assert rel_err(r[f"logits_{shape}"], r["logits_single"]) <= 1e-5, shape
-    assert abs(float(r["loss_sharded"]) - float(r["loss_single"])) <= 1e-5 * float(r["loss_single"])
-    for k in names:
-        np.testing.assert_allclose(r[f"sharded/{k}"], r[f"single/{k}"], rtol=1e-5, atol=1e-7, err_msg=k)
+    for shape in MESHES:  # one train step on each mesh equals the single-device step
+        assert abs(float(r[f"loss_{shape}"]) - float(r["loss_single"])) <= 1e-5 * float(r["loss_single"]), shape
+        for k in names:
+            np.testing.assert_allclose(r[f"{shape}/{k}"], r[f"single/{k}"], rtol=1e-5, atol=1e-7,
+                                       err_msg=f"{shape} {k}")
 
 
 if __name__ == "__main__":

@@ -127,13 +127,15 @@ def test_cli(tiny, tmp_path, capsys):
     path, data = tiny
     out = tmp_path / "cli"
     argv = ["finetune", "--model", path, "--data", data, "--output", str(out), "--steps", "2", "--batch-size", "2",
-            "--seq-len", "16", "--mesh", "data=1,fsdp=1,tensor=1", "--lora-rank", "2", "--remat", "nothing_saveable"]
+            "--seq-len", "16", "--mesh", "data=1,fsdp=1,tensor=1", "--lora-rank", "2", "--lora-alpha", "4", "--remat", "nothing_saveable"]
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "loss" in err and "tok_s" in err  # the tqdm bar
     assert {"metrics.jsonl", "loss.png", "model", "checkpoints"} <= set(os.listdir(out))
     assert main(argv) == 4  # checkpoints exist and no --resume
     assert "pass --resume" in capsys.readouterr().err
+    assert main(argv[:-3] + ["8", "--remat", "nothing_saveable", "--resume"]) == 2  # another alpha than saved
+    assert "cannot resume: the checkpoint has lora_scale=2.0, this run 4.0" in capsys.readouterr().err
     bad = write_jsonl(tmp_path / "bad.jsonl", ['{"text": "a"}', '{"text": 1}'])
     assert main(["finetune", "--model", path, "--data", bad, "--output", str(tmp_path / "x")]) == 2
     assert "bad.jsonl:2: field 'text' must be a string" in capsys.readouterr().err

@@ -57,3 +57,34 @@ def test_lora_run_trains_adapters_only(make_checkpoint, tmp_path):
     exported = PhiForCausalLM.from_pretrained(result["export"])
     assert rel_err(exported(IDS).logits, ref) <= 1e-4
     assert rel_err(exported(IDS).logits, PhiForCausalLM.from_pretrained(path)(IDS).logits) > 1e-3  # it changed
+
+
+def test_lora_alpha_scales_the_update_and_the_merge(make_checkpoint):
+    """LoRA's scale alpha / rank: the adapters' contribution at alpha = 3 * rank is 3x that at alpha = rank, in
+    the unmerged model and in the merged kernels alike."""
+    path, _ = make_checkpoint("phi1", num_hidden_layers=1)
+    x = jax.random.normal(jax.random.key(3), (5, 64))
+    outs, merged = {}, {}
+    for alpha in (None, 12.0):
+        model = add_lora(PhiForCausalLM.from_pretrained(path), rank=4, alpha=alpha)
+        lin = model.model.layers[0].self_attn.q_proj
+        assert lin.lora_scale == (1.0 if alpha is None else 3.0)
+        lin.lora.lora_b.set_value(0.1 * jax.random.normal(jax.random.key(4), lin.lora.lora_b.get_value().shape))
+        outs[alpha] = lin(x) - x @ lin.kernel[...] - lin.bias[...]
+        merged[alpha] = merge_lora(model).model.layers[0].self_attn.q_proj.kernel[...]
+    base = PhiForCausalLM.from_pretrained(path).model.layers[0].self_attn.q_proj.kernel[...]
+    assert rel_err(outs[12.0], 3.0 * outs[None]) <= 1e-5
+    assert rel_err(merged[12.0] - base, 3.0 * (merged[None] - base)) <= 1e-5
+
+
+def test_lora_bad_rank_or_alpha_is_a_clear_error(make_checkpoint):
+    path, _ = make_checkpoint("phi1", num_hidden_layers=1)
+    model = PhiForCausalLM.from_pretrained(path)
+    for kw, word in ((dict(rank=0), "rank"), (dict(rank=2.5), "rank"), (dict(rank=2, alpha=0), "alpha"),
+                     (dict(rank=2, alpha=float("nan")), "alpha"), (dict(rank=2, alpha="8"), "alpha")):
+        try:
+            add_lora(model, **kw)
+        except ValueError as e:
+            assert word in str(e)
+        else:
+            raise AssertionError(f"no error for {kw}")

@@ -34,6 +34,8 @@ def add_arguments(parser) -> None:
                         help="attention kernel (cudnn: flash attention on CUDA in bf16)")
     parser.add_argument("--mesh", default="", help="e.g. data=1,fsdp=8,tensor=1 (default: every device on fsdp)")
     parser.add_argument("--lora-rank", type=int, default=0, help="train rank-R LoRA adapters only (0: full)")
+    parser.add_argument("--lora-alpha", type=float, default=None,
+                        help="LoRA's alpha: the adapters' output is scaled by alpha / rank (default: rank, scale 1)")
     parser.add_argument("--seed", type=int, default=0, help="data order and dropout")
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--keep", type=int, default=3, help="checkpoints kept")
@@ -50,7 +52,7 @@ def run(args) -> int:
                         remat_policy=args.remat)
     run_cfg = RunConfig(model=args.model, data=args.data, output=args.output, steps=args.steps,
                         batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed, mesh=args.mesh,
-                        lora_rank=args.lora_rank, compute_dtype=args.dtype,
+                        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, compute_dtype=args.dtype,
                         attn_implementation=args.attn_implementation, save_every=args.save_every,
                         keep=args.keep, resume=args.resume, progress=not args.no_progress, train=train)
     result = finetune(run_cfg)  # a user's mistake raises; phi_jax.cli.main maps it to one error line and status

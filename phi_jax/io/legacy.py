@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from phi_jax.config import PhiConfig
+from phi_jax.config import _GENERIC_KEYS, PhiConfig
 from phi_jax.io.names import is_buffer
 
 _BLOCK = {"ln": "input_layernorm", "mixer.out_proj": "self_attn.dense", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
@@ -90,9 +90,13 @@ _RENAMES = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "
             "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "pad_token_id": "pad_token_id",
             "use_cache": "use_cache"}
 # Keys with no effect on the maths of inference (kernel choices, padding already applied to vocab_size, metadata).
+# Plus the keys PretrainedConfig writes for every model (`to_dict()`, e.g. `id2label`, `output_attentions`): the
+# original config classes inherit them, so a config.json written in full carries them. Not the rope keys: the
+# original code has no such setting (base 10000, `rotary_dim`), so a Microsoft config holding one is refused.
 _IGNORED = {"flash_attn", "flash_rotary", "fused_dense", "checkpointing", "gradient_checkpointing",
             "pad_vocab_size_multiple", "phyagi_version", "architectures", "auto_map", "torch_dtype", "dtype",
-            "transformers_version", "_name_or_path", "model_type", "return_dict", "softmax_scale"}
+            "transformers_version", "_name_or_path", "model_type", "return_dict", "softmax_scale", "problem_type",
+            } | (_GENERIC_KEYS - {"rope_scaling", "rope_theta", "partial_rotary_factor"})
 
 
 def legacy_config(d: dict, where: str = "config.json") -> PhiConfig:

@@ -31,7 +31,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from phi_jax.kernels.flash_attention_tpu import MASK_VALUE, NN, NT, _precision, _round_up, check_shapes
+from phi_jax.kernels.flash_attention_tpu import MASK_VALUE, NN, NT, _precision, _round_up
+from phi_jax.kernels.reference import check_shapes
 
 
 def _decode_kernel(off_ref, q_ref, k_ref, v_ref, qid_ref, kvid_ref, o_ref, m_ref, l_ref, m_scr, l_scr, acc_scr, *,

@@ -41,7 +41,7 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from phi_jax.kernels.reference import attention_reference
+from phi_jax.kernels.reference import attention_reference, check_shapes
 
 _LOG2E = math.log2(math.e)
 _F32 = jnp.float32
@@ -674,6 +674,18 @@ def _flash_bwd(causal, static_offset, use_seg, scale, bs, interpret, res, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+def segment_ids(q_segment_ids, kv_segment_ids, batch: int, t: int, s: int) -> tuple[jax.Array, jax.Array]:
+    """The kernels' int32 query `[B, T]` and key `[B, S]` ids for the contract's segment ids (either may be None):
+    a query sees a key when the ids are equal and the key's is not 0."""
+    if kv_segment_ids is None:
+        q_segment_ids = None  # the contract ignores query segments without key segments
+    kvseg = jnp.ones((batch, s), jnp.int32) if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
+    if q_segment_ids is None:
+        # a key only has to be valid: every query and every valid key share the id 1
+        return jnp.ones((batch, t), jnp.int32), jnp.where(kvseg != 0, 1, 0)
+    return q_segment_ids.astype(jnp.int32), kvseg
+
+
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
@@ -686,16 +698,9 @@ def flash_attention_gpu(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_i
     block_sizes: a `BlockSizes` (defaults fit head_dim 64..128 on an H100/H200). interpret: True runs the
     kernels in Pallas's Mosaic GPU interpreter (CPU tests; float32 allowed there).
     """
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"flash_attention_gpu: q, k, v must be 4-D, got {q.shape}, {k.shape}, {v.shape}")
+    check_shapes(q, k, v, q_segment_ids, kv_segment_ids, "flash_attention_gpu")
     batch, t, n_heads, head_dim = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
-    if k.shape != (batch, s, kv_heads, head_dim) or v.shape != k.shape:
-        raise ValueError(f"flash_attention_gpu: k {k.shape} and v {v.shape} must both be [B, S, K, H] with q {q.shape}")
-    if n_heads % kv_heads:
-        raise ValueError(f"flash_attention_gpu: {n_heads} query heads are not a multiple of {kv_heads} KV heads")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"flash_attention_gpu: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     ref_kw = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, causal=causal, q_offset=q_offset,
                   sm_scale=sm_scale)
     sixteen_bit = q.dtype in (jnp.bfloat16, jnp.float16)
@@ -709,17 +714,11 @@ def flash_attention_gpu(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_i
     if static_offset is not None and static_offset < 0:
         raise ValueError(f"flash_attention_gpu: q_offset={q_offset} must be >= 0")
 
-    if kv_segment_ids is None:
-        q_segment_ids = None  # the contract ignores query segments without key segments
     t_mult = math.lcm(bs.warpgroups * bs.block_q, bs.block_q_dq, bs.block_q_dkv)
     s_mult = math.lcm(bs.block_kv, bs.block_kv_dq, bs.block_kv_dkv)
     t_pad, s_pad = _round_up(t, t_mult), _round_up(s, s_mult)
     use_seg = kv_segment_ids is not None or s_pad != s
-    kvseg = jnp.ones((batch, s), jnp.int32) if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
-    qseg = (jnp.ones((batch, t), jnp.int32) if q_segment_ids is None else q_segment_ids.astype(jnp.int32))
-    if q_segment_ids is None:
-        # a key segment only has to be non-zero: give each query the key's own id through a shared id of 1
-        kvseg = jnp.where(kvseg != 0, 1, 0)
+    qseg, kvseg = segment_ids(q_segment_ids, kv_segment_ids, batch, t, s)
     qpos = jnp.broadcast_to((jnp.asarray(q_offset, jnp.int32) + jnp.arange(t_pad, dtype=jnp.int32))[None],
                             (batch, t_pad))
     qmeta = jnp.stack([qpos, jnp.pad(qseg, ((0, 0), (0, t_pad - t)))], axis=1)  # [B, 2, T]

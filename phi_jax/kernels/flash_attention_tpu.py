@@ -39,6 +39,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from phi_jax.kernels.reference import check_shapes
+
 # A finite floor for masked scores: exp(floor - m) underflows to 0 while floor - floor stays finite.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 NT = (((1,), (1,)), ((), ()))  # a @ b.T
@@ -345,21 +347,6 @@ def _flash_bwd(causal, use_q_ids, scale, bq, bk, interpret, res, do):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
-
-
-def check_shapes(q, k, v, q_segment_ids, kv_segment_ids, name: str) -> None:
-    """One-line ValueErrors for inputs outside the contract (shared by the kernels' wrappers)."""
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"{name}: q, k, v must be [B, T, N, H] / [B, S, K, H], got {q.shape}, {k.shape}, {v.shape}")
-    b, t, n, h = q.shape
-    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != h:
-        raise ValueError(f"{name}: k {k.shape} and v {v.shape} must be [B={b}, S, K, H={h}]")
-    if n % k.shape[2]:
-        raise ValueError(f"{name}: {n} query heads are not a multiple of {k.shape[2]} key/value heads")
-    if kv_segment_ids is not None and tuple(kv_segment_ids.shape) != (b, k.shape[1]):
-        raise ValueError(f"{name}: kv_segment_ids has shape {kv_segment_ids.shape}, expected {(b, k.shape[1])}")
-    if q_segment_ids is not None and tuple(q_segment_ids.shape) != (b, t):
-        raise ValueError(f"{name}: q_segment_ids has shape {q_segment_ids.shape}, expected {(b, t)}")
 
 
 def flash_attention_tpu(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids=None, kv_segment_ids=None,

@@ -1,7 +1,8 @@
 """The attention every kernel in phi_jax/kernels computes, in plain JAX: the reference for tests and the
 XLA fallback.
 
-Shared contract of `flash_attention_gpu`, `flash_attention_tpu`, `decode_attention` and this reference:
+Shared contract of `flash_attention_gpu`, `decode_attention_gpu`, `flash_attention_tpu`, `decode_attention` and this
+reference (`check_shapes` gives their one-line errors for inputs outside it):
 
     out = f(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal=True, q_offset=0, sm_scale=None)
 
@@ -55,3 +56,21 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_i
     p = p / jnp.where(denom == 0, 1.0, denom)  # a row that sees nothing stays all zeros
     out = jnp.einsum("BKGTS,BSKH->BTKGH", p, v.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+def check_shapes(q, k, v, q_segment_ids, kv_segment_ids, name: str) -> None:
+    """One-line ValueErrors for inputs outside the contract (shared by the kernels' wrappers)."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"{name}: q, k, v must be 4-D, [B, T, N, H] / [B, S, K, H], got {q.shape}, {k.shape}, "
+                         f"{v.shape}")
+    b, t, n, h = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != h:
+        raise ValueError(f"{name}: k {k.shape} and v {v.shape} must be [B={b}, S, K, H={h}]")
+    if n % k.shape[2]:
+        raise ValueError(f"{name}: {n} query heads are not a multiple of {k.shape[2]} key/value heads")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"{name}: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if kv_segment_ids is not None and tuple(kv_segment_ids.shape) != (b, k.shape[1]):
+        raise ValueError(f"{name}: kv_segment_ids has shape {kv_segment_ids.shape}, expected {(b, k.shape[1])}")
+    if q_segment_ids is not None and tuple(q_segment_ids.shape) != (b, t):
+        raise ValueError(f"{name}: q_segment_ids has shape {q_segment_ids.shape}, expected {(b, t)}")

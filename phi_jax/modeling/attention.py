@@ -13,8 +13,9 @@ attention as an `AttentionMask` (segment ids, causal, query offset: the contract
   "pallas"  our kernels, chosen per platform when the program is lowered (`jax.lax.platform_dependent`):
             Mosaic GPU flash attention on CUDA (`phi_jax.kernels.flash_attention_gpu`), Mosaic TPU on TPU
             (`phi_jax.kernels.flash_attention_tpu`) and the TPU kernels in Pallas's interpreter on CPU (slow:
-            for tests). Decode steps (at most DECODE_MAX_QUERIES queries against a cache) use the flash-decoding
-            kernel (`phi_jax.kernels.decode_attention`) on TPU and CPU, and the "xla" path on CUDA.
+            for tests). Decode steps (at most DECODE_MAX_QUERIES queries against a cache) use flash-decoding:
+            `phi_jax.kernels.decode_attention` on TPU and CPU, `phi_jax.kernels.decode_attention_gpu` (the
+            Mosaic GPU forward kernel split over the keys) on CUDA.
   "auto"    "pallas" on GPU and TPU, "xla" on CPU.
 Attention dropout (training with `attention_dropout > 0`) exists only on the "xla" path; the others raise.
 """
@@ -31,15 +32,11 @@ from phi_jax.modeling.partitioning import axes
 from phi_jax.modeling.layernorm import layer_norm, make_layer_norm, matmul_precision
 from phi_jax.modeling.projection import project
 from phi_jax.modeling.rotary import apply_partial_rotary
-# (kept apart from the imports above so that edits there merge without conflicts)
 from phi_jax.kernels.decode_attention import decode_attention
+from phi_jax.kernels.decode_attention_gpu import decode_attention_gpu
+from phi_jax.kernels.flash_attention_gpu import flash_attention_gpu
 from phi_jax.kernels.flash_attention_tpu import flash_attention_tpu
 from phi_jax.modeling.mask import AttentionMask
-
-try:  # the Mosaic GPU kernel (helper `mgpu`); until it lands the CUDA branch runs the plain-JAX reference
-    from phi_jax.kernels.flash_attention_gpu import flash_attention_gpu
-except ImportError:  # pragma: no cover - depends on which branches are merged
-    from phi_jax.kernels.reference import attention_reference as flash_attention_gpu
 
 ATTN_IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "auto")
 DECODE_MAX_QUERIES = 16  # with a cache, calls with at most this many queries use the decode kernel
@@ -131,7 +128,7 @@ def attend_pallas(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask,
 
     def cuda(q, k, v, mask):
         if decode:
-            return attend_masked_xla(q, k, v, mask)
+            return decode_attention_gpu(q, k, v, **mask.kernel_kwargs())
         return flash_attention_gpu(q, k, v, **mask.kernel_kwargs())
 
     return jax.lax.platform_dependent(q, k, v, mask, cpu=cpu, cuda=cuda, tpu=tpu)

@@ -44,6 +44,7 @@ class RunConfig:
     seed: int = 0
     mesh: str = ""
     lora_rank: int = 0
+    lora_alpha: float | None = None  # LoRA's alpha: adapters scaled by alpha / rank (None: rank, scale 1)
     compute_dtype: str = "float32"
     attn_implementation: str = "xla"
     save_every: int = 100
@@ -52,6 +53,13 @@ class RunConfig:
     progress: bool = True
     export: bool = True
     train: TrainConfig = TrainConfig()
+
+
+def _lora_scale(run: RunConfig) -> float | None:
+    """alpha / rank of a LoRA run (None for full fine-tuning)."""
+    if not run.lora_rank:
+        return None
+    return float(run.lora_rank if run.lora_alpha is None else run.lora_alpha) / run.lora_rank
 
 
 def _mesh(text: str):
@@ -132,12 +140,26 @@ def _gather(x: jax.Array) -> np.ndarray:
 
 
 def export(split, params: dict, frozen: dict, directory: str, tokenizer_dir: str | None = None) -> None:
-    """Writes the trained model (adapters merged) as a Hugging Face directory, with the tokenizer files."""
-    model = split.merge({k: jnp.asarray(_gather(v)) for k, v in params.items()},
-                        {k: jnp.asarray(_gather(v)) for k, v in frozen.items()})
-    model = merge_lora(model)
-    if jax.process_index() != 0:
+    """Writes the trained model (adapters merged) as a Hugging Face directory, with the tokenizer files.
+
+    Every process takes part in gathering each tensor (a collective across hosts), one tensor at a time; only
+    process 0 keeps them, builds the model and writes it, so the other hosts never hold more than one whole
+    tensor."""
+    main = jax.process_index() == 0
+
+    def gather_all(tree: dict) -> dict:
+        kept = {}
+        for k, v in tree.items():
+            whole = _gather(v)
+            if main:
+                kept[k] = jnp.asarray(whole)
+            del whole
+        return kept
+
+    params, frozen = gather_all(params), gather_all(frozen)
+    if not main:
         return
+    model = merge_lora(split.merge(params, frozen))
     model.save_pretrained(directory)
     for name in TOKENIZER_FILES if tokenizer_dir else ():
         src = os.path.join(tokenizer_dir, name)
@@ -166,7 +188,7 @@ def finetune(run: RunConfig, model=None, rules=sharding.DEFAULT_RULES) -> dict:
                                                param_dtype=jnp.float32, mesh=mesh, rules=rules,
                                                attn_implementation=run.attn_implementation)
     if run.lora_rank:
-        add_lora(model, run.lora_rank, seed=run.seed)
+        add_lora(model, run.lora_rank, alpha=run.lora_alpha, seed=run.seed)
     split = split_model(model, nnx.LoRAParam if run.lora_rank else nnx.Param,
                         remat_policy=run.train.remat_policy)
     tx = make_optimizer(dataclasses.replace(run.train, total_steps=run.steps))
@@ -178,8 +200,9 @@ def finetune(run: RunConfig, model=None, rules=sharding.DEFAULT_RULES) -> dict:
     if run.resume and ckpts.latest_step() is not None:
         state, meta = ckpts.restore(abstract_like(state))
         for k, want in (("batch_size", run.batch_size), ("seed", run.seed), ("seq_len", run.seq_len),
-                        ("data_rows", len(rows["input_ids"]))):
-            if meta[k] != want:
+                        ("data_rows", len(rows["input_ids"])), ("lora_rank", run.lora_rank),
+                        ("lora_scale", _lora_scale(run))):
+            if meta.get(k, want) != want:
                 raise ValueError(f"cannot resume: the checkpoint has {k}={meta[k]}, this run {want}")
         start = int(meta["step"])
     elif ckpts.latest_step() is not None:
@@ -195,7 +218,8 @@ def finetune(run: RunConfig, model=None, rules=sharding.DEFAULT_RULES) -> dict:
 
     def meta(step):
         return {"step": step, "rows_seen": step * run.batch_size, "batch_size": run.batch_size, "seed": run.seed,
-                "seq_len": run.seq_len, "data_rows": int(len(rows["input_ids"])),
+                "seq_len": run.seq_len, "data_rows": int(len(rows["input_ids"])), "lora_rank": run.lora_rank,
+                "lora_scale": _lora_scale(run),
                 "rng": np.asarray(jax.random.key_data(step_key(run.seed, step))).tolist()}
 
     stop = {"flag": False}
