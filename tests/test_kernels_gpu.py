@@ -2,6 +2,8 @@
 
 `GpuKernelCases` runs the compiled kernels and skips without a GPU; `TestInterpret` runs the same cases in Pallas's
 Mosaic GPU interpreter on the CPU (same kernels, TMA copies, barriers and masking; plain dots for the wgmmas).
+`Warpgroups2Cases` (TestGpuWarpgroups2 / TestInterpretWarpgroups2) does the same for the warp-specialised forward,
+`BlockSizes(warpgroups=2)`: three warpgroup threads per CTA, which the interpreter runs (about 3 s per CTA).
 `test_export_cuda_*` lowers the compiled kernels for CUDA from this CPU and checks the Mosaic GPU custom calls.
 """
 
