@@ -74,6 +74,10 @@ def _check(config, name: str, has_type, what: str, in_range=lambda v: True, opti
         raise ValueError(f"{name}={value!r} must be {what}")
 
 
+class _RopeError(ValueError):
+    """A rope setting outside what phi_jax supports (`from_dict` renames it as the config file spells it)."""
+
+
 def _token_ids(config, name: str) -> list:
     """The ids a special-token field holds: [] for null, one id, or eos' list."""
     value = getattr(config, name)
@@ -165,7 +169,7 @@ class PhiConfig:
             # null: no default stands in for it (transformers fails at the first forward), except for `factor`
             if key in rope and (rope[key] is not None or key != "factor") and not (_is_number(rope[key])
                                                                                  and ok(rope[key])):
-                raise ValueError(f"rope_parameters[{key!r}]={rope[key]!r} must be {what}")
+                raise _RopeError(f"rope_parameters[{key!r}]={rope[key]!r} must be {what}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             for token in _token_ids(self, name):
                 if not _is_int(token) or not 0 <= token < self.vocab_size:
@@ -196,25 +200,26 @@ class PhiConfig:
         return len(self.id2label)
 
     def validate(self) -> None:
+        """Consistency across fields; the rope settings' errors are `_RopeError`s (a ValueError)."""
         rope_type = self.rope_type
         if not isinstance(rope_type, str) or rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(f"rope type {rope_type!r} is not supported; expected one of {SUPPORTED_ROPE_TYPES}")
+            raise _RopeError(f"rope type {rope_type!r} is not supported; expected one of {SUPPORTED_ROPE_TYPES}")
         unknown = set(self.rope_parameters) - {"rope_type", "rope_theta", "partial_rotary_factor"} - ROPE_KEYS[rope_type]
         if unknown:
-            raise ValueError(f"rope_parameters has keys that rope type {rope_type!r} does not use: {sorted(unknown)}")
+            raise _RopeError(f"rope_parameters has keys that rope type {rope_type!r} does not use: {sorted(unknown)}")
         factor = self.rope_parameters.get("factor")
         if (rope_type in _NEEDS_FACTOR or factor is not None) and (
                 not isinstance(factor, (int, float)) or isinstance(factor, bool)):
-            raise ValueError(f"rope type {rope_type!r} needs a numeric 'factor', got {factor!r}")
+            raise _RopeError(f"rope type {rope_type!r} needs a numeric 'factor', got {factor!r}")
         if rope_type == "llama3":
             missing = {"low_freq_factor", "high_freq_factor"} - set(self.rope_parameters)
             if missing:
-                raise ValueError(f"rope type 'llama3' needs {sorted(missing)}")
+                raise _RopeError(f"rope type 'llama3' needs {sorted(missing)}")
         if rope_type == "longrope":
             for key in ("short_factor", "long_factor"):
                 value = self.rope_parameters.get(key)
                 if not isinstance(value, (list, tuple)) or len(value) != self.rotary_ndims // 2:
-                    raise ValueError(f"rope type 'longrope' needs {key!r}, a list of rotary_ndims // 2 = "
+                    raise _RopeError(f"rope type 'longrope' needs {key!r}, a list of rotary_ndims // 2 = "
                                      f"{self.rotary_ndims // 2} numbers, got {value!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
@@ -261,7 +266,20 @@ class PhiConfig:
             raise ValueError(f"num_labels={d['num_labels']!r} must be a positive integer")
         if "num_labels" in d and "id2label" not in d:
             kwargs["id2label"] = {i: f"LABEL_{i}" for i in range(d["num_labels"])}
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except _RopeError as e:  # name the rope setting as the file spells it (4.x: top level, rope_scaling)
+            message = str(e)
+            scaling = d.get("rope_scaling") if isinstance(d.get("rope_scaling"), dict) else None
+            top_level = [key for key in ("rope_theta", "partial_rotary_factor")
+                         if key in d and key not in (scaling or {}) and f"rope_parameters[{key!r}]" in message]
+            for key in top_level:
+                message = message.replace(f"rope_parameters[{key!r}]", key)
+            if scaling and not top_level:
+                message = message.replace("rope_parameters", "rope_scaling")
+                if "rope_scaling" not in message:
+                    message = f"rope_scaling={scaling!r}: {message}"
+            raise ValueError(message) from None
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "PhiConfig":

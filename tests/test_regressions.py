@@ -221,3 +221,13 @@ def test_microsoft_config_written_in_full_loads(make_checkpoint, tmp_path):
         json.dump({**d, "rope_theta": 500.0}, f)
     with pytest.raises(ValueError, match="rope_theta"):
         phi_jax.PhiForCausalLM.from_pretrained(src)
+
+
+@pytest.mark.parametrize("scaling, names", [
+    ({"a": 1}, ["rope_scaling", "'a'"]),  # long-run find (chunk seed 5021): the error named only rope_parameters
+    ({"type": "dynamic"}, ["rope_scaling", "factor"]),  # a rope type without its factor
+    ({"type": "linear", "factor": "2"}, ["rope_scaling", "factor"]),
+])
+def test_4x_rope_scaling_errors_name_rope_scaling(scaling, names):
+    d, _ = corrupt_config("4.x", ("rope_scaling",), ("set", scaling))
+    _expect_named_error(d, *names)
