@@ -57,9 +57,11 @@ step train_dots 150 python3 benchmarks/train.py --gpu --remat dots_with_no_batch
 # issue 10: kernels against cuDNN, torch SDPA, tokamax; phi-2 forward with each implementation vs transformers
 step attention 200 env PYTHONPATH="/tmp/site:$PWD" XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 python3 \
     benchmarks/attention.py --seqs 4096 --budget 0.1
+# issue 10: the two-warpgroup forward kernel (opt-in): numerics, and TFLOP/s against one warpgroup and cuDNN
+step wg2 90 python3 benchmarks/gpu_attention.py --wg2-check
 # issue 10: where the forward kernel's time goes (stages left out), head_dim 64 and 80
 step ablate 90 python3 benchmarks/gpu_attention.py --ablate --decode --skip-check --skip-table --dims 64,80 \
     --repeats 3
 # issue 10: the kernel tests that need a GPU
-step pytest 60 env JAX_PLATFORMS=cuda,cpu python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py tests/test_decode_attention_gpu.py -k TestGpu
+step pytest 60 env JAX_PLATFORMS=cuda,cpu python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py tests/test_decode_attention_gpu.py -k "TestGpu"
 echo "total $(($(date +%s) - START)) s" >> "$OUTDIR/summary.txt"
