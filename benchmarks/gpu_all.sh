@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check and timing of the open issues in one run on a lent H100/H200 (see benchmarks/RESULTS.md).
+# Every GPU check and timing of the open issues in one run on a lent H100/H200 (see benchmarks/RESULTS.md),
+# what the last run left unmeasured first.
 # Each step gets a time limit cut to what is left of DEADLINE seconds, so that a slow or hanging step costs its
 # own figures only; each writes its log to OUTDIR (default: $OUT on the device machine, else ./gpu_out).
 #
@@ -45,6 +46,16 @@ fi
 
 # issue 10: the model's attention implementations agree with xla on the GPU
 step impls 90 python3 benchmarks/gpu_attn_impls.py
+# issue 10: the two-warpgroup forward kernel (opt-in): numerics, and TFLOP/s against one warpgroup and cuDNN
+step wg2 90 python3 benchmarks/gpu_attention.py --wg2-check
+# issue 10: where the forward kernel's time goes (stages left out), head_dim 64 and 80
+step ablate 90 python3 benchmarks/gpu_attention.py --ablate --decode --skip-check --skip-table --dims 64,80 \
+    --repeats 3
+# issue 12: the MFU levers the first H200 run left unmeasured: matmul outputs saved instead of recomputed, a larger batch
+step train_dots 150 python3 benchmarks/train.py --gpu --remat dots_with_no_batch_dims_saveable --batch 16
+# issue 10: kernels against cuDNN, torch SDPA, tokamax; phi-2 forward with each implementation vs transformers
+step attention 200 env PYTHONPATH="/tmp/site:$PWD" XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 python3 \
+    benchmarks/attention.py --seqs 4096 --budget 0.1
 # issue 11: time to first token and decode through the public API, both libraries on the GPU
 step generate 150 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 python3 benchmarks/generate.py --gpu --geometry phi2 \
     --layers 32 --dtype bfloat16 --batch 1 8 --new-tokens 32
@@ -52,16 +63,6 @@ step generate 150 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 python3 benchmarks/gene
 step decode 100 python3 benchmarks/gpu_decode.py --steps 30 --repeats 3
 # issue 12: phi-2 full fine-tuning step, MFU and the largest batch
 step train 150 python3 benchmarks/train.py --gpu
-# issue 12: the MFU levers the first H200 run left unmeasured: matmul outputs saved instead of recomputed, a larger batch
-step train_dots 150 python3 benchmarks/train.py --gpu --remat dots_with_no_batch_dims_saveable --batch 16
-# issue 10: kernels against cuDNN, torch SDPA, tokamax; phi-2 forward with each implementation vs transformers
-step attention 200 env PYTHONPATH="/tmp/site:$PWD" XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 python3 \
-    benchmarks/attention.py --seqs 4096 --budget 0.1
-# issue 10: the two-warpgroup forward kernel (opt-in): numerics, and TFLOP/s against one warpgroup and cuDNN
-step wg2 90 python3 benchmarks/gpu_attention.py --wg2-check
-# issue 10: where the forward kernel's time goes (stages left out), head_dim 64 and 80
-step ablate 90 python3 benchmarks/gpu_attention.py --ablate --decode --skip-check --skip-table --dims 64,80 \
-    --repeats 3
 # issue 10: the kernel tests that need a GPU
 step pytest 60 env JAX_PLATFORMS=cuda,cpu python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py tests/test_decode_attention_gpu.py -k "TestGpu"
 echo "total $(($(date +%s) - START)) s" >> "$OUTDIR/summary.txt"
