@@ -211,6 +211,11 @@ class PhiConfig:
         if (rope_type in _NEEDS_FACTOR or factor is not None) and (
                 not isinstance(factor, (int, float)) or isinstance(factor, bool)):
             raise _RopeError(f"rope type {rope_type!r} needs a numeric 'factor', got {factor!r}")
+        if rope_type == "dynamic" and self.head_dim * self.rope_parameters["partial_rotary_factor"] < 4:
+            # its base grows as ** (dim / (dim - 2)): a division by zero at 2 channels (transformers too)
+            raise _RopeError(f"rope type 'dynamic' needs at least 4 rotary channels per head; partial_rotary_factor="
+                             f"{self.rope_parameters['partial_rotary_factor']!r} of head_dim {self.head_dim} gives "
+                             f"{int(self.head_dim * self.rope_parameters['partial_rotary_factor'])}")
         if rope_type == "llama3":
             missing = {"low_freq_factor", "high_freq_factor"} - set(self.rope_parameters)
             if missing:

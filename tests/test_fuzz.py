@@ -164,6 +164,9 @@ def phi_configs(draw) -> dict:
     assume(int(head_dim * prf) % 2 == 0 and int(head_dim * prf) >= 2)
     max_pos = draw(st.integers(4, 64))
     rope = draw(rope_parameters(int(head_dim * prf), max_pos))
+    # dynamic NTK needs 4+ rotary channels: transformers divides by zero building it (phi_jax: a clear error, kept
+    # in tests/test_regressions.py)
+    assume(rope["rope_type"] != "dynamic" or int(head_dim * prf) >= 4)
     rope["rope_theta"] = draw(st.sampled_from([10000.0, 500.0, 1e6]))
     rope["partial_rotary_factor"] = prf
     special = st.none() | st.integers(0, vocab - 1)

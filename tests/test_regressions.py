@@ -231,3 +231,21 @@ def test_microsoft_config_written_in_full_loads(make_checkpoint, tmp_path):
 def test_4x_rope_scaling_errors_name_rope_scaling(scaling, names):
     d, _ = corrupt_config("4.x", ("rope_scaling",), ("set", scaling))
     _expect_named_error(d, *names)
+
+
+@pytest.mark.parametrize("layout", ["4.x", "5.x"])
+def test_dynamic_rope_with_two_rotary_channels_is_named(layout):
+    """Long-run find (chunk seed 5031): dynamic NTK rope with int(16 * 0.125) = 2 rotary channels divided by zero
+    (`dim / (dim - 2)`) at the first forward, in phi_jax and in transformers' own init."""
+    rope = {"rope_type": "dynamic", "factor": 1.0, "rope_theta": 10000.0, "partial_rotary_factor": 0.125}
+    if layout == "4.x":
+        d, _ = corrupt_config("4.x", ("rope_scaling",), ("set", {"type": "dynamic", "factor": 1.0}))
+        with open(os.path.join(d, "config.json")) as f:
+            cfg = json.load(f)
+        assert cfg["hidden_size"] // cfg["num_attention_heads"] == 16
+        cfg["partial_rotary_factor"] = 0.125
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(cfg, f)
+    else:
+        d, _ = corrupt_config("5.x", ("rope_parameters",), ("set", rope))
+    _expect_named_error(d, "dynamic", "partial_rotary_factor")
