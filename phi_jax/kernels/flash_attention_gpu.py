@@ -143,6 +143,16 @@ def _bcast(x, shape, dim):
     return lax.broadcast_in_dim(x, shape, (dim,))
 
 
+def _refill_when_read(fetch, step, slot, n_steps, slots: int, what) -> None:
+    """Every thread of the warpgroup is done reading `slot`; then the TMA refills it with block `step + slots`,
+    if there is one (the refill of a multi-stage TMA pipeline, shared by the forward, dq and dk/dv kernels)."""
+    plgpu.commit_smem()
+
+    @pl.when(step + slots < n_steps)
+    def _():
+        fetch(step + slots, slot, what)
+
+
 def _mask(ops, shape, *, causal, use_seg, q_along, qpos, qseg, kv0, kvseg):
     """The contract's visibility for one tile. q_along is the tile dim that indexes queries (0 or 1)."""
     kv_along = 1 - q_along
@@ -209,11 +219,7 @@ def _fwd_call(q, k, v, qmeta, kvseg, *, causal, static_offset, use_seg, scale, b
             if wgs > 1:  # the producer refills it once every consumer warpgroup has arrived
                 plgpu.barrier_arrive((k_free if what == "k" else v_free).at[slot])
                 return
-            plgpu.commit_smem()  # every thread is done reading the slot before the TMA refills it
-
-            @pl.when(step + slots < n_cta)
-            def _():
-                fetch(step + slots, slot, what)
+            _refill_when_read(fetch, step, slot, n_cta, slots, what)
 
         def consumer(wg):
             """One warpgroup: attention of the query rows [q0, q0 + bq) over the key blocks of this CTA."""
@@ -461,20 +467,12 @@ def _dq_call(q, k, v, do, qmeta, kvseg, stats, *, causal, static_offset, use_seg
             plgpu.barrier_wait(v_bar.at[slot])
             dp = ops.matmul(do_smem, v_smem.at[slot], a_is_ref=True, transpose_b=True, shape=(bq, bk))
 
-            plgpu.commit_smem()  # every thread is done reading the slot before the TMA refills it
-
-            @pl.when(step + slots < n_steps)
-            def _():
-                fetch(step + slots, slot, "v")
+            _refill_when_read(fetch, step, slot, n_steps, slots, "v")
             ds = p * (dp - _bcast(delta, (bq, bk), 0))
             dq = dq + ops.matmul(ds.astype(dtype), k_smem.at[slot], a_is_ref=False, transpose_b=False,
                                  shape=(bq, head_dim))
 
-            plgpu.commit_smem()  # every thread is done reading the slot before the TMA refills it
-
-            @pl.when(step + slots < n_steps)
-            def _():
-                fetch(step + slots, slot, "k")
+            _refill_when_read(fetch, step, slot, n_steps, slots, "k")
             return dq
 
         dq = ops.full((bq, head_dim), 0.0)
@@ -586,20 +584,12 @@ def _dkv_call(q, k, v, do, qmeta, kvseg, stats, *, causal, static_offset, use_se
                                  shape=(bk, head_dim))
             dpt = ops.matmul(v_smem, do_smem.at[slot], a_is_ref=True, transpose_b=True, shape=(bk, bq))
 
-            plgpu.commit_smem()  # every thread is done reading the slot before the TMA refills it
-
-            @pl.when(step + slots < n_steps)
-            def _():
-                fetch(step + slots, slot, "do")
+            _refill_when_read(fetch, step, slot, n_steps, slots, "do")
             dst = pt * (dpt - _bcast(delta, (bk, bq), 1))
             dk = dk + ops.matmul(dst.astype(dtype), q_smem.at[slot], a_is_ref=False, transpose_b=False,
                                  shape=(bk, head_dim))
 
-            plgpu.commit_smem()  # every thread is done reading the slot before the TMA refills it
-
-            @pl.when(step + slots < n_steps)
-            def _():
-                fetch(step + slots, slot, "q")
+            _refill_when_read(fetch, step, slot, n_steps, slots, "q")
             return dk, dv
 
         if causal and static_offset is not None:
