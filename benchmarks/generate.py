@@ -21,7 +21,6 @@ import datetime
 import os
 import platform
 import sys
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory for torch too
 
@@ -34,6 +33,7 @@ import phi_jax  # noqa: E402
 from phi_jax.compilation import count_compilations  # noqa: E402
 from phi_jax.generation.generate import bucket_length  # noqa: E402
 from phi_jax.io.names import hf_key  # noqa: E402
+from phi_jax.parity import median_seconds  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -60,21 +60,12 @@ def config_for(args) -> phi_jax.PhiConfig:
     return make(num_hidden_layers=args.layers, eos_token_id=None, bos_token_id=None, pad_token_id=None)
 
 
-def median_of(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     """Bytes/s of reading `nbytes` of float32 once (a jitted sum on JAX's device)."""
     x = jnp.ones((nbytes // 4,), jnp.float32)
     total = jax.jit(lambda a: jnp.sum(a.reshape(8, -1), axis=1))
     total(x).block_until_ready()
-    return nbytes / median_of(lambda: total(x).block_until_ready(), repeats)
+    return nbytes / median_seconds(lambda: total(x).block_until_ready(), repeats)
 
 
 def weight_bytes_per_step(model) -> int:
@@ -135,8 +126,8 @@ def bench_phi_jax(model, ids, new_tokens, repeats):
     with count_compilations() as compiled:
         out = model.generate(ids, max_new_tokens=new_tokens, **kw)
         model.generate(ids, max_new_tokens=1, **kw)
-    ttft = median_of(lambda: model.generate(ids, max_new_tokens=1, **kw), repeats)
-    total = median_of(lambda: model.generate(ids, max_new_tokens=new_tokens, **kw), repeats)
+    ttft = median_seconds(lambda: model.generate(ids, max_new_tokens=1, **kw), repeats)
+    total = median_seconds(lambda: model.generate(ids, max_new_tokens=new_tokens, **kw), repeats)
     return out, compiled, ttft, total
 
 
@@ -147,8 +138,8 @@ def bench_torch(ref, ids, new_tokens, repeats, device):
     with torch.no_grad():
         out = ref.generate(ids_t, max_new_tokens=new_tokens, **kw).cpu()  # warm-up
         ref.generate(ids_t, max_new_tokens=1, **kw).cpu()
-        ttft = median_of(lambda: ref.generate(ids_t, max_new_tokens=1, **kw).cpu(), repeats)
-        total = median_of(lambda: ref.generate(ids_t, max_new_tokens=new_tokens, **kw).cpu(), repeats)
+        ttft = median_seconds(lambda: ref.generate(ids_t, max_new_tokens=1, **kw).cpu(), repeats)
+        total = median_seconds(lambda: ref.generate(ids_t, max_new_tokens=new_tokens, **kw).cpu(), repeats)
     return out.numpy(), ttft, total
 
 

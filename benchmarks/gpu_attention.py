@@ -72,6 +72,20 @@ def check_case(name, *, batch, t, s, n, kv, h, causal=True, q_offset=0, kind="no
     return ok
 
 
+def check_cases(cases, label: str) -> int:
+    """Runs `check_case` on each case (an exception is its FAIL line), prints the verdict; returns the failures."""
+    n_fail = 0
+    for case in cases:
+        try:
+            n_fail += not check_case(**case)
+        except Exception as e:  # noqa: BLE001 - report and go on
+            n_fail += 1
+            print(f"FAIL {case['name']}: {type(e).__name__}: {str(e)[:400]}", flush=True)
+            traceback.print_exc(limit=3)
+    print(f"{label}: {'PASS' if n_fail == 0 else f'FAIL ({n_fail} cases)'}", flush=True)
+    return n_fail
+
+
 def bench(fn, args, repeats: int, calls: int = 10) -> float:
     """Seconds per call: the best of `repeats` rounds of `calls` back-to-back calls (one sync per round, so
     host dispatch overlaps the GPU), after a warm-up."""
@@ -167,15 +181,7 @@ def wg2_check(b: int = 4, n: int = 32, s: int = 4096, repeats: int = 3) -> int:
         dict(name="wg2 h80 causal q_offset 100 T=37 S=137", batch=2, t=37, s=137, n=4, kv=2, h=80, q_offset=100,
              bs=wg2),
     ]
-    n_fail = 0
-    for case in cases:
-        try:
-            n_fail += not check_case(**case)
-        except Exception as e:  # noqa: BLE001 - report and go on
-            n_fail += 1
-            print(f"FAIL {case['name']}: {type(e).__name__}: {str(e)[:400]}", flush=True)
-            traceback.print_exc(limit=3)
-    print(f"wg2 numerics: {'PASS' if n_fail == 0 else f'FAIL ({n_fail} cases)'}", flush=True)
+    n_fail = check_cases(cases, "wg2 numerics")
 
     print(f"\n# warpgroups 1 vs 2: TFLOP/s, causal bf16, batch {b}, {n} heads, seq {s} (f+b = 3.5x forward FLOPs)",
           flush=True)
@@ -278,14 +284,7 @@ def main() -> None:
                  causal=False, kind="left", dt=jnp.float16),
             dict(name="h80 causal q_offset 100 T=37 S=137", batch=2, t=37, s=137, n=4, kv=2, h=80, q_offset=100),
         ]
-        for case in cases:
-            try:
-                n_fail += not check_case(**case)
-            except Exception as e:  # noqa: BLE001 - report and go on
-                n_fail += 1
-                print(f"FAIL {case['name']}: {type(e).__name__}: {str(e)[:400]}", flush=True)
-                traceback.print_exc(limit=3)
-        print(f"numerics: {'PASS' if n_fail == 0 else f'FAIL ({n_fail} cases)'}", flush=True)
+        n_fail += check_cases(cases, "numerics")
 
     if args.sweep:
         sweep(args.batch, args.heads, args.repeats)
