@@ -6,14 +6,15 @@
 2. Speed: forward and forward+backward TFLOP/s, causal, bf16, batch 4, 32 heads, head_dim 64/80/128,
    seq 1024..8192, against `jax.nn.dot_product_attention(implementation="cudnn")` and the XLA reference.
    Causal FLOPs count half of 4*B*N*T*S*H; forward+backward counts 3.5x the forward.
-3. `--wg2-check` (alone, < 60 s): the forward with two consumer warpgroups per CTA (`BlockSizes(warpgroups=2)`)
-   against the reference (PASS/FAIL per case, output and gradients), then forward and forward+backward TFLOP/s of
-   warpgroups 1 vs 2 (and cuDNN's forward) at head_dim 64/80, seq 4096, with the ratio.
+3. `--variants` (alone, < 2 min): the opt-in kernel forms (`VARIANTS`: two consumer warpgroups per CTA,
+   `BlockSizes(warpgroups=2)`; the head dim as 64 + rest, `BlockSizes(head_split=True)`; both) against the
+   reference (PASS/FAIL per case, output and gradients), then forward and forward+backward TFLOP/s of each against
+   the default and cuDNN at head_dim 64/80, seq 4096, with the ratios.
 Each case runs in its own try/except, so one failure prints its error and the rest still run.
 
     python benchmarks/gpu_attention.py [--quick] [--seqs 1024,2048,4096,8192] [--dims 64,80,128]
-    python benchmarks/gpu_attention.py --wg2-check
-    python benchmarks/gpu_attention.py --ablate --warpgroups 1,2 --dims 64,80 --skip-check --skip-table
+    python benchmarks/gpu_attention.py --variants
+    python benchmarks/gpu_attention.py --ablate --warpgroups 1,2 --head-split 0,1 --dims 64,80 --skip-check --skip-table
 """
 
 from __future__ import annotations
@@ -144,33 +145,42 @@ ABLATIONS = {  # name: forward stages left out (BlockSizes.ablate); the output o
 
 
 def ablate(b: int, n: int, repeats: int, dims, s: int = 4096, interpret: bool = False,
-           warpgroups: int = 1) -> None:
+           warpgroups: int = 1, head_split: bool = False) -> None:
     """A profile without hardware counters: the forward kernel's time with stages left out (BlockSizes.ablate).
     The time a stage costs on the critical path is the whole kernel's time minus the time without it."""
-    print(f"\n# ablation profile, forward, warpgroups={warpgroups}, causal bf16, batch {b}, {n} heads, seq {s}: "
-          "ms per call (TFLOP/s counting the whole kernel's FLOPs)", flush=True)
+    print(f"\n# ablation profile, forward, warpgroups={warpgroups} head_split={head_split}, causal bf16, batch {b}, "
+          f"{n} heads, seq {s}: ms per call (TFLOP/s counting the whole kernel's FLOPs)", flush=True)
     for h in dims:
         keys = jax.random.split(jax.random.key(h), 3)
         q, k, v = (jax.random.normal(kk, (b, s, n, h), jnp.bfloat16) for kk in keys)
         flops = 4 * b * n * s * s * h / 2
         whole = None
         for name, stages in ABLATIONS.items():
-            bs = BlockSizes(ablate=frozenset(stages), warpgroups=warpgroups)
+            bs = BlockSizes(ablate=frozenset(stages), warpgroups=warpgroups, head_split=head_split)
             try:
                 fn = jax.jit(lambda q, k, v, bs=bs: flash_attention_gpu(q, k, v, causal=True, block_sizes=bs,
                                                                         interpret=interpret))
                 sec = bench(fn, (q, k, v), repeats)
                 whole = sec if whole is None else whole
-                print(f"ablate wg{warpgroups} h{h} {name:>20}: {1e3 * sec:8.3f} ms "
+                print(f"ablate wg{warpgroups}{' split' * head_split} h{h} {name:>20}: {1e3 * sec:8.3f} ms "
                       f"({flops / sec / 1e12:6.1f} TFLOP/s)  saves {1e3 * (whole - sec):7.3f} ms", flush=True)
             except Exception as e:  # noqa: BLE001
-                print(f"ablate wg{warpgroups} h{h} {name:>20}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                print(f"ablate wg{warpgroups}{' split' * head_split} h{h} {name:>20}: {type(e).__name__}: "
+                      f"{str(e)[:300]}", flush=True)
 
 
-def wg2_check(b: int = 4, n: int = 32, s: int = 4096, repeats: int = 3) -> int:
-    """BlockSizes(warpgroups=2): numerics against the reference, then TFLOP/s against warpgroups=1 and cuDNN.
-    Returns the number of failed numerics cases."""
-    wg2 = BlockSizes(warpgroups=2)
+VARIANTS = {  # opt-in forms of the kernel, measured against the default (BlockSizes()) by --variants
+    "wg2": BlockSizes(warpgroups=2),
+    "split": BlockSizes(head_split=True),
+    "wg2+split": BlockSizes(warpgroups=2, head_split=True),
+}
+
+
+def variants_check(b: int = 4, n: int = 32, s: int = 4096, repeats: int = 3) -> int:
+    """The opt-in kernel forms (`VARIANTS`: two consumer warpgroups, the head dim in a 64 + rest split):
+    numerics against the reference, then TFLOP/s against the default and cuDNN, with ratios. Returns the number
+    of failed numerics cases."""
+    wg2, split, both = VARIANTS["wg2"], VARIANTS["split"], VARIANTS["wg2+split"]
     cases = [  # block_kv=64 makes a causal CTA's first warpgroup need fewer key blocks than its second
         dict(name="wg2 h80 causal GQA 8:2 left/right padding T=S=300 kv64", batch=2, t=300, s=300, n=8, kv=2, h=80,
              kind="left", bs=BlockSizes(warpgroups=2, block_kv=64)),
@@ -180,35 +190,53 @@ def wg2_check(b: int = 4, n: int = 32, s: int = 4096, repeats: int = 3) -> int:
              causal=False, kind="left", dt=jnp.float16, bs=BlockSizes(warpgroups=2, overlap=False)),
         dict(name="wg2 h80 causal q_offset 100 T=37 S=137", batch=2, t=37, s=137, n=4, kv=2, h=80, q_offset=100,
              bs=wg2),
+        dict(name="split h80 causal GQA 8:2 left/right padding T=S=300", batch=2, t=300, s=300, n=8, kv=2, h=80,
+             kind="left", bs=split),
+        dict(name="split h80 causal packed segments T=S=256", batch=2, t=256, s=256, n=4, kv=2, h=80,
+             kind="packed", bs=split),
+        dict(name="split h96 float16 non-causal padding no-overlap T=S=129", batch=2, t=129, s=129, n=4, kv=4, h=96,
+             causal=False, kind="left", dt=jnp.float16, bs=BlockSizes(head_split=True, overlap=False)),
+        dict(name="wg2+split h80 causal GQA 8:2 left/right padding T=S=300 kv64", batch=2, t=300, s=300, n=8, kv=2,
+             h=80, kind="left", bs=BlockSizes(warpgroups=2, head_split=True, block_kv=64)),
+        dict(name="wg2+split h80 causal q_offset 100 T=37 S=137", batch=2, t=37, s=137, n=4, kv=2, h=80,
+             q_offset=100, bs=both),
     ]
-    n_fail = check_cases(cases, "wg2 numerics")
+    n_fail = check_cases(cases, "variants numerics")
 
-    print(f"\n# warpgroups 1 vs 2: TFLOP/s, causal bf16, batch {b}, {n} heads, seq {s} (f+b = 3.5x forward FLOPs)",
+    print(f"\n# kernel variants: TFLOP/s, causal bf16, batch {b}, {n} heads, seq {s} (f+b = 3.5x forward FLOPs)",
           flush=True)
-    impls = {
-        "wg1": lambda q, k, v: flash_attention_gpu(q, k, v, causal=True, block_sizes=BlockSizes(warpgroups=1)),
-        "wg2": lambda q, k, v: flash_attention_gpu(q, k, v, causal=True, block_sizes=wg2),
-        "cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"),
-    }
+    impls = {"default": BlockSizes(), **VARIANTS, "cudnn": None}
     for h in (64, 80):
         keys = jax.random.split(jax.random.key(s + h), 3)
         q, k, v = (jax.random.normal(kk, (b, s, n, h), jnp.bfloat16) for kk in keys)
         flops = 4 * b * n * s * s * h / 2
         got = {}
-        for name, fn in impls.items():
-            for mode in ("fwd",) if name == "cudnn" else ("fwd", "f+b"):  # (the backward kernels are the same)
+        for name, bs in impls.items():
+            if "split" in name and h % 64 == 0:
+                continue  # (nothing to split)
+            if bs is None:
+                fn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,  # noqa: E731
+                                                                  implementation="cudnn")
+            else:
+                fn = lambda q, k, v, bs=bs: flash_attention_gpu(q, k, v, causal=True, block_sizes=bs)  # noqa: E731
+            for mode in ("fwd", "f+b"):
+                if mode == "f+b" and name == "wg2":
+                    continue  # (the same backward kernels as the default)
                 try:
                     f = jax.jit(fn) if mode == "fwd" else jax.jit(jax.grad(
                         lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2)))
                     sec = bench(f, (q, k, v), repeats)
                     got[name, mode] = flops * (1 if mode == "fwd" else 3.5) / sec / 1e12
-                    print(f"wg2-bench h{h} s{s} {name:>5} {mode}: {1e3 * sec:8.3f} ms  {got[name, mode]:6.1f} TFLOP/s",
-                          flush=True)
+                    print(f"variant-bench h{h} s{s} {name:>9} {mode}: {1e3 * sec:8.3f} ms  "
+                          f"{got[name, mode]:6.1f} TFLOP/s", flush=True)
                 except Exception as e:  # noqa: BLE001
-                    print(f"wg2-bench h{h} s{s} {name:>5} {mode}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    print(f"variant-bench h{h} s{s} {name:>9} {mode}: {type(e).__name__}: {str(e)[:300]}",
+                          flush=True)
         for mode in ("fwd", "f+b"):
-            if ("wg1", mode) in got and ("wg2", mode) in got:
-                print(f"wg2-bench h{h} s{s} {mode}: wg2 / wg1 = {got['wg2', mode] / got['wg1', mode]:.2f}x", flush=True)
+            for name in (*VARIANTS, "cudnn"):
+                if ("default", mode) in got and (name, mode) in got:
+                    print(f"variant-bench h{h} s{s} {mode}: {name} / default = "
+                          f"{got[name, mode] / got['default', mode]:.2f}x", flush=True)
     return n_fail
 
 
@@ -258,17 +286,18 @@ def main() -> None:
     p.add_argument("--ablate", action="store_true", help="profile the forward by leaving stages out (h64/h80)")
     p.add_argument("--skip-table", action="store_true", help="no TFLOP/s table")
     p.add_argument("--warpgroups", default="1", help="--ablate: profile these BlockSizes.warpgroups (e.g. 1,2)")
-    p.add_argument("--wg2-check", action="store_true",
-                   help="only: warpgroups=2 numerics (PASS/FAIL) and TFLOP/s of warpgroups 1 vs 2, h64/h80 seq 4096")
+    p.add_argument("--head-split", default="0", help="--ablate: profile these BlockSizes.head_split (e.g. 0,1)")
+    p.add_argument("--variants", action="store_true",
+                   help="only: the opt-in kernel forms' numerics (PASS/FAIL) and TFLOP/s against the default")
     p.add_argument("--decode", action="store_true", help="the decode kernel against the KV-cache read floor")
     args = p.parse_args()
 
     dev = jax.devices()[0]
     print(f"# gpu_attention  date {datetime.datetime.now().isoformat(timespec='seconds')}  device {dev.device_kind} "
           f"({dev.platform})  jax {jax.__version__}  python {platform.python_version()}", flush=True)
-    if args.wg2_check:
-        n_fail = wg2_check(args.batch, args.heads, repeats=min(args.repeats, 3))
-        print(f"\n{'PASS' if n_fail == 0 else 'FAIL'} gpu_attention --wg2-check numerics", flush=True)
+    if args.variants:
+        n_fail = variants_check(args.batch, args.heads, repeats=min(args.repeats, 3))
+        print(f"\n{'PASS' if n_fail == 0 else 'FAIL'} gpu_attention --variants numerics", flush=True)
         return
 
     n_fail = 0
@@ -290,8 +319,9 @@ def main() -> None:
         sweep(args.batch, args.heads, args.repeats)
     if args.ablate:
         for wgs in (int(x) for x in args.warpgroups.split(",")):
-            ablate(args.batch, args.heads, args.repeats, [h for h in (64, 80) if str(h) in args.dims.split(",")],
-                   warpgroups=wgs)
+            for split in (bool(int(x)) for x in args.head_split.split(",")):
+                ablate(args.batch, args.heads, args.repeats, [h for h in (64, 80) if str(h) in args.dims.split(",")],
+                       warpgroups=wgs, head_split=split)
     if args.decode:
         decode_bench(args.repeats)
     if args.skip_table:

@@ -4,6 +4,7 @@
 Mosaic GPU interpreter on the CPU (same kernels, TMA copies, barriers and masking; plain dots for the wgmmas).
 `Warpgroups2Cases` (TestGpuWarpgroups2 / TestInterpretWarpgroups2) does the same for the warp-specialised forward,
 `BlockSizes(warpgroups=2)`: three warpgroup threads per CTA, which the interpreter runs (about 3 s per CTA).
+`HeadSplitCases` does it for `BlockSizes(head_split=True)` (head_dim 80 as 64 + 16, 112 as 64 + 48).
 `test_export_cuda_*` lowers the compiled kernels for CUDA from this CPU and checks the Mosaic GPU custom calls.
 """
 
@@ -176,6 +177,38 @@ class TestInterpretWarpgroups2(Warpgroups2Cases):
     INTERPRET = True
 
 
+class HeadSplitCases(_KernelCheck):
+    """`BlockSizes(head_split=True)`: a head dim that is not a multiple of 64 in a multiple-of-64 part and a
+    16..48-wide rest, in the forward, dq and dk/dv kernels (separate TMA copies and tiles per part, QK^T as a sum
+    of per-part products, one accumulator per part for PV, dQ, dK, dV)."""
+
+    def test_split_fp32_h80_len129_packed_segments(self):
+        self.check(t=129, s=129, n=2, kv=1, h=80, kind="packed", seed=21, block_sizes=BlockSizes(head_split=True))
+
+    def test_split_fp32_h112_gqa_4to2_prefill_offset_padding(self):  # 112 = 64 + 48
+        self.check(batch=2, t=37, s=129, n=4, kv=2, h=112, q_offset=92, kind="left", seed=22, jit_offset=True,
+                   block_sizes=BlockSizes(head_split=True, overlap=False))
+
+    def test_split_fp32_h80_noncausal_padding_two_warpgroups(self):
+        self.check(batch=2, t=129, s=129, n=2, kv=2, h=80, causal=False, kind="left", seed=23, grads=False,
+                   block_sizes=BlockSizes(head_split=True, warpgroups=2, block_kv=64))
+
+    def test_split_bf16_h80_gqa_8to2_len256_gpu(self):
+        if self.INTERPRET:
+            pytest.skip("too slow to interpret")
+        for wgs in (1, 2):
+            self.check(batch=2, t=256, s=256, n=8, kv=2, h=80, dtype=jnp.bfloat16, kind="left", seed=24,
+                       block_sizes=BlockSizes(head_split=True, warpgroups=wgs))
+
+
+class TestGpuHeadSplit(HeadSplitCases):
+    INTERPRET = False
+
+
+class TestInterpretHeadSplit(HeadSplitCases):
+    INTERPRET = True
+
+
 def test_fallbacks_and_errors():
     q, k, v, _ = _inputs(0, 1, 5, 5, 2, 1, 8, jnp.float32)
     # head_dim 8 is not a multiple of 16: the reference answers
@@ -243,3 +276,20 @@ def test_export_cuda_forward_two_warpgroups(head_dim):
     # the producer/consumer register split (setmaxnreg) is only in the warp-specialised kernel
     assert "nvvm.setmaxregister" in fwd_text and "nvvm.setmaxregister" in vjp_text
     assert "nvvm.setmaxregister" not in _export_text(functools.partial(fwd, warpgroups=1), q, k, k, seg)
+
+
+@pytest.mark.parametrize("head_dim", [80, 112])
+def test_export_cuda_head_split(head_dim):
+    """BlockSizes(head_split=True) lowers for CUDA, one and two warpgroups, forward and backward; its copies of the
+    multiple-of-64 part use an untiled view of the tile (a tiled one cannot address a slice of an 80-wide row)."""
+    q = jax.ShapeDtypeStruct((2, 200, 8, head_dim), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((2, 200, 2, head_dim), jnp.bfloat16)
+
+    def fwd_vjp(q, k, v, warpgroups):
+        bs = BlockSizes(head_split=True, warpgroups=warpgroups)
+        out, vjp = jax.vjp(lambda *a: flash_attention_gpu(*a, block_sizes=bs), q, k, v)
+        return out, vjp(jnp.ones_like(out))
+
+    for warpgroups in (1, 2):
+        text = _export_text(functools.partial(fwd_vjp, warpgroups=warpgroups), q, k, k)
+        assert len(re.findall(r'stablehlo.custom_call @mosaic_gpu\w*', text)) == 3  # forward, dq, dk/dv

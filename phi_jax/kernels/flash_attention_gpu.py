@@ -17,6 +17,9 @@ Kernels (all `plgpu.kernel`, one warpgroup per CTA by default, K/V or Q/dO strea
   - dq: one CTA per (query block, head, batch), loops over key blocks; dS = P (dP - delta), dQ += dS K.
   - dk/dv: one CTA per (key block, KV head, batch), loops over the G query heads of its group and their query
     blocks, so GQA gradients are summed in the kernel (K/V never repeated, no reduction afterwards).
+  `BlockSizes(head_split=True)` (opt-in, all three kernels) tiles a head dim that is not a multiple of 64 as its
+  multiple of 64 (128-byte swizzle) plus a 16..48-wide rest (32-byte swizzle), one TMA copy per part: products over
+  the head dim are one wgmma per part into one accumulator, products into it one accumulator per part.
   Causal work is skipped block-wise (with a Python-int `q_offset`); blocks wholly below the diagonal run without
   masks. Head dims are tiled natively: a multiple of 64 uses (8, 64) tiles and a 128-byte swizzle, other
   multiples of 16 (phi-2's 80) use (8, 16) tiles and a 32-byte swizzle, never padded to 128.
@@ -62,6 +65,10 @@ class BlockSizes:
     slots: int = 2
     overlap: bool = True  # forward: the QK^T of block j+1 runs on the tensor cores during the softmax of block j
     warpgroups: int = 1  # forward: consumer warpgroups per CTA (2 halves the K/V copies per query row)
+    # All kernels: a head dim that is not a multiple of 64 (phi-2's 80) in two column parts, its multiple of 64
+    # with the 128-byte swizzle and the 16..48-wide rest with the 32-byte one, each its own TMA copy (instead of
+    # 16-wide tiles for all of it, whose narrow copies bound the head_dim-80 forward on an H200).
+    head_split: bool = False
     # Profiling only (benchmarks/gpu_attention.py --ablate): forward stages left out, so that the time each one
     # costs is the difference to the whole kernel. Any of "qk" (no QK^T matmul), "exp" (no online softmax: P is
     # S cast to 16 bits), "pv" (no PV matmul), "mask" (no masks). The output is then WRONG.
@@ -101,6 +108,72 @@ def _tile_transforms(head_dim: int, dtype) -> tuple:
     return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
 
 
+def _head_parts(head_dim: int, split: bool) -> tuple[tuple[int, int], ...]:
+    """(first column, width) of each head-dim part: one part, or the multiple of 64 and the rest (`head_split`)."""
+    main = head_dim // 64 * 64
+    if not split or main in (0, head_dim):
+        return ((0, head_dim),)
+    return ((0, main), (main, head_dim - main))
+
+
+def _part_smem(parts, lead: tuple, dtype, interpret) -> tuple:
+    """Shared-memory tiles `[*lead, width]` for each head-dim part, each with its own tiling and swizzle.
+
+    A split's multiple-of-64 part is a union of two views of the same bytes: tiled for the wgmmas, untiled (same
+    128-byte swizzle, same bytes, as its tiles are whole rows) for the TMA copies, whose tiling would otherwise
+    have to divide the global array's full head dim. `_views` takes them apart in the kernel. (The interpreter
+    ignores tilings and swizzles: one view there.)"""
+    types = []
+    for _, w in parts:
+        tr = _tile_transforms(w, dtype)
+        tiled = plgpu.SMEM((*lead, w), dtype, transforms=tr)
+        if _aliased(parts, w, interpret):
+            types.append(plgpu.RefUnion(tiled, plgpu.SMEM((*lead, w), dtype, transforms=(tr[1],))))
+        else:
+            types.append(tiled)
+    return tuple(types)
+
+
+def _aliased(parts, width: int, interpret) -> bool:
+    return len(parts) > 1 and width % 64 == 0 and interpret is None
+
+
+def _views(refs, parts, interpret) -> tuple[tuple, tuple]:
+    """(refs for the wgmmas and registers, refs for the TMA copies) of `_part_smem`'s tiles."""
+    pairs = [tuple(r) if _aliased(parts, w, interpret) else (r, r) for r, (_, w) in zip(refs, parts)]
+    return tuple(a for a, _ in pairs), tuple(b for _, b in pairs)
+
+
+def _part_barriers(parts, n: int) -> tuple:
+    return tuple(plgpu.Barrier(num_barriers=n) for _ in parts)
+
+
+def _copy_in(ref, idx: tuple, dsts, bars, parts) -> None:
+    """TMA copies of `ref[idx]` (the head dim last) into the part tiles `dsts`, part p arriving on `bars[p]`."""
+    if len(parts) == 1:
+        plgpu.copy_gmem_to_smem(ref.at[idx], dsts[0], bars[0])
+        return
+    for (c0, w), dst, bar in zip(parts, dsts, bars):
+        plgpu.copy_gmem_to_smem(ref.at[(*idx, pl.ds(c0, w))], dst, bar)
+
+
+def _copy_out(srcs, ref, idx: tuple, parts) -> None:
+    if len(parts) == 1:
+        plgpu.copy_smem_to_gmem(srcs[0], ref.at[idx])
+        return
+    for (c0, w), src in zip(parts, srcs):
+        plgpu.copy_smem_to_gmem(src, ref.at[(*idx, pl.ds(c0, w))])
+
+
+def _wait_all(bars) -> None:
+    for bar in bars:
+        plgpu.barrier_wait(bar)
+
+
+def _at(refs, *idx) -> tuple:
+    return tuple(r.at[idx] for r in refs)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # In-kernel helpers: the only places where the compiled and the interpreted kernels differ.
 
@@ -110,15 +183,33 @@ class _Ops:
 
     def matmul(self, a, b, *, a_is_ref: bool, transpose_b: bool, shape):
         """a @ b (or a @ b^T) with float32 accumulation; a: smem ref or 16-bit registers, b: smem ref."""
+        return self.matmul_sum([(a, b)], a_is_ref=a_is_ref, transpose_b=transpose_b, shape=shape)
+
+    def matmul_sum(self, pairs, *, a_is_ref: bool, transpose_b: bool, shape):
+        """The sum over (a, b) pairs of a @ b (or a @ b^T): one accumulator, one wgmma per pair (head-dim parts)."""
         if self.interpret:
-            av = a[...] if a_is_ref else a
             dims = (((1,), (1,)), ((), ())) if transpose_b else (((1,), (0,)), ((), ()))
-            return lax.dot_general(av, b[...], dims, preferred_element_type=_F32)
+            terms = [lax.dot_general(a[...] if a_is_ref else a, b[...], dims, preferred_element_type=_F32)
+                     for a, b in pairs]
+            return functools.reduce(jnp.add, terms)
 
         def body(acc_ref):
-            plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b, (1, 0)) if transpose_b else b)
+            for a, b in pairs:
+                plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b, (1, 0)) if transpose_b else b)
             return acc_ref[...]
         return pl.run_scoped(body, plgpu.ACC(shape, _F32))
+
+    def matmul_each(self, a, bs, *, a_is_ref: bool, shapes) -> tuple:
+        """(a @ b for b in bs), every wgmma issued before the first result is read (b: the head-dim parts)."""
+        if self.interpret:
+            return tuple(lax.dot_general(a[...] if a_is_ref else a, b[...], (((1,), (0,)), ((), ())),
+                                         preferred_element_type=_F32) for b in bs)
+
+        def body(*accs):
+            for acc, b in zip(accs, bs):
+                plgpu.wgmma(acc, a, b)
+            return tuple(acc[...] for acc in accs)
+        return pl.run_scoped(body, *(plgpu.ACC(shape, _F32) for shape in shapes))
 
     def vec(self, ref, along: int):
         """A 1-D smem vector as registers laid out along dim `along` (0 rows, 1 columns) of a wgmma tile."""
@@ -180,6 +271,8 @@ def _fwd_call(q, k, v, qmeta, kvseg, *, causal, static_offset, use_seg, scale, b
     ops = _Ops(interpret is not None)
     c = scale * _LOG2E  # scores -> base-2 logits
     ablate = bs.ablate
+    parts = _head_parts(head_dim, bs.head_split)
+    nparts = len(parts)
 
     def kv_steps(q0):
         """(steps, unmasked steps) of key blocks for the query rows [q0, q0 + bq)."""
@@ -198,14 +291,16 @@ def _fwd_call(q, k, v, qmeta, kvseg, *, causal, static_offset, use_seg, scale, b
         kvh = lax.div(h, jnp.int32(group))
         wg = lax.axis_index("wg") if wgs > 1 else 0
         n_cta, _ = kv_steps(qi * (wgs * bq) + (wgs - 1) * bq)  # the last warpgroup's rows need the most keys
+        (q_smem, q_copy), (k_smem, k_copy), (v_smem, v_copy) = (_views(r, parts, interpret)
+                                                                for r in (q_smem, k_smem, v_smem))
 
         def fetch(step, slot, what):
             rows = (b, pl.ds(step * bk, bk), kvh)
             if what == "k":
-                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
+                _copy_in(k_ref, rows, _at(k_copy, slot), _at(k_bar, slot), parts)
                 plgpu.copy_gmem_to_smem(kvseg_ref.at[b, pl.ds(step * bk, bk)], kvseg_smem.at[slot], s_bar.at[slot])
             else:
-                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
+                _copy_in(v_ref, rows, _at(v_copy, slot), _at(v_bar, slot), parts)
 
         def prologue():  # the first `slots` key blocks
             for i in range(min(slots, nkv)):
@@ -224,16 +319,19 @@ def _fwd_call(q, k, v, qmeta, kvseg, *, causal, static_offset, use_seg, scale, b
         def consumer(wg):
             """One warpgroup: attention of the query rows [q0, q0 + bq) over the key blocks of this CTA."""
             mine = (lambda ref: ref.at[wg]) if wgs > 1 else (lambda ref: ref)
-            q_s, qmeta_s, lse_s = mine(q_smem), mine(qmeta_smem), mine(lse_smem)
+            q_s, qmeta_s, lse_s = tuple(mine(r) for r in q_smem), mine(qmeta_smem), mine(lse_smem)
+            q_c = tuple(mine(r) for r in q_copy)
             q0 = qi * (wgs * bq) + wg * bq
             n_steps, n_free = kv_steps(q0)
+            q_bars = tuple(q_bar.at[(nparts + 1) * wg + p] for p in range(nparts))
+            meta_bar = q_bar.at[(nparts + 1) * wg + nparts]
 
-            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q0, bq), h], q_s, q_bar.at[2 * wg])
-            plgpu.copy_gmem_to_smem(qmeta_ref.at[b, :, pl.ds(q0, bq)], qmeta_s, q_bar.at[2 * wg + 1])
+            _copy_in(q_ref, (b, pl.ds(q0, bq), h), q_c, q_bars, parts)
+            plgpu.copy_gmem_to_smem(qmeta_ref.at[b, :, pl.ds(q0, bq)], qmeta_s, meta_bar)
             if wgs == 1:
                 prologue()
-            plgpu.barrier_wait(q_bar.at[2 * wg])
-            plgpu.barrier_wait(q_bar.at[2 * wg + 1])
+            _wait_all(q_bars)
+            plgpu.barrier_wait(meta_bar)
             qpos = ops.vec(qmeta_s.at[0], 0)
             qseg = ops.vec(qmeta_s.at[1], 0)
 
@@ -252,26 +350,32 @@ def _fwd_call(q, k, v, qmeta, kvseg, *, causal, static_offset, use_seg, scale, b
                 p = jnp.exp2(s * c - _bcast(m_use, (bq, bk), 0))
                 alpha = jnp.exp2(m_i - m_use)
                 l_i = l_i * alpha + p.sum(axis=1)
-                return acc * _bcast(alpha, (bq, head_dim), 0), m_new, l_i, p.astype(dtype)
+                acc = tuple(a * _bcast(alpha, (bq, w), 0) for a, (_, w) in zip(acc, parts))
+                return acc, m_new, l_i, p.astype(dtype)
+
+            def wait_k(slot):
+                _wait_all(_at(k_bar, slot))
+                plgpu.barrier_wait(s_bar.at[slot])
 
             def qk(slot):
-                plgpu.barrier_wait(k_bar.at[slot])
-                plgpu.barrier_wait(s_bar.at[slot])
+                wait_k(slot)
                 if "qk" in ablate:
                     return ops.full((bq, bk), 0.0)
-                return ops.matmul(q_s, k_smem.at[slot], a_is_ref=True, transpose_b=True, shape=(bq, bk))
+                return ops.matmul_sum(list(zip(q_s, _at(k_smem, slot))), a_is_ref=True, transpose_b=True,
+                                      shape=(bq, bk))
 
-            def pv(step, slot, p16):
-                plgpu.barrier_wait(v_bar.at[slot])
+            def pv(step, slot, p16, acc):
+                _wait_all(_at(v_bar, slot))
                 if "pv" in ablate:
-                    return ops.full((bq, head_dim), 0.0)
-                return ops.matmul(p16, v_smem.at[slot], a_is_ref=False, transpose_b=False, shape=(bq, head_dim))
+                    return acc
+                out = ops.matmul_each(p16, _at(v_smem, slot), a_is_ref=False, shapes=[(bq, w) for _, w in parts])
+                return tuple(a + o for a, o in zip(acc, out))
 
             def step_fn(step, carry, masked):  # S = QK^T, softmax, O += PV, one after the other
                 slot = lax.rem(step, jnp.int32(slots))
                 acc, m_i, l_i, p16 = softmax(step, qk(slot), carry, masked)
                 release(step, slot, "k")
-                acc = acc + pv(step, slot, p16)
+                acc = pv(step, slot, p16, acc)
                 release(step, slot, "v")
                 return acc, m_i, l_i
 
@@ -280,27 +384,28 @@ def _fwd_call(q, k, v, qmeta, kvseg, *, causal, static_offset, use_seg, scale, b
                 *carry, s_cur = carry
                 slot = lax.rem(step, jnp.int32(slots))
                 nslot = lax.rem(step + 1, jnp.int32(slots))
-                plgpu.barrier_wait(k_bar.at[nslot])
-                plgpu.barrier_wait(s_bar.at[nslot])
+                wait_k(nslot)
 
                 def with_next_scores(s_next_ref):
                     if not ops.interpret and s_next_ref is not None:
-                        plgpu.wgmma(s_next_ref, q_s, plgpu.transpose_ref(k_smem.at[nslot], (1, 0)))
+                        for q_p, k_p in zip(q_s, _at(k_smem, nslot)):
+                            plgpu.wgmma(s_next_ref, q_p, plgpu.transpose_ref(k_p, (1, 0)))
                     acc, m_i, l_i, p16 = softmax(step, s_cur, carry, masked)
                     release(step, slot, "k")
-                    acc = acc + pv(step, slot, p16)  # waits for both matmuls
+                    acc = pv(step, slot, p16, acc)  # waits for both matmuls
                     release(step, slot, "v")
                     if "qk" in ablate:
                         return acc, m_i, l_i, ops.full((bq, bk), 0.0)
                     if ops.interpret:  # the barriers for nslot were waited on above
-                        return acc, m_i, l_i, ops.matmul(q_s, k_smem.at[nslot], a_is_ref=True, transpose_b=True,
-                                                         shape=(bq, bk))
+                        return acc, m_i, l_i, ops.matmul_sum(list(zip(q_s, _at(k_smem, nslot))), a_is_ref=True,
+                                                             transpose_b=True, shape=(bq, bk))
                     return acc, m_i, l_i, s_next_ref[...]
                 if ops.interpret or "qk" in ablate:
                     return with_next_scores(None)
                 return pl.run_scoped(with_next_scores, plgpu.ACC((bq, bk), _F32))
 
-            carry = (ops.full((bq, head_dim), 0.0), ops.full((bq,), -jnp.inf), ops.full((bq,), 0.0))
+            acc0 = tuple(ops.full((bq, w), 0.0) for _, w in parts)
+            carry = (acc0, ops.full((bq,), -jnp.inf), ops.full((bq,), 0.0))
             if bs.overlap:
                 last = n_steps - 1
                 carry = (*carry, qk(0))
@@ -313,7 +418,7 @@ def _fwd_call(q, k, v, qmeta, kvseg, *, causal, static_offset, use_seg, scale, b
                 acc, m_i, l_i, p16 = softmax(last, s_last, carry, bool(causal or use_seg))
                 if wgs > 1:  # (one warpgroup: nothing left to refill)
                     release(last, last_slot, "k")
-                acc = acc + pv(last, last_slot, p16)
+                acc = pv(last, last_slot, p16, acc)
                 if wgs > 1:
                     release(last, last_slot, "v")
             else:
@@ -322,10 +427,11 @@ def _fwd_call(q, k, v, qmeta, kvseg, *, causal, static_offset, use_seg, scale, b
 
             empty = l_i == 0.0
             inv_l = 1.0 / jnp.where(empty, 1.0, l_i)
-            q_s[...] = (acc * _bcast(inv_l, (bq, head_dim), 0)).astype(dtype)
+            for q_p, a, (_, w) in zip(q_s, acc, parts):
+                q_p[...] = (a * _bcast(inv_l, (bq, w), 0)).astype(dtype)
             lse_s[...] = jnp.where(empty, jnp.inf, m_i + jnp.log2(jnp.where(empty, 1.0, l_i)))
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q_s, o_ref.at[b, pl.ds(q0, bq), h])
+            _copy_out(q_c, o_ref, (b, pl.ds(q0, bq), h), parts)
             plgpu.copy_smem_to_gmem(lse_s, lse_ref.at[b, h, pl.ds(q0, bq)])
 
             if wgs > 1:
@@ -333,8 +439,7 @@ def _fwd_call(q, k, v, qmeta, kvseg, *, causal, static_offset, use_seg, scale, b
                     """Key blocks that only a later warpgroup needs: take part in their barriers so the
                     producer can refill the slots (and every waiter sees every phase)."""
                     slot = lax.rem(step, jnp.int32(slots))
-                    for bar in (k_bar, s_bar, v_bar):
-                        plgpu.barrier_wait(bar.at[slot])
+                    _wait_all(_at(k_bar, slot) + (s_bar.at[slot],) + _at(v_bar, slot))
                     plgpu.barrier_arrive(k_free.at[slot])
                     plgpu.barrier_arrive(v_free.at[slot])
                 lax.fori_loop(n_steps, n_cta, drain, None)
@@ -371,18 +476,17 @@ def _fwd_call(q, k, v, qmeta, kvseg, *, causal, static_offset, use_seg, scale, b
                     plgpu.barrier_wait(k_free.at[slot])
                     plgpu.barrier_wait(v_free.at[slot])
 
-    tr = _tile_transforms(head_dim, dtype)
     lead = (wgs,) if wgs > 1 else ()  # per consumer warpgroup
     scratch = dict(
-        q_smem=plgpu.SMEM((*lead, bq, head_dim), dtype, transforms=tr),
-        k_smem=plgpu.SMEM((slots, bk, head_dim), dtype, transforms=tr),
-        v_smem=plgpu.SMEM((slots, bk, head_dim), dtype, transforms=tr),
+        q_smem=_part_smem(parts, (*lead, bq), dtype, interpret),
+        k_smem=_part_smem(parts, (slots, bk), dtype, interpret),
+        v_smem=_part_smem(parts, (slots, bk), dtype, interpret),
         qmeta_smem=plgpu.SMEM((*lead, 2, bq), jnp.int32),
         kvseg_smem=plgpu.SMEM((slots, bk), jnp.int32),
         lse_smem=plgpu.SMEM((*lead, bq), _F32),
-        q_bar=plgpu.Barrier(num_barriers=2 * wgs),
-        k_bar=plgpu.Barrier(num_barriers=slots),
-        v_bar=plgpu.Barrier(num_barriers=slots),
+        q_bar=plgpu.Barrier(num_barriers=(nparts + 1) * wgs),  # per warpgroup: Q's parts, then its metadata
+        k_bar=_part_barriers(parts, slots),
+        v_bar=_part_barriers(parts, slots),
         s_bar=plgpu.Barrier(num_barriers=slots),
     )
     threads = {}
@@ -415,12 +519,16 @@ def _dq_call(q, k, v, do, qmeta, kvseg, stats, *, causal, static_offset, use_seg
     dtype = q.dtype
     ops = _Ops(interpret is not None)
     c = scale * _LOG2E
+    parts = _head_parts(head_dim, bs.head_split)
 
     def body(q_ref, k_ref, v_ref, do_ref, qmeta_ref, kvseg_ref, stats_ref, dq_ref, *,
-             q_smem, do_smem, k_smem, v_smem, qmeta_smem, stats_smem, kvseg_smem, q_bar, k_bar, v_bar, s_bar):
+             q_smem, do_smem, k_smem, v_smem, qmeta_smem, stats_smem, kvseg_smem, q_bar, do_bar, k_bar, v_bar,
+             s_bar):
         qi, h, b = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
         kvh = lax.div(h, jnp.int32(group))
         q0 = qi * bq
+        (q_smem, q_copy), (do_smem, do_copy), (k_smem, k_copy), (v_smem, v_copy) = (
+            _views(r, parts, interpret) for r in (q_smem, do_smem, k_smem, v_smem))
         if causal and static_offset is not None:
             n_steps = jnp.minimum(jnp.int32(nkv), lax.div(q0 + (static_offset + bq + bk - 1), jnp.int32(bk)))
             n_free = 0 if use_seg else jnp.minimum(n_steps, lax.div(q0 + (static_offset + 1), jnp.int32(bk)))
@@ -428,18 +536,18 @@ def _dq_call(q, k, v, do, qmeta, kvseg, stats, *, causal, static_offset, use_seg
             n_steps = jnp.int32(nkv)
             n_free = 0 if (causal or use_seg) else n_steps
 
-        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q0, bq), h], q_smem, q_bar.at[0])
-        plgpu.copy_gmem_to_smem(do_ref.at[b, pl.ds(q0, bq), h], do_smem, q_bar.at[1])
-        plgpu.copy_gmem_to_smem(qmeta_ref.at[b, :, pl.ds(q0, bq)], qmeta_smem, q_bar.at[2])
-        plgpu.copy_gmem_to_smem(stats_ref.at[b, h, :, pl.ds(q0, bq)], stats_smem, q_bar.at[3])
+        _copy_in(q_ref, (b, pl.ds(q0, bq), h), q_copy, _at(q_bar, 0), parts)
+        _copy_in(do_ref, (b, pl.ds(q0, bq), h), do_copy, _at(do_bar, 0), parts)
+        plgpu.copy_gmem_to_smem(qmeta_ref.at[b, :, pl.ds(q0, bq)], qmeta_smem, s_bar.at[slots])
+        plgpu.copy_gmem_to_smem(stats_ref.at[b, h, :, pl.ds(q0, bq)], stats_smem, s_bar.at[slots + 1])
 
         def fetch(step, slot, what):
             rows = (b, pl.ds(step * bk, bk), kvh)
             if what == "k":
-                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
+                _copy_in(k_ref, rows, _at(k_copy, slot), _at(k_bar, slot), parts)
                 plgpu.copy_gmem_to_smem(kvseg_ref.at[b, pl.ds(step * bk, bk)], kvseg_smem.at[slot], s_bar.at[slot])
             else:
-                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
+                _copy_in(v_ref, rows, _at(v_copy, slot), _at(v_bar, slot), parts)
 
         for i in range(min(slots, nkv)):
             @pl.when(i < n_steps)
@@ -447,8 +555,7 @@ def _dq_call(q, k, v, do, qmeta, kvseg, stats, *, causal, static_offset, use_seg
                 fetch(i, i, "k")
                 fetch(i, i, "v")
 
-        for i in range(4):
-            plgpu.barrier_wait(q_bar.at[i])
+        _wait_all(_at(q_bar, 0) + _at(do_bar, 0) + (s_bar.at[slots], s_bar.at[slots + 1]))
         qpos = ops.vec(qmeta_smem.at[0], 0)
         qseg = ops.vec(qmeta_smem.at[1], 0)
         lse = ops.vec(stats_smem.at[0], 0)
@@ -456,46 +563,48 @@ def _dq_call(q, k, v, do, qmeta, kvseg, stats, *, causal, static_offset, use_seg
 
         def step_fn(step, dq, masked):
             slot = lax.rem(step, jnp.int32(slots))
-            plgpu.barrier_wait(k_bar.at[slot])
-            plgpu.barrier_wait(s_bar.at[slot])
-            s = ops.matmul(q_smem, k_smem.at[slot], a_is_ref=True, transpose_b=True, shape=(bq, bk))
+            _wait_all(_at(k_bar, slot) + (s_bar.at[slot],))
+            s = ops.matmul_sum(list(zip(q_smem, _at(k_smem, slot))), a_is_ref=True, transpose_b=True, shape=(bq, bk))
             p = jnp.exp2(s * c - _bcast(lse, (bq, bk), 0))
             if masked:
                 mask = _mask(ops, (bq, bk), causal=causal, use_seg=use_seg, q_along=0, qpos=qpos, qseg=qseg,
                              kv0=step * bk, kvseg=ops.vec(kvseg_smem.at[slot], 1))
                 p = jnp.where(mask, p, 0.0)
-            plgpu.barrier_wait(v_bar.at[slot])
-            dp = ops.matmul(do_smem, v_smem.at[slot], a_is_ref=True, transpose_b=True, shape=(bq, bk))
+            _wait_all(_at(v_bar, slot))
+            dp = ops.matmul_sum(list(zip(do_smem, _at(v_smem, slot))), a_is_ref=True, transpose_b=True,
+                                shape=(bq, bk))
 
             _refill_when_read(fetch, step, slot, n_steps, slots, "v")
             ds = p * (dp - _bcast(delta, (bq, bk), 0))
-            dq = dq + ops.matmul(ds.astype(dtype), k_smem.at[slot], a_is_ref=False, transpose_b=False,
-                                 shape=(bq, head_dim))
+            prods = ops.matmul_each(ds.astype(dtype), _at(k_smem, slot), a_is_ref=False,
+                                    shapes=[(bq, w) for _, w in parts])
+            dq = tuple(a + d for a, d in zip(dq, prods))
 
             _refill_when_read(fetch, step, slot, n_steps, slots, "k")
             return dq
 
-        dq = ops.full((bq, head_dim), 0.0)
+        dq = tuple(ops.full((bq, w), 0.0) for _, w in parts)
         dq = lax.fori_loop(0, n_free, functools.partial(step_fn, masked=False), dq)
         dq = lax.fori_loop(n_free, n_steps, functools.partial(step_fn, masked=True), dq)
-        q_smem[...] = (dq * scale).astype(dtype)
+        for q_p, d in zip(q_smem, dq):
+            q_p[...] = (d * scale).astype(dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, pl.ds(q0, bq), h])
+        _copy_out(q_copy, dq_ref, (b, pl.ds(q0, bq), h), parts)
         plgpu.wait_smem_to_gmem(0)
 
-    tr = _tile_transforms(head_dim, dtype)
     scratch = dict(
-        q_smem=plgpu.SMEM((bq, head_dim), dtype, transforms=tr),
-        do_smem=plgpu.SMEM((bq, head_dim), dtype, transforms=tr),
-        k_smem=plgpu.SMEM((slots, bk, head_dim), dtype, transforms=tr),
-        v_smem=plgpu.SMEM((slots, bk, head_dim), dtype, transforms=tr),
+        q_smem=_part_smem(parts, (bq,), dtype, interpret),
+        do_smem=_part_smem(parts, (bq,), dtype, interpret),
+        k_smem=_part_smem(parts, (slots, bk), dtype, interpret),
+        v_smem=_part_smem(parts, (slots, bk), dtype, interpret),
         qmeta_smem=plgpu.SMEM((2, bq), jnp.int32),
         stats_smem=plgpu.SMEM((2, bq), _F32),
         kvseg_smem=plgpu.SMEM((slots, bk), jnp.int32),
-        q_bar=plgpu.Barrier(num_barriers=4),
-        k_bar=plgpu.Barrier(num_barriers=slots),
-        v_bar=plgpu.Barrier(num_barriers=slots),
-        s_bar=plgpu.Barrier(num_barriers=slots),
+        q_bar=_part_barriers(parts, 1),
+        do_bar=_part_barriers(parts, 1),
+        k_bar=_part_barriers(parts, slots),
+        v_bar=_part_barriers(parts, slots),
+        s_bar=plgpu.Barrier(num_barriers=slots + 2),  # key segments per slot, then query metadata and stats
     )
     return plgpu.kernel(
         body,
@@ -521,11 +630,15 @@ def _dkv_call(q, k, v, do, qmeta, kvseg, stats, *, causal, static_offset, use_se
     dtype = q.dtype
     ops = _Ops(interpret is not None)
     c = scale * _LOG2E
+    parts = _head_parts(head_dim, bs.head_split)
 
     def body(q_ref, k_ref, v_ref, do_ref, qmeta_ref, kvseg_ref, stats_ref, dk_ref, dv_ref, *,
-             k_smem, v_smem, kvseg_smem, q_smem, do_smem, qmeta_smem, stats_smem, kv_bar, q_bar, do_bar, m_bar):
+             k_smem, v_smem, kvseg_smem, q_smem, do_smem, qmeta_smem, stats_smem, k_bar, v_bar, kv_bar, q_bar,
+             do_bar, m_bar):
         ki, kvh, b = lax.axis_index("kv"), lax.axis_index("h"), lax.axis_index("b")
         kv0 = ki * bk
+        (k_smem, k_copy), (v_smem, v_copy), (q_smem, q_copy), (do_smem, do_copy) = (
+            _views(r, parts, interpret) for r in (k_smem, v_smem, q_smem, do_smem))
         if causal and static_offset is not None:
             # query blocks that see some key of this block, and from which on they see all of it
             q_start = lax.div(jnp.maximum(kv0 - static_offset, 0), jnp.int32(bq))
@@ -536,9 +649,9 @@ def _dkv_call(q, k, v, do, qmeta, kvseg, stats, *, causal, static_offset, use_se
         per_head = nq - q_start
         n_steps = per_head * group
 
-        plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(kv0, bk), kvh], k_smem, kv_bar.at[0])
-        plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(kv0, bk), kvh], v_smem, kv_bar.at[1])
-        plgpu.copy_gmem_to_smem(kvseg_ref.at[b, pl.ds(kv0, bk)], kvseg_smem, kv_bar.at[2])
+        _copy_in(k_ref, (b, pl.ds(kv0, bk), kvh), k_copy, _at(k_bar, 0), parts)
+        _copy_in(v_ref, (b, pl.ds(kv0, bk), kvh), v_copy, _at(v_bar, 0), parts)
+        plgpu.copy_gmem_to_smem(kvseg_ref.at[b, pl.ds(kv0, bk)], kvseg_smem, kv_bar.at[0])
 
         def fetch(step, slot, what):
             g = lax.div(step, per_head)
@@ -546,10 +659,10 @@ def _dkv_call(q, k, v, do, qmeta, kvseg, stats, *, causal, static_offset, use_se
             h = kvh * group + g
             rows = (b, pl.ds(qb * bq, bq), h)
             if what == "q":
-                plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_bar.at[slot])
+                _copy_in(q_ref, rows, _at(q_copy, slot), _at(q_bar, slot), parts)
                 plgpu.copy_gmem_to_smem(qmeta_ref.at[b, :, pl.ds(qb * bq, bq)], qmeta_smem.at[slot], m_bar.at[slot])
             else:
-                plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], do_bar.at[slot])
+                _copy_in(do_ref, rows, _at(do_copy, slot), _at(do_bar, slot), parts)
                 plgpu.copy_gmem_to_smem(stats_ref.at[b, h, :, pl.ds(qb * bq, bq)], stats_smem.at[slot],
                                         m_bar.at[slots + slot])
 
@@ -559,18 +672,15 @@ def _dkv_call(q, k, v, do, qmeta, kvseg, stats, *, causal, static_offset, use_se
                 fetch(i, i, "q")
                 fetch(i, i, "do")
 
-        for i in range(3):
-            plgpu.barrier_wait(kv_bar.at[i])
+        _wait_all(_at(k_bar, 0) + _at(v_bar, 0) + (kv_bar.at[0],))
         kvseg = ops.vec(kvseg_smem, 0)
 
         def step_fn(qb, carry, g, masked):
             dk, dv = carry
             step = g * per_head + (qb - q_start)
             slot = lax.rem(step, jnp.int32(slots))
-            plgpu.barrier_wait(q_bar.at[slot])
-            plgpu.barrier_wait(m_bar.at[slot])
-            plgpu.barrier_wait(m_bar.at[slots + slot])
-            st = ops.matmul(k_smem, q_smem.at[slot], a_is_ref=True, transpose_b=True, shape=(bk, bq))
+            _wait_all(_at(q_bar, slot) + (m_bar.at[slot], m_bar.at[slots + slot]))
+            st = ops.matmul_sum(list(zip(k_smem, _at(q_smem, slot))), a_is_ref=True, transpose_b=True, shape=(bk, bq))
             lse = ops.vec(stats_smem.at[slot, 0], 1)
             delta = ops.vec(stats_smem.at[slot, 1], 1)
             pt = jnp.exp2(st * c - _bcast(lse, (bk, bq), 1))
@@ -579,15 +689,17 @@ def _dkv_call(q, k, v, do, qmeta, kvseg, stats, *, causal, static_offset, use_se
                              qpos=ops.vec(qmeta_smem.at[slot, 0], 1), qseg=ops.vec(qmeta_smem.at[slot, 1], 1),
                              kv0=kv0, kvseg=kvseg)
                 pt = jnp.where(mask, pt, 0.0)
-            plgpu.barrier_wait(do_bar.at[slot])
-            dv = dv + ops.matmul(pt.astype(dtype), do_smem.at[slot], a_is_ref=False, transpose_b=False,
-                                 shape=(bk, head_dim))
-            dpt = ops.matmul(v_smem, do_smem.at[slot], a_is_ref=True, transpose_b=True, shape=(bk, bq))
+            _wait_all(_at(do_bar, slot))
+            shapes = [(bk, w) for _, w in parts]
+            dv = tuple(a + d for a, d in zip(dv, ops.matmul_each(pt.astype(dtype), _at(do_smem, slot), a_is_ref=False,
+                                                                 shapes=shapes)))
+            dpt = ops.matmul_sum(list(zip(v_smem, _at(do_smem, slot))), a_is_ref=True, transpose_b=True,
+                                 shape=(bk, bq))
 
             _refill_when_read(fetch, step, slot, n_steps, slots, "do")
             dst = pt * (dpt - _bcast(delta, (bk, bq), 1))
-            dk = dk + ops.matmul(dst.astype(dtype), q_smem.at[slot], a_is_ref=False, transpose_b=False,
-                                 shape=(bk, head_dim))
+            dk = tuple(a + d for a, d in zip(dk, ops.matmul_each(dst.astype(dtype), _at(q_smem, slot), a_is_ref=False,
+                                                                 shapes=shapes)))
 
             _refill_when_read(fetch, step, slot, n_steps, slots, "q")
             return dk, dv
@@ -601,27 +713,29 @@ def _dkv_call(q, k, v, do, qmeta, kvseg, stats, *, causal, static_offset, use_se
         else:
             def head_fn(g, carry):
                 return lax.fori_loop(q_start, nq, functools.partial(step_fn, g=g, masked=causal or use_seg), carry)
-        zeros = ops.full((bk, head_dim), 0.0)
+        zeros = tuple(ops.full((bk, w), 0.0) for _, w in parts)
         dk, dv = lax.fori_loop(0, group, head_fn, (zeros, zeros))
-        k_smem[...] = (dk * scale).astype(dtype)
-        v_smem[...] = dv.astype(dtype)
+        for k_p, v_p, dk_p, dv_p in zip(k_smem, v_smem, dk, dv):
+            k_p[...] = (dk_p * scale).astype(dtype)
+            v_p[...] = dv_p.astype(dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[b, pl.ds(kv0, bk), kvh])
-        plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, pl.ds(kv0, bk), kvh])
+        _copy_out(k_copy, dk_ref, (b, pl.ds(kv0, bk), kvh), parts)
+        _copy_out(v_copy, dv_ref, (b, pl.ds(kv0, bk), kvh), parts)
         plgpu.wait_smem_to_gmem(0)
 
-    tr = _tile_transforms(head_dim, dtype)
     scratch = dict(
-        k_smem=plgpu.SMEM((bk, head_dim), dtype, transforms=tr),
-        v_smem=plgpu.SMEM((bk, head_dim), dtype, transforms=tr),
+        k_smem=_part_smem(parts, (bk,), dtype, interpret),
+        v_smem=_part_smem(parts, (bk,), dtype, interpret),
         kvseg_smem=plgpu.SMEM((bk,), jnp.int32),
-        q_smem=plgpu.SMEM((slots, bq, head_dim), dtype, transforms=tr),
-        do_smem=plgpu.SMEM((slots, bq, head_dim), dtype, transforms=tr),
+        q_smem=_part_smem(parts, (slots, bq), dtype, interpret),
+        do_smem=_part_smem(parts, (slots, bq), dtype, interpret),
         qmeta_smem=plgpu.SMEM((slots, 2, bq), jnp.int32),
         stats_smem=plgpu.SMEM((slots, 2, bq), _F32),
-        kv_bar=plgpu.Barrier(num_barriers=3),
-        q_bar=plgpu.Barrier(num_barriers=slots),
-        do_bar=plgpu.Barrier(num_barriers=slots),
+        k_bar=_part_barriers(parts, 1),
+        v_bar=_part_barriers(parts, 1),
+        kv_bar=plgpu.Barrier(num_barriers=1),  # the key segments
+        q_bar=_part_barriers(parts, slots),
+        do_bar=_part_barriers(parts, slots),
         m_bar=plgpu.Barrier(num_barriers=2 * slots),
     )
     return plgpu.kernel(
