@@ -2,7 +2,9 @@
 # Every GPU check and timing of the open issues in one run on a lent H100/H200 (see benchmarks/RESULTS.md),
 # what the last run left unmeasured first.
 # Each step gets a time limit cut to what is left of DEADLINE seconds, so that a slow or hanging step costs its
-# own figures only; each writes its log to OUTDIR (default: $OUT on the device machine, else ./gpu_out).
+# own figures only. OUTDIR (default: $OUT on the device machine, else ./gpu_out) gets summary.txt (also printed)
+# and logs.tgz, every step's whole log (and the profiled programs' HLO), refreshed after each step: the device
+# tool brings back at most 8 files.
 #
 #   bash benchmarks/gpu_all.sh [DEADLINE]        # from the repository root; < 10 minutes
 #
@@ -11,11 +13,12 @@
 set -u
 DEADLINE=${1:-560}
 OUTDIR=${OUT:-gpu_out}
+LOGDIR=$(mktemp -d /tmp/gpu_logs.XXXX)
 mkdir -p "$OUTDIR"
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
 START=$(date +%s)
 
-step() {  # step NAME LIMIT COMMAND...: run COMMAND with min(LIMIT, time left) seconds, output to OUTDIR/NAME.txt
+step() {  # step NAME LIMIT COMMAND...: run COMMAND with min(LIMIT, time left) seconds, its log into logs.tgz
     local name=$1 limit=$2
     shift 2
     local left=$((DEADLINE - ($(date +%s) - START) - 5))
@@ -25,11 +28,12 @@ step() {  # step NAME LIMIT COMMAND...: run COMMAND with min(LIMIT, time left) s
     fi
     [ "$limit" -gt "$left" ] && limit=$left
     local t0=$(date +%s)
-    timeout -k 5 "$limit" "$@" > "$OUTDIR/$name.txt" 2>&1
+    timeout -k 5 "$limit" "$@" > "$LOGDIR/$name.txt" 2>&1
     local rc=$?
     echo "== $name: rc $rc in $(($(date +%s) - t0)) s (limit $limit s): $*" | tee -a "$OUTDIR/summary.txt"
-    grep -E "PASS|FAIL|speed-up|ratios|MFU|largest|floor|transformers|TFLOP|Error|error" "$OUTDIR/$name.txt" \
-        | head -40 >> "$OUTDIR/summary.txt"
+    grep -E "PASS|FAIL|speed-up|ratios|MFU|largest|floor|transformers|TFLOP|Error|error|category|/ default" \
+        "$LOGDIR/$name.txt" | head -60 >> "$OUTDIR/summary.txt"
+    tar -czf "$OUTDIR/logs.tgz" -C "$LOGDIR" .
 }
 
 {
@@ -49,6 +53,9 @@ step impls 90 python3 benchmarks/gpu_attn_impls.py
 # issue 10: the opt-in kernel forms (two consumer warpgroups; head_dim 80 as 64 + 16): numerics, and TFLOP/s
 # against the default and cuDNN (make one the default only where it PASSes and is faster at h64 and h80)
 step variants 150 python3 benchmarks/gpu_attention.py --variants
+# issues 10-12: where the device time goes (categories and top XLA ops): phi-2 forward b4x2048 (cudnn, pallas),
+# time to first token b1/b8, the train step (two remat policies); HLO of each into the logs
+step profile 200 python3 benchmarks/gpu_profile.py --hlo-dir "$LOGDIR/hlo"
 # issue 10: where the head_dim-80 forward's time goes (stages left out), 16-wide tiles vs the 64 + 16 split; decode
 step ablate 100 python3 benchmarks/gpu_attention.py --ablate --decode --skip-check --skip-table --dims 80 \
     --head-split 0,1 --repeats 3
@@ -67,3 +74,4 @@ step train 150 python3 benchmarks/train.py --gpu
 # issue 10: the kernel tests that need a GPU
 step pytest 60 env JAX_PLATFORMS=cuda,cpu python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py tests/test_decode_attention_gpu.py -k "TestGpu"
 echo "total $(($(date +%s) - START)) s" >> "$OUTDIR/summary.txt"
+cat "$OUTDIR/summary.txt"

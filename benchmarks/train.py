@@ -24,7 +24,7 @@ import platform
 import sys
 import time
 
-if "--gpu" not in sys.argv:
+if __name__ == "__main__" and "--gpu" not in sys.argv:  # (imported, e.g. by gpu_profile.py: the caller's devices)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
