@@ -30,6 +30,7 @@ from flax import nnx
 
 from phi_jax.modeling.partitioning import axes
 from phi_jax.modeling.layernorm import layer_norm, make_layer_norm, matmul_precision
+from phi_jax.modeling.matmul import dot_general
 from phi_jax.modeling.projection import project
 from phi_jax.modeling.rotary import apply_partial_rotary
 from phi_jax.kernels.decode_attention import decode_attention
@@ -55,7 +56,7 @@ def _attend_block(q, k, v, mask, dropout):
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
     precision = matmul_precision(q.dtype)
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32,
-                        precision=precision) * (h ** -0.5)
+                        precision=precision, _dot_general=dot_general) * (h ** -0.5)
     # A finite floor (not -inf): a fully masked row stays NaN-free (and is zeroed below).
     scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)  # [B, K, G, T, S]
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -197,7 +198,7 @@ class PhiAttention(nnx.Module):
         # `project`, which keeps a batch-1 decode row a matrix product on XLA:GPU (see modeling/projection.py).
         self.dtype = dtype
         linear = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, precision=matmul_precision(dtype),
-                      preferred_element_type=jnp.float32, rngs=rngs)
+                      preferred_element_type=jnp.float32, dot_general=dot_general, rngs=rngs)
         self.q_proj = nnx.Linear(hidden_size, num_heads * self.head_dim, **linear,
                                  kernel_metadata=axes("embed", "heads"), bias_metadata=axes("heads"))
         self.k_proj = nnx.Linear(hidden_size, num_kv_heads * self.head_dim, **linear,

@@ -10,6 +10,7 @@ from flax import nnx
 
 from phi_jax.modeling.partitioning import axes
 from phi_jax.modeling.layernorm import matmul_precision
+from phi_jax.modeling.matmul import dot_general
 from phi_jax.modeling.projection import project
 
 
@@ -42,7 +43,7 @@ class PhiMLP(nnx.Module):
         self.activation_fn = ACTIVATIONS[hidden_act]
         # float32 accumulation and output: the activation runs in float32, fc2 rounds once to the compute dtype.
         linear = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, precision=matmul_precision(dtype),
-                      preferred_element_type=jnp.float32, rngs=rngs)
+                      preferred_element_type=jnp.float32, dot_general=dot_general, rngs=rngs)
         self.dtype = dtype
         self.fc1 = nnx.Linear(hidden_size, intermediate_size, **linear,
                               kernel_metadata=axes("embed", "mlp"), bias_metadata=axes("mlp"))

@@ -17,6 +17,7 @@ from phi_jax.config import PhiConfig
 from phi_jax.modeling.layer import PhiDecoderLayer
 from phi_jax.modeling.partitioning import axes, constrain
 from phi_jax.modeling.layernorm import layer_norm, make_layer_norm, matmul_precision
+from phi_jax.modeling.matmul import dot_general
 from phi_jax.modeling.losses import causal_lm_loss, cross_entropy, sequence_classification_loss
 from phi_jax.modeling.inputs import check_input_ids
 from phi_jax.modeling.mask import make_attention_mask
@@ -154,7 +155,7 @@ class TiedLMHead(nnx.Module):
     def __call__(self, x: jax.Array, embedding: jax.Array) -> jax.Array:
         """`x: [B, T, D]`, `embedding: [V, D]` -> `[B, T, V]`."""
         logits = jnp.einsum("BTD,VD->BTV", x, embedding.astype(x.dtype), preferred_element_type=jnp.float32,
-                            precision=matmul_precision(x.dtype))
+                            precision=matmul_precision(x.dtype), _dot_general=dot_general)
         return logits + self.bias[...].astype(jnp.float32)
 
 
@@ -170,6 +171,7 @@ class PhiForCausalLM(PhiPreTrainedModel, GenerationMixin):
         else:
             self.lm_head = nnx.Linear(config.hidden_size, config.vocab_size, use_bias=True, dtype=dtype,
                                       param_dtype=param_dtype, preferred_element_type=jnp.float32,
+                                      dot_general=dot_general,
                                       precision=matmul_precision(dtype), kernel_metadata=axes("embed", "vocab"),
                                       bias_metadata=axes("vocab"), rngs=rngs)
 

@@ -34,7 +34,7 @@ class ScaledLoRALinear(nnx.LoRALinear):
 
 def _linear_kwargs(lin: nnx.Linear) -> dict:
     return dict(use_bias=lin.use_bias, dtype=lin.dtype, param_dtype=lin.param_dtype, precision=lin.precision,
-                preferred_element_type=lin.preferred_element_type)
+                preferred_element_type=lin.preferred_element_type, dot_general=lin.dot_general)
 
 
 def _targets(model):
