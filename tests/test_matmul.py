@@ -81,3 +81,22 @@ def test_bf16_model_gradient_has_only_bf16_products():
             text = jax.jit(jax.grad(loss)).lower(params).as_text()
             dtypes = _dot_operand_dtypes(text)
             assert set(dtypes) == {(kind, kind)}, (kind, tie, dtypes)
+
+
+def test_bf16_model_gradient_close_to_float32():
+    """The bf16 model's gradient (16-bit gradient products) against the float32 model's on the same weights:
+    measured worst leaf max|d|/max|ref| 1.25e-2, cosine 0.99998 (JAX's own rule: 1.18e-2, 0.99998)."""
+    cfg = phi_jax.phi_2(vocab_size=512, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+                        num_attention_heads=8, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    ids = jax.random.randint(jax.random.key(1), (4, 64), 0, 512)
+
+    def grads(dtype):
+        graphdef, params, rest = nnx.split(
+            phi_jax.PhiForCausalLM(cfg, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0)), nnx.Param, ...)
+        return jax.jit(jax.grad(lambda p: nnx.merge(graphdef, p, rest)(ids, labels=ids).loss))(params)
+
+    ours, ref = jax.tree.leaves(grads(jnp.bfloat16)), jax.tree.leaves(grads(jnp.float32))
+    worst = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(ours, ref))
+    va, vb = (jnp.concatenate([x.ravel() for x in leaves]) for leaves in (ours, ref))
+    cosine = float(va @ vb / jnp.linalg.norm(va) / jnp.linalg.norm(vb))
+    assert worst <= 3e-2 and cosine >= 0.9999, (worst, cosine)
