@@ -53,14 +53,15 @@ step impls 90 python3 benchmarks/gpu_attn_impls.py
 # issue 10: the opt-in kernel forms (two consumer warpgroups; head_dim 80 as 64 + 16): numerics, and TFLOP/s
 # against the default and cuDNN (make one the default only where it PASSes and is faster at h64 and h80)
 step variants 150 python3 benchmarks/gpu_attention.py --variants
+# issue 12: phi-2 full fine-tuning step (bf16 gradient products since 2026-11-26), MFU and the largest batch, with
+# the layer recomputed (nothing_saveable) and with the matmul outputs saved (dots_with_no_batch_dims_saveable)
+step train 200 python3 benchmarks/train.py --gpu --remat nothing_saveable,dots_with_no_batch_dims_saveable --batch 8
 # issues 10-12: where the device time goes (categories and top XLA ops): phi-2 forward b4x2048 (cudnn, pallas),
 # time to first token b1/b8, the train step (two remat policies); HLO of each into the logs
 step profile 200 python3 benchmarks/gpu_profile.py --hlo-dir "$LOGDIR/hlo"
 # issue 10: where the head_dim-80 forward's time goes (stages left out), 16-wide tiles vs the 64 + 16 split; decode
 step ablate 100 python3 benchmarks/gpu_attention.py --ablate --decode --skip-check --skip-table --dims 80 \
     --head-split 0,1 --repeats 3
-# issue 12: the MFU levers the first H200 run left unmeasured: matmul outputs saved instead of recomputed, a larger batch
-step train_dots 150 python3 benchmarks/train.py --gpu --remat dots_with_no_batch_dims_saveable --batch 16
 # issue 10: kernels against cuDNN, torch SDPA, tokamax; phi-2 forward with each implementation vs transformers
 step attention 200 env PYTHONPATH="/tmp/site:$PWD" XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 python3 \
     benchmarks/attention.py --seqs 4096 --budget 0.1
@@ -69,8 +70,6 @@ step generate 150 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 python3 benchmarks/gene
     --layers 32 --dtype bfloat16 --batch 1 8 --new-tokens 32
 # issue 11: batch-1 decode without the duplicated row, against batch 2 and the weight-read floor
 step decode 100 python3 benchmarks/gpu_decode.py --steps 30 --repeats 3
-# issue 12: phi-2 full fine-tuning step, MFU and the largest batch
-step train 150 python3 benchmarks/train.py --gpu
 # issue 10: the kernel tests that need a GPU
 step pytest 60 env JAX_PLATFORMS=cuda,cpu python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py tests/test_decode_attention_gpu.py -k "TestGpu"
 echo "total $(($(date +%s) - START)) s" >> "$OUTDIR/summary.txt"

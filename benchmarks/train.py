@@ -12,7 +12,7 @@ chip's dense bf16 peak (H100/H200: 989 TFLOP/s). `--find-max` also compiles and 
 Finishes in under 3 minutes on an H100/H200.
 
     python benchmarks/train.py [--threads 2] [--repeats 5]
-    python benchmarks/train.py --gpu [--batch 8] [--remat nothing_saveable] [--attn cudnn] [--find-max]
+    python benchmarks/train.py --gpu [--batch 8] [--remat nothing_saveable[,POLICY...]] [--attn cudnn] [--find-max]
 """
 
 from __future__ import annotations
@@ -138,20 +138,34 @@ def gpu(args) -> None:
     else:
         cfg = phi_2()
     seq = args.seq or (2048 if not args.tiny else 128)
-    remat = None if args.remat == "none" else args.remat
     kind = jax.devices()[0].device_kind
     peak = next((v for k, v in PEAK_BF16.items() if k in kind), None)
     capacity = args.capacity_gib * 2**30 if args.capacity_gib else (jax.devices()[0].memory_stats() or {}).get(
         "bytes_limit")
-    # random weights made on the device (float32 masters), bf16 compute
-    def make_model():  # the first step takes (donates) the model's arrays: a fresh model for every measurement
-        return nnx.jit(lambda: PhiForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32,
-                                              attn_implementation=args.attn, rngs=nnx.Rngs(0)))()
-
     n_params = sum(x.size for x in jax.tree.leaves(nnx.eval_shape(
         lambda: nnx.state(PhiForCausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param))))
     print(f"model: {'phi-2' if not args.tiny else 'tiny'} geometry, {n_params / 1e9:.3f} B parameters, bf16 compute, "
-          f"float32 master weights + AdamW state; seq {seq}; remat {remat}; attention {args.attn}")
+          f"float32 master weights + AdamW state; seq {seq}; attention {args.attn}")
+    for policy in args.remat.split(","):
+        if policy != "none" and not hasattr(jax.checkpoint_policies, policy):
+            print(f"remat {policy}: not a jax.checkpoint_policies member; skipped", flush=True)
+            continue
+        try:
+            gpu_config(args, cfg, seq, None if policy == "none" else policy, peak, capacity, n_params, kind)
+        except Exception as e:  # noqa: BLE001 - the next policy still runs
+            print(f"remat {policy}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+
+
+def gpu_config(args, cfg, seq, remat, peak, capacity, n_params, kind) -> None:
+    """One remat policy: step time, MFU and XLA's memory at --batch (halved on out-of-memory)."""
+    from flax import nnx
+
+    from phi_jax.modeling.model import PhiForCausalLM
+
+    def make_model():  # random weights made on the device (float32 masters), bf16 compute; the first step takes
+        # (donates) the model's arrays: a fresh model for every measurement
+        return nnx.jit(lambda: PhiForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+                                              attn_implementation=args.attn, rngs=nnx.Rngs(0)))()
 
     def measure(batch_size: int):
         state, frozen, step_fn, batch = jax_step(make_model(), batch_size, seq, remat)
@@ -184,14 +198,15 @@ def gpu(args) -> None:
                 continue
             if not oom or b == 1:
                 raise
-            print(f"batch {b}: out of memory; halving")
+            print(f"remat {remat}, batch {b}: out of memory; halving")
             b //= 2
     flops = train_flops(cfg, b, seq, remat is not None)
     tokens = b * seq
-    print(f"batch {b} x {seq}: {1e3 * t:.1f} ms/step, {tokens / t:,.0f} tokens/s, compile {compile_s:.1f} s, "
-          f"loss {loss:.3f}")
+    print(f"remat {remat}, batch {b} x {seq}: {1e3 * t:.1f} ms/step, {tokens / t:,.0f} tokens/s, compile "
+          f"{compile_s:.1f} s, loss {loss:.3f}")
     if peak:
-        print(f"MFU: {100 * flops / t / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s dense bf16 ({kind}; goal >= 45%)")
+        print(f"MFU: {100 * flops / t / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s dense bf16 ({kind}; remat {remat}, "
+              f"batch {b}; goal >= 45%)")
     else:
         print(f"model FLOP rate: {flops / t / 1e12:.1f} TFLOP/s (no peak known for {kind})")
     if mem is not None:
@@ -224,7 +239,8 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--remat", default=None, help="jax.checkpoint_policies name; --gpu default nothing_saveable")
+    p.add_argument("--remat", default=None, help="jax.checkpoint_policies name; --gpu default nothing_saveable "
+                   "(--gpu: a comma list measures each, e.g. nothing_saveable,dots_with_no_batch_dims_saveable)")
     p.add_argument("--attn", default="cudnn", choices=("xla", "cudnn", "pallas", "auto"),
                    help="with --gpu: attention implementation (cudnn flash attention by default; xla materialises "
                         "the scores)")
