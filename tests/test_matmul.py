@@ -100,3 +100,25 @@ def test_bf16_model_gradient_close_to_float32():
     va, vb = (jnp.concatenate([x.ravel() for x in leaves]) for leaves in (ours, ref))
     cosine = float(va @ vb / jnp.linalg.norm(va) / jnp.linalg.norm(vb))
     assert worst <= 3e-2 and cosine >= 0.9999, (worst, cosine)
+
+
+def test_remat_policies_see_the_product_and_frozen_operands_cost_nothing():
+    """Under `dots_with_no_batch_dims_saveable` the forward products are saved, not recomputed (a custom VJP would
+    hide them from the policy: 6 products instead of 5), and a gradient that needs only the second layer's weight
+    computes no product for the first layer's frozen operands: the same product counts as lax.dot_general."""
+    x, w1, _ = _operands(jnp.bfloat16)
+    w2 = jax.random.normal(jax.random.key(5), (24, 16), jnp.float32).astype(jnp.bfloat16)
+
+    def counts(dg, policy, argnums):
+        def layer(x, w1, w2):
+            h = jnp.tanh(dg(x, w1, DIMS, preferred_element_type=jnp.float32)).astype(jnp.bfloat16)
+            return dg(h, w2, DIMS, preferred_element_type=jnp.float32)
+        f = layer if policy is None else jax.checkpoint(layer, policy=getattr(jax.checkpoint_policies, policy))
+        text = jax.jit(jax.value_and_grad(lambda *a: jnp.sum(f(*a)), argnums=argnums)).lower(x, w1, w2).as_text()
+        return _dot_operand_dtypes(text)
+
+    for policy, argnums in (("nothing_saveable", (1, 2)), ("dots_with_no_batch_dims_saveable", (1, 2)),
+                            (None, (2,)), (None, (0,))):
+        ours, ref = counts(dot_general, policy, argnums), counts(jax.lax.dot_general, policy, argnums)
+        assert sum(ours.values()) == sum(ref.values()), (policy, argnums, ours, ref)
+        assert set(ours) == {("bf16", "bf16")}

@@ -16,6 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None):
@@ -33,22 +34,32 @@ def _freeze(dims):
     return (tuple(lc), tuple(rc)), (tuple(lb), tuple(rb))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
 def _rounded_grad_dot(lhs, rhs, dims, precision, out_dtype, out_sharding):
     return lax.dot_general(lhs, rhs, dims, precision=precision, preferred_element_type=out_dtype,
                            out_sharding=out_sharding)
 
 
-def _fwd(lhs, rhs, dims, precision, out_dtype, out_sharding):
-    return _rounded_grad_dot(lhs, rhs, dims, precision, out_dtype, out_sharding), (lhs, rhs)
+def _jvp(dims, precision, out_dtype, out_sharding, primals, tangents):
+    """A custom JVP, not a custom VJP: the primal product stays a plain `dot_general` in the linearized program,
+    so remat policies that save matmul outputs (`dots_with_no_batch_dims_saveable`) still see it. The tangent
+    products run in the operands' dtype and are widened after; reverse mode transposes them into the cotangent
+    rounded to that dtype times the other operand. Symbolic-zero tangents (frozen weights) cost no product."""
+    lhs, rhs = primals
+    t_lhs, t_rhs = tangents
+    y = lax.dot_general(lhs, rhs, dims, precision=precision, preferred_element_type=out_dtype,
+                        out_sharding=out_sharding)
+
+    def low(a, b):
+        return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=lhs.dtype,
+                               out_sharding=out_sharding).astype(out_dtype)
+    terms = []
+    if not isinstance(t_lhs, SymbolicZero):
+        terms.append(low(t_lhs, rhs))
+    if not isinstance(t_rhs, SymbolicZero):
+        terms.append(low(lhs, t_rhs))
+    ty = functools.reduce(jnp.add, terms) if terms else jnp.zeros(y.shape, y.dtype)
+    return y, ty
 
 
-def _bwd(dims, precision, out_dtype, out_sharding, res, g):
-    lhs, rhs = res
-    # The product in the operands' dtype: its transposes are 16-bit x 16-bit (float32 accumulation in the GEMM).
-    _, vjp = jax.vjp(lambda a, b: lax.dot_general(a, b, dims, precision=precision, preferred_element_type=lhs.dtype,
-                                                  out_sharding=out_sharding), lhs, rhs)
-    return vjp(g.astype(lhs.dtype))
-
-
-_rounded_grad_dot.defvjp(_fwd, _bwd)
+_rounded_grad_dot.defjvp(_jvp, symbolic_zeros=True)
