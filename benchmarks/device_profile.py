@@ -3,7 +3,7 @@
 `profile_calls(run, calls=3)` traces `calls` calls of `run` (a zero-argument function that blocks until its result
 is ready; warm it up first), reads the trace back with `jax.profiler.ProfileData` (no TensorBoard or xprof needed)
 and prints, per call: wall time, device busy time (the sum of kernel times), the time per category (matmul,
-attention, elementwise fusion, reduction, copy, ...) and the `top` XLA ops by time with their kernel names. On a
+attention, elementwise fusion, reduction, convert, copy, ...) and the `top` XLA ops by time with their kernel names. On a
 GPU the kernels of the device planes' stream lines are counted; without a device plane (the CPU) the XLA ops that
 the host threads ran.
 
@@ -26,6 +26,7 @@ CATEGORIES = (  # first match wins, on the lower-cased "op name + kernel name"
     ("matmul", ("gemm", "cublas", "cutlass", "xmma", "matmul", "dot", "wgmma", "ynn", "sm90_", "nvjet")),
     ("copy", ("memcpy", "memset", "copy", "transpose", "dynamic-update-slice", "dynamic_update_slice")),
     ("reduction fusion", ("reduce", "softmax")),
+    ("convert fusion", ("convert",)),  # dtype casts (bf16 <-> float32), alone or with other elementwise work
     ("elementwise fusion", ("fusion", "loop_")),
     ("custom call", ("custom-call", "custom_call")),
 )

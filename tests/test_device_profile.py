@@ -35,3 +35,4 @@ def test_categories():
     assert category("fusion.3", "loop_multiply_fusion") == "elementwise fusion"
     assert category("input_reduce_fusion", "input_reduce_fusion") == "reduction fusion"
     assert category("copy.4", "copy") == "copy"
+    assert category("loop_convert_fusion.2", "loop_convert_fusion") == "convert fusion"
