@@ -40,10 +40,10 @@ def config(args, **kw):
     return phi_jax.phi_2(**base, eos_token_id=None, bos_token_id=None, pad_token_id=None, **kw)
 
 
-def random_state(cfg, dtype, attn):
-    model = nnx.jit(lambda: phi_jax.PhiForCausalLM(cfg, dtype=dtype, param_dtype=dtype, attn_implementation=attn,
-                                                   rngs=nnx.Rngs(0)))()
-    return model
+def random_model(cfg, dtype, attn):
+    """A model with random weights made on the device."""
+    return nnx.jit(lambda: phi_jax.PhiForCausalLM(cfg, dtype=dtype, param_dtype=dtype, attn_implementation=attn,
+                                                  rngs=nnx.Rngs(0)))()
 
 
 def write_hlo(args, name: str, compiled) -> None:
@@ -62,7 +62,7 @@ def forward(args) -> None:
     ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (b, t)), jnp.int32)
     for attn in ("cudnn", "pallas"):
         try:
-            graphdef, state = nnx.split(random_state(cfg, jnp.bfloat16, attn))
+            graphdef, state = nnx.split(random_model(cfg, jnp.bfloat16, attn))
             fwd = jax.jit(lambda state, ids, graphdef=graphdef: nnx.merge(graphdef, state)(ids).logits)
             compiled = fwd.lower(state, ids).compile()
             write_hlo(args, f"forward_{attn}", compiled)
@@ -77,7 +77,7 @@ def forward(args) -> None:
 def ttft(args) -> None:
     from phi_jax.generation.generate import bucket_length
     cfg = config(args)
-    model = random_state(cfg, jnp.bfloat16, "auto")
+    model = random_model(cfg, jnp.bfloat16, "auto")
     t = 16 if args.tiny else 128
     for b in (1, 8):
         try:
