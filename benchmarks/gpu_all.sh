@@ -56,9 +56,10 @@ step variants 150 python3 benchmarks/gpu_attention.py --variants
 # issue 12: phi-2 full fine-tuning step (bf16 gradient products since 2026-11-26), MFU and the largest batch, with
 # the layer recomputed (nothing_saveable) and with the matmul outputs saved (dots_with_no_batch_dims_saveable)
 step train 200 python3 benchmarks/train.py --gpu --remat nothing_saveable,dots_with_no_batch_dims_saveable --batch 8
-# issues 10-12: where the device time goes (categories and top XLA ops): phi-2 forward b4x2048 (cudnn, pallas),
-# time to first token b1/b8, the train step (two remat policies); HLO of each into the logs
-step profile 200 python3 benchmarks/gpu_profile.py --hlo-dir "$LOGDIR/hlo"
+# issues 10-12: where the device time goes (categories and top XLA ops), HLO of each program into the logs:
+# the train step (two remat policies), then the phi-2 forward b4x2048 (cudnn, pallas) and time to first token b1/b8
+step profile_train 150 python3 benchmarks/gpu_profile.py --what train --hlo-dir "$LOGDIR/hlo"
+step profile 150 python3 benchmarks/gpu_profile.py --what forward,ttft --hlo-dir "$LOGDIR/hlo"
 # issue 10: where the head_dim-80 forward's time goes (stages left out), 16-wide tiles vs the 64 + 16 split; decode
 step ablate 100 python3 benchmarks/gpu_attention.py --ablate --decode --skip-check --skip-table --dims 80 \
     --head-split 0,1 --repeats 3
