@@ -100,3 +100,36 @@ def test_bf16_compute_keeps_float32_masters(make_checkpoint):
         assert all(v.dtype == jnp.float32 for v in state["params"].values())
         losses[dtype] = float(metrics["loss"])
     assert abs(losses[jnp.bfloat16] - losses[jnp.float32]) <= 0.02 * losses[jnp.float32]
+
+
+@pytest.mark.parametrize("geometry,overrides,remat", [
+    ("phi1", {}, None),
+    ("phi1", dict(num_key_value_heads=2, qk_layernorm=True), "dots_with_no_batch_dims_saveable"),
+    ("phi2", dict(tie_word_embeddings=True), "nothing_saveable"),
+])
+def test_bf16_gradients_near_transformers(make_checkpoint, geometry, overrides, remat):
+    """bf16 compute over float32 masters (bf16 x bf16 gradient products, phi_jax/modeling/matmul.py) against
+    transformers' float32 gradients on the weights transformers wrote: the direction of the whole gradient and
+    every tensor within bf16 error. Measured: worst tensor max|d|/std 0.083, 0.078, 0.159 for the three cases
+    (JAX's own float32 gradient products: 0.083, 0.068, 0.159), cosine >= 0.99997, loss within 2.2e-4."""
+    path, tmodel = make_checkpoint(geometry, **overrides)
+    batch = _batch(tmodel.config.vocab_size)
+    tmodel.zero_grad()
+    out = tmodel(torch.tensor(batch["input_ids"], dtype=torch.long), labels=torch.tensor(batch["labels"]).long())
+    out.loss.backward()
+    ref = {k: p.grad.numpy() for k, p in tmodel.named_parameters()}
+
+    split = split_model(PhiForCausalLM.from_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.float32),
+                        remat_policy=remat)
+    grads, loss, _ = jax.jit(lambda p, b: grads_and_loss(split, p, {}, b, None))(split.trainable, batch)
+    assert abs(float(loss) - out.loss.item()) <= 1e-3 * abs(out.loss.item())
+    ours, want = [], []
+    for path_str, g in grads.items():
+        key, transpose = hf_key(tuple(path_str.split(".")))
+        w = ref[key].T if transpose else ref[key]
+        assert g.dtype == jnp.float32
+        assert rel_err(g, w) <= 0.25, path_str
+        ours.append(np.asarray(g).ravel())
+        want.append(w.ravel())
+    a, b = np.concatenate(ours), np.concatenate(want)
+    assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) >= 0.9999
