@@ -14,16 +14,10 @@ import pytest
 
 from phi_jax.kernels.decode_attention_gpu import decode_attention_gpu, default_splits
 from phi_jax.kernels.reference import attention_reference
-from test_kernels_gpu import _has_gpu, _inputs, _rel
+from test_kernels_gpu import GpuOrInterpreted, _inputs, _rel
 
 
-class DecodeCases:
-    INTERPRET = False
-
-    @pytest.fixture(autouse=True)
-    def _need_backend(self):
-        if not self.INTERPRET and not _has_gpu():
-            pytest.skip("needs a GPU (the interpreted subclass runs these on the CPU)")
+class DecodeCases(GpuOrInterpreted):
 
     def check(self, *, batch=2, t=1, s, n, kv, h, offset, dtype=jnp.float32, splits=None, valid=None, packed=False,
               jit_offset=False, seed=0):

@@ -60,14 +60,18 @@ def _rel(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-2))
 
 
-class _KernelCheck:
-    """check(): the kernel's output and gradients against the reference; skips without a GPU unless interpreted."""
+class GpuOrInterpreted:
+    """Test cases that run compiled on a GPU (skipped without one) or, with INTERPRET = True, interpreted."""
     INTERPRET = False
 
     @pytest.fixture(autouse=True)
     def _need_backend(self):
         if not self.INTERPRET and not _has_gpu():
             pytest.skip("needs a GPU (the interpreted subclass runs these on the CPU)")
+
+
+class _KernelCheck(GpuOrInterpreted):
+    """check(): the kernel's output and gradients against the reference; skips without a GPU unless interpreted."""
 
     def check(self, *, batch=1, t, s, n, kv, h, dtype=jnp.float32, causal=True, kind="none", q_offset=0,
               grads=True, seed=0, jit_offset=False, block_sizes=None):
