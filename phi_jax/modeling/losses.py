@@ -8,20 +8,35 @@ import jax.numpy as jnp
 IGNORE_INDEX = -100
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int = IGNORE_INDEX) -> jax.Array:
-    """Mean cross-entropy over labels != ignore_index. `logits: [..., V]`, `labels: [...]`."""
+def token_nll(logits: jax.Array, labels: jax.Array, ignore_index: int = IGNORE_INDEX) -> tuple[jax.Array, jax.Array]:
+    """(negative log-likelihood of each label, 0 where ignored; the mask of counted labels), in float32.
+    `logits: [..., V]`, `labels: [...]`.
+
+    logsumexp(logits) - logits[label], the label's logit picked by a one-hot compare rather than a gather: the
+    gradient (softmax - one-hot) is elementwise work on the logits, with no scatter into a `[..., V]` array and
+    no log-probability tensor kept for the backward.
+    """
     logits = logits.astype(jnp.float32)
     valid = labels != ignore_index
-    safe = jnp.where(valid, labels, 0)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.sum(valid)
+    hit = jnp.arange(logits.shape[-1], dtype=labels.dtype) == labels[..., None]  # [..., V]
+    picked = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+    return jnp.where(valid, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0), valid
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int = IGNORE_INDEX) -> jax.Array:
+    """Mean cross-entropy over labels != ignore_index. `logits: [..., V]`, `labels: [...]`."""
+    nll, valid = token_nll(logits, labels, ignore_index)
+    return jnp.sum(nll) / jnp.sum(valid)
+
+
+def shift_labels(labels: jax.Array) -> jax.Array:
+    """`[B, T]` labels of next-token prediction: position t gets label t+1, the last position none."""
+    return jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
 
 
 def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Token t predicts label t+1, as transformers' ForCausalLMLoss. `logits: [B, T, V]`, `labels: [B, T]`."""
-    shifted = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
-    return cross_entropy(logits, shifted)
+    return cross_entropy(logits, shift_labels(labels))
 
 
 def sequence_classification_loss(pooled: jax.Array, labels: jax.Array, problem_type: str | None) -> jax.Array:

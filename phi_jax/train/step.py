@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from phi_jax.modeling.losses import IGNORE_INDEX
+from phi_jax.modeling.losses import shift_labels, token_nll
 
 BATCH_KEYS = ("input_ids", "attention_mask", "position_ids", "labels")
 
@@ -103,12 +103,10 @@ def split_model(model: nnx.Module, trainable: nnx.filterlib.Filter = nnx.Param, 
 
 def token_losses(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Summed next-token NLL and the number of targets. `logits: [B, T, V]`; `labels: [B, T]`, -100 ignored;
-    token t predicts label t+1 (transformers' causal-LM convention)."""
-    targets = labels[:, 1:]  # [B, T-1]
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)  # [B, T-1, V]
-    valid = targets != IGNORE_INDEX
-    nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
+    token t predicts label t+1 (transformers' causal-LM convention). The labels shift, not the logits: slicing
+    `logits[:, :-1]` would copy the largest activation of the step (and pad its gradient back)."""
+    nll, valid = token_nll(logits, shift_labels(labels))  # [B, T]
+    return jnp.sum(nll), jnp.sum(valid)
 
 
 def make_loss_fn(split: SplitModel) -> Callable:
