@@ -9,13 +9,20 @@ the host threads ran.
 
     from device_profile import profile_calls
     summary = profile_calls(lambda: jax.block_until_ready(step(x)), calls=3, label="train step")
+
+`hlo_report(summary, compiled.as_text())` reads the optimized HLO of the same program beside the trace: each matmul
+op's FLOPs (the dots it holds), so its achieved GFLOP/s, grouped by operand form (NN: `x @ w`; NT: `g @ w.T`; TN:
+`x.T @ g`, the weight gradients), and the time of every op split by phase (forward, backward, the rest: optimizer
+and loss bookkeeping), read from the ops' `op_name` metadata.
 """
 
 from __future__ import annotations
 
 import collections
 import glob
+import math
 import os
+import re
 import tempfile
 import time
 
@@ -117,3 +124,133 @@ def profile_calls(run, *, calls: int = 3, top: int = 25, label: str = "", print_
     if print_report:
         print(report(summary, wall, top=top, label=label), flush=True)
     return summary
+
+
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$")
+_INSTRUCTION = re.compile(  # name = shape (an array's dims, or a tuple) opcode(operands), attributes
+    r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(?:\w+\[([\d,]*)\]\S*|\([^()]*\))\s+([\w\-]+)\((.*?)\)(.*)$")
+
+
+def _dims(attrs: str, key: str) -> tuple[int, ...]:
+    m = re.search(key + r"=\{([\d,]*)\}", attrs)
+    return tuple(int(d) for d in m.group(1).split(",") if d) if m else ()
+
+
+def _json_dims(attrs: str, key: str) -> tuple[int, ...]:  # a cuBLAS custom call's backend_config
+    m = re.search(r'"' + key + r'":\[([^\]]*)\]', attrs)
+    return tuple(int(d.strip('" ')) for d in m.group(1).split(",") if d.strip('" ')) if m else ()
+
+
+def _dot(shapes: dict, out, operands: list[str], attrs: str, cublas: bool) -> tuple[float, str] | None:
+    """(FLOPs, form) of one dot instruction; None when an operand's shape is unknown."""
+    if len(operands) < 2 or operands[0] not in shapes or operands[1] not in shapes:
+        return None
+    lhs, rhs = shapes[operands[0]], shapes[operands[1]]
+    if cublas:
+        lc, rc = _json_dims(attrs, "lhs_contracting_dimensions"), _json_dims(attrs, "rhs_contracting_dimensions")
+        lb, rb = _json_dims(attrs, "lhs_batch_dimensions"), _json_dims(attrs, "rhs_batch_dimensions")
+    else:
+        lc, rc = _dims(attrs, "lhs_contracting_dims"), _dims(attrs, "rhs_contracting_dims")
+        lb, rb = _dims(attrs, "lhs_batch_dims"), _dims(attrs, "rhs_batch_dims")
+    flops = 2.0 * math.prod(out) * math.prod(lhs[d] for d in lc)
+    lhs_free = [d for d in range(len(lhs)) if d not in lc and d not in lb]
+    rhs_free = [d for d in range(len(rhs)) if d not in rc and d not in rb]
+    # N: contracting after the free dims on the left, before them on the right (row-major x @ w)
+    form = ("N" if not lhs_free or min(lc, default=0) > max(lhs_free) else "T") + \
+           ("N" if not rhs_free or max(rc, default=0) < min(rhs_free) else "T")
+    return flops, form
+
+
+def hlo_ops(hlo_text: str) -> dict[str, dict]:
+    """{op name: {"flops", "forms", "phase"}} for the instructions of an optimized HLO module's computations; a
+    fusion or call counts the dots of the computations it calls, a cuBLAS custom call its GEMM."""
+    computations: dict[str, list] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        if current is None:
+            m = _COMPUTATION.match(line)
+            if m:
+                current = computations.setdefault(m.group(1), [])
+            continue
+        if line.strip() == "}":
+            current = None
+            continue
+        m = _INSTRUCTION.match(line)
+        if m:
+            name, dims, opcode, operands, attrs = m.groups()
+            current.append((name, tuple(int(d) for d in (dims or "").split(",") if d), opcode,
+                            re.findall(r"%([\w.\-]+)", operands), attrs))
+    own: dict[str, tuple[float, dict]] = {}  # computation -> (dot FLOPs, {form: FLOPs}) of its own instructions
+
+    def dots_of(comp: str, seen=()) -> tuple[float, dict]:
+        if comp in own:
+            return own[comp]
+        shapes = {name: dims for name, dims, *_ in computations.get(comp, [])}
+        total, forms = 0.0, collections.Counter()
+        for name, dims, opcode, operands, attrs in computations.get(comp, []):
+            f, fm = _instruction_flops(shapes, dims, opcode, operands, attrs, seen + (comp,))
+            total += f
+            forms.update(fm)
+        own[comp] = (total, dict(forms))
+        return own[comp]
+
+    def _instruction_flops(shapes, dims, opcode, operands, attrs, seen):
+        if opcode == "dot" or (opcode == "custom-call" and "gemm" in attrs.split("backend_config")[0].lower()):
+            r = _dot(shapes, dims, operands, attrs, cublas=opcode != "dot")
+            return (r[0], {r[1]: r[0]}) if r else (0.0, {})
+        called = re.findall(r"(?:calls|to_apply|body)=%([\w.\-]+)", attrs)
+        total, forms = 0.0, collections.Counter()
+        for c in called:
+            if c not in seen:
+                f, fm = dots_of(c, seen)
+                total += f
+                forms.update(fm)
+        return total, dict(forms)
+
+    ops = {}
+    for comp, instructions in computations.items():
+        shapes = {name: dims for name, dims, *_ in instructions}
+        for name, dims, opcode, operands, attrs in instructions:
+            flops, forms = _instruction_flops(shapes, dims, opcode, operands, attrs, (comp,))
+            m = re.search(r'op_name="([^"]*)"', attrs)
+            op_name = m.group(1) if m else ""
+            phase = "backward" if "transpose(" in op_name else "forward" if "jvp(" in op_name else "other"
+            ops[name] = {"flops": flops, "forms": forms, "phase": phase}
+    return ops
+
+
+def hlo_report(summary: dict, hlo_text: str, *, top: int = 12, label: str = "") -> str:
+    """Matmul GFLOP/s per operand form and per op, and op time per phase, from a profile and its program's HLO."""
+    calls, info = summary["calls"], hlo_ops(hlo_text)
+    phases: dict[str, float] = collections.defaultdict(float)
+    by_category: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    forms: dict[str, list] = collections.defaultdict(lambda: [0.0, 0.0, 0])  # form -> [ns, FLOPs, ops]
+    rows = []
+    for op, (ns, _, kernel) in summary["ops"].items():
+        rec = info.get(op)
+        phase = rec["phase"] if rec else "(not in the HLO)"
+        phases[phase] += ns
+        by_category[phase][category(op, kernel)] += ns
+        if rec is None:
+            continue
+        if rec["flops"]:
+            form = "+".join(sorted(rec["forms"]))
+            f = forms[form]
+            f[0], f[1], f[2] = f[0] + ns, f[1] + rec["flops"] * calls, f[2] + 1
+            rows.append((ns, op, form, rec["flops"] * calls))
+    out = []
+    for name, ns in sorted(phases.items(), key=lambda kv: -kv[1]):
+        split = ", ".join(f"{c} {v / 1e6 / calls:.1f}" for c, v in by_category[name].most_common())
+        out.append(f"profile {label} phase {name:<18} {ns / 1e6 / calls:9.3f} ms/call "
+                   f"{100 * ns / max(summary['busy_ns'], 1):5.1f}%  ({split})")
+    ns_all = sum(f[0] for f in forms.values())
+    flops_all = sum(f[1] for f in forms.values())
+    out.append(f"profile {label} matmuls {sum(f[2] for f in forms.values())} ops, {flops_all / calls / 1e9:.3f} "
+               f"GFLOP/call in {ns_all / 1e6 / calls:.3f} ms/call: {flops_all / max(ns_all, 1):.1f} GFLOP/s")
+    for form, (ns, flops, n) in sorted(forms.items(), key=lambda kv: -kv[1][0]):
+        out.append(f"profile {label} matmul form {form:<6} {n:4d} ops {flops / calls / 1e9:8.3f} GFLOP/call "
+                   f"{ns / 1e6 / calls:9.3f} ms/call {flops / max(ns, 1):8.1f} GFLOP/s")
+    for ns, op, form, flops in sorted(rows, reverse=True)[:top]:
+        out.append(f"profile {label} matmul op {ns / 1e6 / calls:9.3f} ms/call {form:<6} {flops / max(ns, 1):8.1f} "
+                   f"GFLOP/s  {op[:60]}")
+    return "\n".join(out)

@@ -84,7 +84,7 @@ def cpu(args) -> None:
 
     torch.set_num_threads(args.threads)
     header(f", torch {torch.__version__}, transformers {transformers.__version__}; torch threads {args.threads}, "
-           f"XLA CPU threads {os.cpu_count()}")
+           f"cores usable {len(os.sched_getaffinity(0))}")
     with tempfile.TemporaryDirectory() as d:
         tmodel = random_checkpoint(d, **CPU_GEOMETRY)
         model = PhiForCausalLM.from_pretrained(d)
@@ -124,6 +124,11 @@ def cpu(args) -> None:
     print(f"speed-up over transformers: {t_torch / t_jax:.2f}x (goal >= 1.2x); median of {args.repeats}")
     print(f"first-step loss: phi_jax {jax_loss:.6f}, transformers {torch_loss:.6f}")
     matmul_ceiling(tokens, CPU_GEOMETRY, args.repeats)
+    if args.profile:  # where the phi_jax step's time goes: per op category, phase and matmul form
+        from device_profile import hlo_report, profile_calls
+        summary = profile_calls(run_jax, calls=3, top=args.profile, label="cpu train step")
+        text = step_fn.lower(state, frozen, batch, None).compile().as_text()
+        print(hlo_report(summary, text, top=args.profile, label="cpu train step"))
 
 
 def matmul_ceiling(tokens: int, geometry: dict, repeats: int) -> None:
@@ -261,7 +266,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: the "
+                   "cores this process may run on; under `taskset -c 0` one)")
+    p.add_argument("--profile", type=int, default=0, metavar="TOP", help="CPU: also profile the phi_jax step (per "
+                   "op category, phase, matmul form) and list its TOP slowest ops")
     p.add_argument("--remat", default=None, help="jax.checkpoint_policies name; --gpu default nothing_saveable "
                    "(--gpu: a comma list measures each, e.g. nothing_saveable,dots_with_no_batch_dims_saveable)")
     p.add_argument("--attn", default="cudnn", choices=("xla", "cudnn", "pallas", "auto"),

@@ -36,3 +36,42 @@ def test_categories():
     assert category("input_reduce_fusion", "input_reduce_fusion") == "reduction fusion"
     assert category("copy.4", "copy") == "copy"
     assert category("loop_convert_fusion.2", "loop_convert_fusion") == "convert fusion"
+
+
+def test_dot_forms_and_flops():
+    from device_profile import _dot
+    shapes = {"x": (64, 32), "w": (32, 48), "wt": (48, 32), "xt": (32, 64), "q": (4, 8, 128, 32),
+              "kt": (4, 8, 32, 128)}
+    for operands, lc, rc, form in ((("x", "w"), 1, 0, "NN"), (("x", "wt"), 1, 1, "NT"), (("xt", "w"), 0, 0, "TN"),
+                                   (("xt", "wt"), 0, 1, "TT")):
+        attrs = f", lhs_contracting_dims={{{lc}}}, rhs_contracting_dims={{{rc}}}"
+        assert _dot(shapes, (64, 48), list(operands), attrs, cublas=False) == (2.0 * 64 * 32 * 48, form)
+    attrs = ", lhs_batch_dims={0,1}, lhs_contracting_dims={3}, rhs_batch_dims={0,1}, rhs_contracting_dims={2}"
+    assert _dot(shapes, (4, 8, 128, 128), ["q", "kt"], attrs, cublas=False) == (2.0 * 4 * 8 * 128 * 128 * 32, "NN")
+    cublas = ('backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],'
+              '"rhs_contracting_dimensions":["1"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}')
+    assert _dot(shapes, (64, 48), ["x", "wt"], cublas, cublas=True) == (2.0 * 64 * 32 * 48, "NT")
+
+
+def test_hlo_report_counts_every_matmul_flop_and_the_phases():
+    from device_profile import hlo_ops, hlo_report
+    x, w = jnp.ones((96, 64)), jnp.ones((64, 128))
+
+    def loss(x, w):
+        return jnp.sum(jnp.tanh(jnp.tanh(x @ w) @ w.T))  # no constant cotangent for XLA to fold
+    f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    compiled = f.lower(x, w).compile()
+
+    def run():
+        jax.block_until_ready(compiled(x, w))
+    run()
+    summary = profile_calls(run, calls=2, print_report=False)
+    info = hlo_ops(compiled.as_text())
+    # forward: x @ w and h @ w.T; backward: two products per forward product
+    expected = 6 * 2.0 * 96 * 64 * 128
+    profiled = sum(info[op]["flops"] for op in summary["ops"] if op in info)
+    assert profiled == expected
+    text = hlo_report(summary, compiled.as_text(), label="t")
+    assert f"{expected / 1e9:.3f} GFLOP/call" in text
+    phases = {info[op]["phase"] for op in summary["ops"] if op in info}
+    assert {"forward", "backward"} <= phases
