@@ -23,7 +23,7 @@ from phi_jax import sharding
 from phi_jax.train import data as train_data
 from phi_jax.train.checkpoint import TrainCheckpoints, abstract_like
 from phi_jax.train.loop import build
-from phi_jax.train.step import TrainConfig, make_optimizer, schedule, split_model, step_key
+from phi_jax.train.step import TrainConfig, make_optimizer, schedule, split_model, step_key, token_losses
 
 
 def pack_documents(docs: list[np.ndarray], eos_id: int, seq_len: int) -> dict[str, np.ndarray]:
@@ -67,10 +67,7 @@ def make_eval(split, frozen):
     @jax.jit
     def nll_sum(params, ids):
         """(summed next-token NLL, number of predictions) over `ids: [B, T]`."""
-        logits = split.merge(params, frozen)(ids).logits[:, :-1]
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-        return jnp.sum(nll), nll.size
+        return token_losses(split.merge(params, frozen)(ids).logits, ids)
     return nll_sum
 
 
