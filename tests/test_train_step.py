@@ -26,6 +26,14 @@ def _batch(vocab, b=2, t=12, seed=0):
             "position_ids": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(), "labels": labels}
 
 
+def _torch_loss_and_grads(tmodel, batch):
+    """transformers' causal-LM loss on `batch` and its float32 gradient of every named parameter."""
+    tmodel.zero_grad()
+    out = tmodel(torch.tensor(batch["input_ids"], dtype=torch.long), labels=torch.tensor(batch["labels"]).long())
+    out.loss.backward()
+    return out.loss.item(), {k: p.grad.numpy() for k, p in tmodel.named_parameters()}
+
+
 @pytest.mark.parametrize("geometry,overrides", [
     ("phi1", {}),
     ("phi1", dict(num_key_value_heads=2, qk_layernorm=True)),
@@ -34,15 +42,12 @@ def _batch(vocab, b=2, t=12, seed=0):
 def test_gradients_match_transformers(make_checkpoint, geometry, overrides):
     path, tmodel = make_checkpoint(geometry, **overrides)
     batch = _batch(tmodel.config.vocab_size)
-    tmodel.zero_grad()
-    out = tmodel(torch.tensor(batch["input_ids"], dtype=torch.long), labels=torch.tensor(batch["labels"]).long())
-    out.loss.backward()
-    ref = {k: p.grad.numpy() for k, p in tmodel.named_parameters()}
+    torch_loss, ref = _torch_loss_and_grads(tmodel, batch)
 
     split = split_model(PhiForCausalLM.from_pretrained(path))
     grads, loss, count = jax.jit(lambda p, b: grads_and_loss(split, p, {}, b, None))(split.trainable, batch)
     assert int(count) == int((batch["labels"][:, 1:] != -100).sum())
-    assert abs(float(loss) - out.loss.item()) <= 1e-5 * abs(out.loss.item())
+    assert abs(float(loss) - torch_loss) <= 1e-5 * abs(torch_loss)
     assert len(grads) == len(ref)
     for path_str, g in grads.items():
         key, transpose = hf_key(tuple(path_str.split(".")))
@@ -114,15 +119,12 @@ def test_bf16_gradients_near_transformers(make_checkpoint, geometry, overrides, 
     (JAX's own float32 gradient products: 0.083, 0.068, 0.159), cosine >= 0.99997, loss within 2.2e-4."""
     path, tmodel = make_checkpoint(geometry, **overrides)
     batch = _batch(tmodel.config.vocab_size)
-    tmodel.zero_grad()
-    out = tmodel(torch.tensor(batch["input_ids"], dtype=torch.long), labels=torch.tensor(batch["labels"]).long())
-    out.loss.backward()
-    ref = {k: p.grad.numpy() for k, p in tmodel.named_parameters()}
+    torch_loss, ref = _torch_loss_and_grads(tmodel, batch)
 
     split = split_model(PhiForCausalLM.from_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.float32),
                         remat_policy=remat)
     grads, loss, _ = jax.jit(lambda p, b: grads_and_loss(split, p, {}, b, None))(split.trainable, batch)
-    assert abs(float(loss) - out.loss.item()) <= 1e-3 * abs(out.loss.item())
+    assert abs(float(loss) - torch_loss) <= 1e-3 * abs(torch_loss)
     ours, want = [], []
     for path_str, g in grads.items():
         key, transpose = hf_key(tuple(path_str.split(".")))
