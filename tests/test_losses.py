@@ -42,6 +42,14 @@ def test_token_nll_values_and_gradient():
     np.testing.assert_allclose(g[1, 3], jax.nn.softmax(logits[1, 3]) - onehot, atol=1e-7)
 
 
+def test_a_label_outside_the_vocabulary_gives_nan():
+    logits, labels = _logits_and_labels(seed=3)
+    for bad in (logits.shape[-1], -3):
+        nll, _ = token_nll(logits, labels.at[1, 4].set(bad))
+        assert np.isnan(float(nll[1, 4]))
+        np.testing.assert_array_equal(np.isnan(np.asarray(nll)).sum(), 1)  # only that label
+
+
 def test_token_losses_shift_the_labels_not_the_logits():
     logits, labels = _logits_and_labels(seed=1)
     total, count = token_losses(logits, labels)

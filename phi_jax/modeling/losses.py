@@ -14,12 +14,14 @@ def token_nll(logits: jax.Array, labels: jax.Array, ignore_index: int = IGNORE_I
 
     logsumexp(logits) - logits[label], the label's logit picked by a one-hot compare rather than a gather: the
     gradient (softmax - one-hot) is elementwise work on the logits, with no scatter into a `[..., V]` array and
-    no log-probability tensor kept for the backward.
+    no log-probability tensor kept for the backward. A label outside [0, V) (and not ignored) gives NaN, as the
+    gather did for a label >= V: a bad label shows in the loss rather than passing as a logit of 0.
     """
     logits = logits.astype(jnp.float32)
     valid = labels != ignore_index
     hit = jnp.arange(logits.shape[-1], dtype=labels.dtype) == labels[..., None]  # [..., V]
     picked = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+    picked = jnp.where((labels >= 0) & (labels < logits.shape[-1]), picked, jnp.nan)
     return jnp.where(valid, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0), valid
 
 
