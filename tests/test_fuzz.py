@@ -344,6 +344,47 @@ def check_generate(kw: dict, batch: dict, max_new_tokens: int, explicit: bool) -
     np.testing.assert_array_equal(new[:, streamed.shape[1]:], pad)
 
 
+def check_gradients(kw: dict, batch: dict) -> None:
+    """The training loss and the gradient of every parameter against transformers' PyTorch backward, on the same
+    padded batch (junk ids at masked positions on the phi_jax side), through phi_jax's train step functions."""
+    import jax
+
+    from phi_jax.io.names import hf_key
+    from phi_jax.train.step import grads_and_loss, split_model
+
+    labels = batch["labels"]
+    assume((labels[:, 1:] != -100).any())  # transformers' mean over no target is NaN
+    directory, ref_model = checkpoint(kw)
+    pos = batch["position_ids"]
+    ref_model.zero_grad()
+    ref = ref_model(torch.from_numpy(batch["ids_ref"]), attention_mask=torch.from_numpy(batch["mask"].astype(np.int64)),
+                    position_ids=None if pos is None else torch.from_numpy(pos), labels=torch.from_numpy(labels))
+    ref.loss.backward()
+    ref_loss = ref.loss.item()
+    ref_grads = {k: p.grad.numpy() for k, p in ref_model.named_parameters()}
+
+    split = split_model(phi_jax.PhiForCausalLM.from_pretrained(directory))
+    b, t = labels.shape
+    jbatch = {"input_ids": batch["ids"].astype(np.int32), "attention_mask": batch["mask"].astype(np.int32),
+              "labels": labels.astype(np.int32),
+              "position_ids": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)) if pos is None else pos}
+    grads, loss, count = jax.jit(lambda p, x: grads_and_loss(split, p, {}, x, None))(split.trainable, jbatch)
+    assert int(count) == int((labels[:, 1:] != -100).sum())
+    assert abs(float(loss) - ref_loss) <= LOSS_TOL * abs(ref_loss), (float(loss), ref_loss)
+    assert len(grads) == len(ref_grads), (sorted(grads), sorted(ref_grads))
+    # A tensor whose reference gradient is zero in exact arithmetic (the key projection when every target's query
+    # sees one key, the key bias off the rotary channels) holds float32 rounding noise on both sides, up to ~1e-6
+    # of the gradients' overall spread: its error is measured against a floor of 0.1 of that spread.
+    floor = 0.1 * float(np.std(np.concatenate([g.ravel() for g in ref_grads.values()])))
+    for name, g in grads.items():
+        key, transpose = hf_key(tuple(name.split(".")))
+        want = ref_grads[key].T if transpose else ref_grads[key]
+        g = np.asarray(g, np.float64)
+        assert np.isfinite(g).all(), name
+        err = float(np.max(np.abs(g - want)) / max(float(np.std(want)), floor))
+        assert err <= TOL, f"{name}: gradient error {err:.3g} (std {np.std(want):.3g}, floor {floor:.3g})"
+
+
 @st.composite
 def forward_cases(draw):
     kw = draw(phi_configs())
@@ -370,6 +411,94 @@ def test_generate_matches_transformers(case):
     kw, batch, max_new_tokens, explicit = case
     with logged("generate"):
         check_generate(kw, batch, max_new_tokens, explicit)
+
+
+@fuzz_settings(ci_examples=3)
+@given(case=forward_cases())
+def test_gradients_match_transformers(case):
+    kw, batch = case
+    with logged("gradients"):
+        check_gradients(kw, batch)
+
+
+# ---- sampling warpers --------------------------------------------------------------------------------
+
+@st.composite
+def sampling_cases(draw):
+    """Logits with the ties real models give (bf16-rounded, a few levels, a dominant token) and warper settings."""
+    b, v = draw(st.integers(1, 3)), draw(st.integers(1, 300))
+    rng = np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1)))
+    kind = draw(st.sampled_from(["normal", "bf16", "levels", "peaked"]))
+    logits = rng.normal(0.0, draw(st.sampled_from([0.1, 1.0, 5.0, 30.0])), (b, v))
+    if kind == "bf16":
+        logits = np.asarray(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32))
+    elif kind == "levels":
+        logits = rng.integers(-4, 5, (b, v)) * 0.5
+    elif kind == "peaked":
+        logits[:, rng.integers(0, v)] += 20.0
+    temperature = draw(st.sampled_from([0.3, 0.7, 1.0, 1.5]))
+    top_k = draw(st.none() | st.integers(1, v + 3))
+    top_p = draw(st.none() | st.sampled_from([1.0, 0.95, 0.9, 0.5, 0.1]) | st.floats(0.001, 1.0))
+    return logits.astype(np.float32), temperature, top_k, top_p
+
+
+def transformers_warped(logits, temperature, top_k, top_p) -> np.ndarray:
+    """The warpers transformers' `generate(do_sample=True)` builds for these settings, applied to `logits`."""
+    from transformers.generation import logits_process as lp
+    warpers = []
+    if temperature != 1.0:
+        warpers.append(lp.TemperatureLogitsWarper(temperature))
+    if top_k is not None:
+        warpers.append(lp.TopKLogitsWarper(top_k))
+    if top_p is not None and top_p < 1.0:
+        warpers.append(lp.TopPLogitsWarper(top_p))
+    return lp.LogitsProcessorList(warpers)(None, torch.from_numpy(logits)).numpy()
+
+
+def check_sampling(logits, temperature, top_k, top_p) -> None:
+    """The kept tokens and their scaled logits equal transformers'. At the top-p boundary the two may differ only
+    for a token tied with the smallest kept logit (transformers' sort picks among ties) or one whose cumulative
+    mass is within rounding of 1 - top_p."""
+    from phi_jax.generation.sampling import make_sampler
+    sampler = make_sampler(True, temperature, top_k, top_p)
+    ours = np.asarray(jax_jit(type(sampler).filter_logits)(sampler, jnp.asarray(logits)))
+    ref = transformers_warped(logits, temperature, top_k, top_p)
+    kept, ref_kept = np.isfinite(ours), np.isfinite(ref)
+    np.testing.assert_array_equal(ours[kept & ref_kept], ref[kept & ref_kept])
+    assert (ours[~kept] == -np.inf).all()
+    # top-k alone is exact: no rounding in it
+    after_k = transformers_warped(logits, temperature, top_k, None)
+    for row in range(logits.shape[0]):
+        assert kept[row, np.argmax(logits[row])], "the most likely token must be kept"
+        # a threshold set: everything at least as likely as a kept token is kept
+        assert (ours[row] >= ours[row][kept[row]].min()).sum() == kept[row].sum()
+        differ = np.flatnonzero(kept[row] != ref_kept[row])
+        if not differ.size:
+            continue
+        assert top_p is not None and top_p < 1.0, (row, differ)
+        z = after_k[row].astype(np.float64)
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        boundary = ref[row][ref_kept[row]].min()
+        for j in differ:
+            mass_up_to = p[z <= z[j]].sum()
+            near = abs(mass_up_to - (1 - top_p)) <= 1e-5
+            tied = after_k[row, j] == boundary  # (transformers keeps a suffix of its sort: ties only there)
+            assert near or tied, (f"row {row}, token {j}: phi_jax keeps={kept[row, j]}, transformers "
+                                  f"keeps={ref_kept[row, j]}, mass up to it {mass_up_to:.8f}, 1 - top_p {1 - top_p}")
+
+
+@functools.lru_cache(maxsize=None)
+def jax_jit(fn):
+    import jax
+    return jax.jit(fn)
+
+
+@fuzz_settings(ci_examples=40)
+@given(case=sampling_cases())
+def test_sampling_warpers_match_transformers(case):
+    with logged("sampling"):
+        check_sampling(*case)
 
 
 # ---- corrupted inputs -------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 Sampling stays outside the model. A sampler is a pytree: its float settings (temperature,
 top_p) are traced, so changing them does not compile again; `top_k` fixes a shape and is
-static. Warpers apply in transformers' order: temperature, then top-k, then top-p.
+static. Warpers apply in transformers' order and with its rules (`TemperatureLogitsWarper`,
+`TopKLogitsWarper`, `TopPLogitsWarper`): temperature, then top-k, which keeps every token tied
+with the k-th largest logit (bf16 logits tie often), then top-p over what top-k kept.
 
     Greedy()                                          argmax
     Sampling(temperature=0.7, top_k=50, top_p=0.9)    all three combined
@@ -31,9 +33,10 @@ class Sampling:
 
     Attributes:
       temperature: > 0.
-      top_k: keep the k most likely tokens (None: all). Static: a new k compiles again.
-      top_p: in (0, 1]; keep a token when the probability of the tokens ranked above it is < top_p
-        (transformers' TopPLogitsWarper; the most likely token is always kept). None: no nucleus.
+      top_k: keep the k most likely tokens and any tied with the k-th (None: all). Static: a new k compiles
+        again.
+      top_p: in (0, 1]; keep a token unless the tokens ranked at or below it hold <= 1 - top_p of the
+        probability (transformers' TopPLogitsWarper; the most likely token is always kept). None: no nucleus.
     """
 
     temperature: jax.Array | float = 1.0
@@ -41,18 +44,27 @@ class Sampling:
     top_k: int | None = struct.field(pytree_node=False, default=None)
 
     def next_tokens(self, logits: jax.Array, rng: jax.Array) -> jax.Array:
-        """`logits: [B, V]` -> `[B]` int32, drawn with `rng`."""
+        """`logits: [B, V]` -> `[B]` int32, drawn with `rng` from `softmax(self.filter_logits(logits))`."""
+        return jax.random.categorical(rng, self.filter_logits(logits), axis=-1).astype(jnp.int32)
+
+    def filter_logits(self, logits: jax.Array) -> jax.Array:
+        """`logits: [B, V]` -> float32 `[B, V]`: divided by the temperature, -inf where top-k or top-p drops a
+        token. The kept set is transformers' except for ties at the top-p boundary, where transformers keeps
+        whichever of the tied tokens its sort happens to put last and this keeps them all."""
         logits = logits.astype(jnp.float32) / self.temperature  # [B, V]
-        if self.top_k is None and self.top_p is None:
-            return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
-        k = logits.shape[-1] if self.top_k is None else min(self.top_k, logits.shape[-1])
-        vals, idx = jax.lax.top_k(logits, k)  # [B, k] sorted, most likely first
+        if self.top_k is not None and self.top_k < logits.shape[-1]:
+            kth = jax.lax.top_k(logits, self.top_k)[0][:, -1:]  # [B, 1] the k-th largest
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
         if self.top_p is not None:
-            probs = jax.nn.softmax(vals, axis=-1)
-            above = jnp.cumsum(probs, axis=-1) - probs  # probability of the tokens ranked above each one
-            vals = jnp.where(above < self.top_p, vals, -jnp.inf)
-        choice = jax.random.categorical(rng, vals, axis=-1)  # [B] index into the k candidates
-        return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+            ascending = jnp.sort(logits, axis=-1)
+            mass_up_to = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)  # [B, V]
+            # transformers drops a token when the tokens ranked at or below it hold <= 1 - top_p, and always
+            # keeps the most likely one: the kept tokens are those from the first kept rank up
+            dropped = jnp.sum(mass_up_to[:, :-1] <= 1 - self.top_p, axis=-1, keepdims=True)  # [B, 1]
+            smallest_kept = jnp.take_along_axis(ascending, dropped, axis=-1)
+            # top_p = 1 is no nucleus at all (transformers adds no warper), not "drop what has no mass"
+            logits = jnp.where((logits < smallest_kept) & (self.top_p < 1), -jnp.inf, logits)
+        return logits
 
 
 def make_sampler(do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
