@@ -249,3 +249,31 @@ def test_dynamic_rope_with_two_rotary_channels_is_named(layout):
     else:
         d, _ = corrupt_config("5.x", ("rope_parameters",), ("set", rope))
     _expect_named_error(d, "dynamic", "partial_rotary_factor")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_pad_id_row_gets_no_gradient_from_the_lookup(tmp_path, tied):
+    """Gradient fuzzing: transformers builds the embedding with `padding_idx=pad_token_id`, so a real position
+    holding the pad id (pad = eos is common in fine-tuning) adds nothing to that row's gradient; phi_jax's did.
+    With tied embeddings the lm_head still trains the row, on both sides."""
+    import jax
+
+    from phi_jax.io.names import hf_key
+    from phi_jax.train.step import grads_and_loss, split_model
+    d, ref = _small_vocab_model(tmp_path, pad_token_id=7, tie_word_embeddings=tied)
+    ids = np.array([[3, 7, 7, 12, 7, 40], [7, 9, 7, 7, 2, 5]], np.int32)  # the pad id at real positions
+    ref.zero_grad()
+    out = ref(torch.from_numpy(ids).long(), labels=torch.from_numpy(ids).long())
+    out.loss.backward()
+    want = ref.model.embed_tokens.weight.grad.numpy()
+    assert (want[7] == 0).all() != tied
+
+    split = split_model(phi_jax.PhiForCausalLM.from_pretrained(d))
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids,
+             "position_ids": np.broadcast_to(np.arange(6, dtype=np.int32), ids.shape)}
+    grads, loss, _ = jax.jit(lambda p: grads_and_loss(split, p, {}, batch, None))(split.trainable)
+    assert abs(float(loss) - out.loss.item()) <= 1e-5 * out.loss.item()
+    got = np.asarray(grads["model.embed_tokens.embedding"])
+    assert hf_key(("model", "embed_tokens", "embedding"))[0] == "model.embed_tokens.weight"
+    assert rel_err(got, want) <= 1e-4
+    assert rel_err(got[7], want[7]) <= 1e-4 if tied else (got[7] == 0).all()

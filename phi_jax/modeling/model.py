@@ -124,7 +124,12 @@ class PhiModel(PhiPreTrainedModel):
             # A masked position can never poison a real one: whatever id sits there (out of range included: the
             # gather would give NaN) is looked up as id 0. Attention also keeps masked keys out of real queries.
             input_ids = jnp.where(ids_mask, input_ids, 0)  # [B, T]
-        x = self.embed_dropout(self.embed_tokens(input_ids))  # [B, T, D]
+        x = self.embed_tokens(input_ids)  # [B, T, D]
+        if self.config.pad_token_id is not None:
+            # transformers' `nn.Embedding(..., padding_idx=pad_token_id)`: the pad id's row learns nothing from
+            # the lookup (a tied lm_head still trains it); the forward is unchanged
+            x = jnp.where((input_ids == self.config.pad_token_id)[..., None], jax.lax.stop_gradient(x), x)
+        x = self.embed_dropout(x)
         cos, sin = cos_sin(self.config, position_ids, x.dtype)  # [B, T, R] in the compute dtype
         x = constrain(x.astype(jnp.float32), ("batch", None, None))  # the residual stream is float32
         hidden_states = [x] if output_hidden_states else None
