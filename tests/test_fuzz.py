@@ -381,8 +381,11 @@ def check_gradients(kw: dict, batch: dict) -> None:
         want = ref_grads[key].T if transpose else ref_grads[key]
         g = np.asarray(g, np.float64)
         assert np.isfinite(g).all(), name
-        err = float(np.max(np.abs(g - want)) / max(float(np.std(want)), floor))
-        assert err <= TOL, f"{name}: gradient error {err:.3g} (std {np.std(want):.3g}, floor {floor:.3g})"
+        # scale: the spread, or 1% of the largest entry for a sparse gradient (the embedding's: a few rows of 50k;
+        # lm_head's bias: softmax minus one-hot, one entry near -1 among ~1/V ones), float32 rounding being relative
+        scale = max(float(np.std(want)), 0.01 * float(np.max(np.abs(want))), floor)
+        err = float(np.max(np.abs(g - want)) / scale)
+        assert err <= TOL, f"{name}: gradient error {err:.3g} (scale {scale:.3g}, floor {floor:.3g})"
 
 
 @st.composite
@@ -464,7 +467,8 @@ def check_sampling(logits, temperature, top_k, top_p) -> None:
     ours = np.asarray(jax_jit(type(sampler).filter_logits)(sampler, jnp.asarray(logits)))
     ref = transformers_warped(logits, temperature, top_k, top_p)
     kept, ref_kept = np.isfinite(ours), np.isfinite(ref)
-    np.testing.assert_array_equal(ours[kept & ref_kept], ref[kept & ref_kept])
+    # (XLA may divide by the temperature as a multiply by its reciprocal: an ulp apart)
+    np.testing.assert_allclose(ours[kept & ref_kept], ref[kept & ref_kept], rtol=1e-6, atol=0)
     assert (ours[~kept] == -np.inf).all()
     # top-k alone is exact: no rounding in it
     after_k = transformers_warped(logits, temperature, top_k, None)

@@ -31,7 +31,7 @@ def _expected(keep, temperature=1.0):
     (Sampling(top_k=3), [1, 1, 1, 0, 0, 0], 1.0),
     # nucleus 0.7: tokens ranked above 0 / 1 / 2 hold 0 / 0.4 / 0.65 < 0.7; above 3 hold 0.8
     (Sampling(top_p=0.7), [1, 1, 1, 0, 0, 0], 1.0),
-    (Sampling(top_p=0.65), [1, 1, 0, 0, 0, 0], 1.0),
+    (Sampling(top_p=0.6), [1, 1, 0, 0, 0, 0], 1.0),  # (0.65 is the boundary itself: rounding decides, as in torch)
     (Sampling(top_k=2, top_p=0.9), [1, 1, 0, 0, 0, 0], 1.0),
     (Sampling(top_p=0.3), [1, 0, 0, 0, 0, 0], 1.0),
     # temperature first: at T=0.5 probabilities ~ p^2 -> [.615, .240, .087, .038, ...]; above token 2: .855
@@ -98,3 +98,12 @@ def test_top_k_1_is_greedy_on_a_checkpoint(make_checkpoint):
     np.testing.assert_array_equal(greedy, topk1)
     sampled = model.generate(ids, max_new_tokens=8, eos_token_id=[], do_sample=True, temperature=3.0, seed=5)
     assert (sampled != greedy).any()
+
+
+def test_top_k_keeps_ties_with_the_kth_logit():
+    """transformers' TopKLogitsWarper keeps every token whose logit equals the k-th largest (bf16 logits tie often):
+    top_k=2 on [3, 1, 1, 1, 0] keeps four tokens, and top_k=1 on a tied maximum samples among the tied."""
+    freq = _frequencies(Sampling(top_k=2), probs=np.exp([3.0, 1.0, 1.0, 1.0, 0.0]))
+    assert (freq[1:4] > 0.05).all() and freq[4] == 0, freq
+    tied = _frequencies(Sampling(top_k=1), probs=np.array([0.2, 0.4, 0.4]))
+    np.testing.assert_allclose(tied, [0, 0.5, 0.5], atol=0.015)
