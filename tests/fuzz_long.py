@@ -22,8 +22,10 @@ TESTS = {
     "generate": "test_generate_matches_transformers",
     "config": "test_corrupted_config_is_a_clear_error",
     "safetensors": "test_corrupted_safetensors_is_a_clear_error",
+    "gradients": "test_gradients_match_transformers",
+    "sampling": "test_sampling_warpers_match_transformers",
 }
-CHUNK = {"forward": 5, "generate": 2, "config": 100, "safetensors": 100}
+CHUNK = {"forward": 5, "generate": 2, "config": 100, "safetensors": 100, "gradients": 5, "sampling": 200}
 
 
 def summary(log: str) -> str:

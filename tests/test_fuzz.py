@@ -16,7 +16,12 @@ only:
   is <= 2 * TOL * std(reference logits of that step). (If every phi_jax logit is within TOL * std of the
   reference, argmax can only flip where the gap is at most twice that.) After an allowed divergence the rest of
   the row is not compared; any other difference fails;
-- `generate_stream` yields exactly the tokens of `generate`.
+- `generate_stream` yields exactly the tokens of `generate`;
+- training: the causal-LM loss of the train step's `grads_and_loss` on the same padded batch and the gradient of
+  every parameter against transformers' PyTorch backward (<= GRAD_TOL of each tensor's scale; see
+  `check_gradients`);
+- sampling: the tokens `Sampling` keeps and their scaled logits against transformers' temperature / top-k / top-p
+  warpers, on logits with the ties real models give (bf16-rounded, a few levels).
 
 Corrupted inputs: one field of config.json (or of its rope parameters) deleted, given a wrong type, zero,
 negative, huge or non-finite; a safetensors file truncated or its header made inconsistent. Loading must either
@@ -59,6 +64,10 @@ from conftest import randomize, rel_err, write_checkpoint  # noqa: E402
 
 TOL = 1e-4  # logits / hidden states: max|Δ| / std(reference)
 LOSS_TOL = 1e-5  # relative
+# gradients: max|Δ| / scale of the tensor. A backward sums over more terms than a forward (a 50k vocabulary's
+# softmax into each hidden unit): float32 rounding reached ~1.2e-4 of a sparse tensor's scale in fuzzing; the
+# defects found gave errors of order 1 (the pad id's row: 8.4)
+GRAD_TOL = 1e-3
 LONG_RUN = int(os.environ.get("PHI_JAX_FUZZ_EXAMPLES", "0") or 0)
 LOG = os.environ.get("PHI_JAX_FUZZ_LOG")
 TIMEOUT_S = int(os.environ.get("PHI_JAX_FUZZ_TIMEOUT", "60"))  # one load must fail fast, not build 1e9 layers
@@ -374,18 +383,21 @@ def check_gradients(kw: dict, batch: dict) -> None:
     assert len(grads) == len(ref_grads), (sorted(grads), sorted(ref_grads))
     # A tensor whose reference gradient is zero in exact arithmetic (the key projection when every target's query
     # sees one key, the key bias off the rotary channels) holds float32 rounding noise on both sides, up to ~1e-6
-    # of the gradients' overall spread: its error is measured against a floor of 0.1 of that spread.
-    floor = 0.1 * float(np.std(np.concatenate([g.ravel() for g in ref_grads.values()])))
+    # of the gradients' typical size (the RMS of all nonzero entries: the embedding's unused rows left out): its
+    # error is measured against a floor of 0.1 of that size.
+    every = np.concatenate([g.ravel() for g in ref_grads.values()]).astype(np.float64)
+    floor = 0.1 * float(np.sqrt(np.mean(every[every != 0] ** 2)))
     for name, g in grads.items():
         key, transpose = hf_key(tuple(name.split(".")))
         want = ref_grads[key].T if transpose else ref_grads[key]
         g = np.asarray(g, np.float64)
         assert np.isfinite(g).all(), name
-        # scale: the spread, or 1% of the largest entry for a sparse gradient (the embedding's: a few rows of 50k;
-        # lm_head's bias: softmax minus one-hot, one entry near -1 among ~1/V ones), float32 rounding being relative
-        scale = max(float(np.std(want)), 0.01 * float(np.max(np.abs(want))), floor)
+        # scale: the spread, or the RMS of the nonzero entries of a sparse gradient (the embedding's: a few rows of
+        # 50k; lm_head's bias: softmax minus one-hot, one entry near -1 among ~1/V ones)
+        nonzero = want[want != 0].astype(np.float64)
+        scale = max(float(np.std(want)), float(np.sqrt(np.mean(nonzero ** 2))) if nonzero.size else 0.0, floor)
         err = float(np.max(np.abs(g - want)) / scale)
-        assert err <= TOL, f"{name}: gradient error {err:.3g} (scale {scale:.3g}, floor {floor:.3g})"
+        assert err <= GRAD_TOL, f"{name}: gradient error {err:.3g} (scale {scale:.3g}, floor {floor:.3g})"
 
 
 @st.composite
