@@ -476,7 +476,8 @@ def transformers_warped(logits, temperature, top_k, top_p) -> np.ndarray:
 def check_sampling(logits, temperature, top_k, top_p) -> None:
     """The kept tokens and their scaled logits equal transformers'. At the top-p boundary the two may differ only
     for a token tied with the smallest kept logit (transformers' sort picks among ties) or one whose cumulative
-    mass is within rounding of 1 - top_p."""
+    mass is within rounding of 1 - top_p. `next_tokens`' own path (top-k's candidates, nucleus applied) keeps the
+    same tokens, and it draws only kept ones."""
     from phi_jax.generation.sampling import make_sampler
     sampler = make_sampler(True, temperature, top_k, top_p)
     ours = np.asarray(jax_jit(type(sampler).filter_logits)(sampler, jnp.asarray(logits)))
@@ -485,32 +486,58 @@ def check_sampling(logits, temperature, top_k, top_p) -> None:
     # (XLA may divide by the temperature as a multiply by its reciprocal: an ulp apart)
     np.testing.assert_allclose(ours[kept & ref_kept], ref[kept & ref_kept], rtol=1e-6, atol=0)
     assert (ours[~kept] == -np.inf).all()
-    # top-k alone is exact: no rounding in it
-    after_k = transformers_warped(logits, temperature, top_k, None)
+    after_k = transformers_warped(logits, temperature, top_k, None)  # top-k alone is exact: no rounding in it
+
+    def boundary(row: int, differ, here, reference_kept) -> None:
+        """Tokens kept on one side only: each a tie with the other side's smallest kept logit or within
+        rounding of the top-p cut."""
+        assert top_p is not None and top_p < 1.0, (row, differ)
+        z = after_k[row].astype(np.float64)
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        smallest = after_k[row][reference_kept].min()
+        for j in differ:
+            mass_up_to = p[z <= z[j]].sum()
+            near = abs(mass_up_to - (1 - top_p)) <= 1e-5
+            tied = after_k[row, j] == smallest  # (transformers keeps a suffix of its sort: ties only there)
+            assert near or tied, (f"row {row}, token {j}: kept here={here[j]}, in the reference="
+                                  f"{reference_kept[j]}, mass up to it {mass_up_to:.8f}, 1 - top_p {1 - top_p}")
+
     for row in range(logits.shape[0]):
         assert kept[row, np.argmax(logits[row])], "the most likely token must be kept"
         # a threshold set: everything at least as likely as a kept token is kept
         assert (ours[row] >= ours[row][kept[row]].min()).sum() == kept[row].sum()
         differ = np.flatnonzero(kept[row] != ref_kept[row])
-        if not differ.size:
-            continue
-        assert top_p is not None and top_p < 1.0, (row, differ)
-        z = after_k[row].astype(np.float64)
-        p = np.exp(z - z.max())
-        p /= p.sum()
-        boundary = ref[row][ref_kept[row]].min()
-        for j in differ:
-            mass_up_to = p[z <= z[j]].sum()
-            near = abs(mass_up_to - (1 - top_p)) <= 1e-5
-            tied = after_k[row, j] == boundary  # (transformers keeps a suffix of its sort: ties only there)
-            assert near or tied, (f"row {row}, token {j}: phi_jax keeps={kept[row, j]}, transformers "
-                                  f"keeps={ref_kept[row, j]}, mass up to it {mass_up_to:.8f}, 1 - top_p {1 - top_p}")
+        if differ.size:
+            boundary(row, differ, kept[row], ref_kept[row])
+    if top_k is not None and top_k < logits.shape[-1]:
+        scaled = jnp.asarray(logits) / jnp.float32(temperature)
+        vals, ids, whole = (np.asarray(a) for a in jax_jit(type(sampler).candidates)(sampler, scaled))
+        for row in np.flatnonzero(whole):
+            from_candidates = np.zeros(logits.shape[-1], bool)
+            from_candidates[ids[row][np.isfinite(vals[row])]] = True
+            differ = np.flatnonzero(from_candidates != kept[row])
+            if differ.size:
+                boundary(row, differ, from_candidates, kept[row])
+    keys = jax_random_keys(32)
+    drawn = np.asarray(jax_jit(_draws)(sampler, jnp.asarray(logits), keys))  # [32, B]
+    assert kept[np.arange(logits.shape[0])[None, :], drawn].all(), "drew a token that filter_logits drops"
 
 
 @functools.lru_cache(maxsize=None)
 def jax_jit(fn):
     import jax
     return jax.jit(fn)
+
+
+def jax_random_keys(n: int):
+    import jax
+    return jax.random.split(jax.random.key(0), n)
+
+
+def _draws(sampler, logits, keys):
+    import jax
+    return jax.vmap(lambda k: sampler.next_tokens(logits, k))(keys)
 
 
 @fuzz_settings(ci_examples=40)
