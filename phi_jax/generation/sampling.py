@@ -85,17 +85,33 @@ class Sampling:
         return jnp.where(logits < kth, -jnp.inf, logits)
 
     def _nucleus(self, logits: jax.Array) -> jax.Array:
-        """top-p on `logits: [B, N]` (the vocabulary, or top-k's candidates): -inf where it drops a token."""
+        """top-p on `logits: [B, N]` (the vocabulary, or top-k's candidates): -inf where it drops a token.
+
+        transformers drops a token when the tokens ranked at or below it hold <= 1 - top_p (and keeps the most
+        likely one): it keeps token j when the tokens above it hold < top_p. That mass falls as the logit rises, so
+        the kept tokens are those at or above the smallest logit v with mass(above v) < top_p, found by bisection
+        over the float32 values in their bit order (32 steps, each a pass over the row): no sort of the row,
+        which on a CPU took 15-19 ms for 51,200 ids (benchmarks/sampling.py). Tied tokens are kept or dropped together."""
         if self.top_p is None:
             return logits
-        ascending = jnp.sort(logits, axis=-1)
-        mass_up_to = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)  # [B, N]
-        # transformers drops a token when the tokens ranked at or below it hold <= 1 - top_p, and always keeps
-        # the most likely one: the kept tokens are those from the first kept rank up
-        dropped = jnp.sum(mass_up_to[:, :-1] <= 1 - self.top_p, axis=-1, keepdims=True)  # [B, 1]
-        smallest_kept = jnp.take_along_axis(ascending, dropped, axis=-1)
+        probs = jax.nn.softmax(logits, axis=-1)  # [B, N]
+        keys = _ordered_bits(logits)  # [B, N] uint32, ordered as the values
+
+        def step(_, bounds):  # invariant: mass(above hi) < top_p; the answer lies in [lo, hi]
+            lo, hi = bounds
+            mid = lo + (hi - lo) // 2
+            ok = jnp.sum(jnp.where(keys > mid[:, None], probs, 0.0), axis=-1) < self.top_p
+            return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+        _, smallest_kept = jax.lax.fori_loop(0, 32, step, (jnp.min(keys, axis=-1), jnp.max(keys, axis=-1)))
         # top_p = 1 is no nucleus at all (transformers adds no warper), not "drop what has no mass"
-        return jnp.where((logits < smallest_kept) & (self.top_p < 1), -jnp.inf, logits)
+        return jnp.where((keys < smallest_kept[:, None]) & (self.top_p < 1), -jnp.inf, logits)
+
+
+def _ordered_bits(x: jax.Array) -> jax.Array:
+    """float32 -> uint32 with the same order (-inf lowest): flip every bit of negatives, the sign bit of others."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
 
 
 def make_sampler(do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
