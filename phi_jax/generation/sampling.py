@@ -91,7 +91,8 @@ class Sampling:
         likely one): it keeps token j when the tokens above it hold < top_p. That mass falls as the logit rises, so
         the kept tokens are those at or above the smallest logit v with mass(above v) < top_p, found by bisection
         over the float32 values in their bit order (32 steps, each a pass over the row): no sort of the row,
-        which on a CPU took 15-19 ms for 51,200 ids (benchmarks/sampling.py). Tied tokens are kept or dropped together."""
+        which on a CPU took 15-19 ms for 51,200 ids (benchmarks/sampling.py). Tied tokens are kept or dropped
+        together."""
         if self.top_p is None:
             return logits
         probs = jax.nn.softmax(logits, axis=-1)  # [B, N]
