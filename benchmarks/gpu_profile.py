@@ -4,14 +4,16 @@
            >= 1.5x transformers)
   ttft     `generate(max_new_tokens=1)` of a 128-token prompt at batch 1 and 8 (issue 11: time to first token)
   train    the fine-tuning step (float32 masters, bf16 compute, AdamW), batch 8 x 2048, remat nothing_saveable and
-           dots_with_no_batch_dims_saveable, cuDNN attention (issue 12: MFU)
+           dots_with_no_batch_dims_saveable (or `--remat`), cuDNN attention (issue 12: MFU); with `hlo_report`'s
+           matmul TFLOP/s per operand form and time per phase (forward, backward, optimizer)
 
 Each prints `benchmarks/device_profile.py`'s report: wall and device-busy time per call, time per category
 (matmul, attention, elementwise fusion, reduction, copy) and the top XLA ops with their kernels. `--hlo-dir DIR`
 also writes each program's optimized HLO (gzip), to read what a fusion holds. `--tiny` runs the same on a small
 model (checks the script on the CPU).
 
-    python benchmarks/gpu_profile.py [--what forward,ttft,train] [--top 25] [--hlo-dir DIR] [--tiny]
+    python benchmarks/gpu_profile.py [--what forward,ttft,train] [--remat POLICY,...] [--top 25] [--hlo-dir DIR]
+                                     [--tiny]
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from device_profile import profile_calls  # noqa: E402
+from device_profile import hlo_report, profile_calls  # noqa: E402
 
 import phi_jax  # noqa: E402
 
@@ -94,7 +96,7 @@ def train(args) -> None:
     from train import jax_step  # benchmarks/train.py
     cfg = config(args)
     b, t = (2, 64) if args.tiny else (8, 2048)
-    for remat in ("nothing_saveable", "dots_with_no_batch_dims_saveable"):
+    for remat in args.remat.split(","):
         try:
             model = nnx.jit(lambda: phi_jax.PhiForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32,
                                                            attn_implementation="cudnn", rngs=nnx.Rngs(0)))()
@@ -108,7 +110,11 @@ def train(args) -> None:
                 box[0], m = compiled(box[0], frozen, batch, None)
                 jax.block_until_ready(m["loss"])
             run()
-            profile_calls(run, calls=2, top=args.top, label=f"train {remat} b{b}x{t}")
+            summary = profile_calls(run, calls=2, top=args.top, label=f"train {remat} b{b}x{t}")
+            try:  # matmul GFLOP/s per operand form, time per phase (forward, backward, optimizer)
+                print(hlo_report(summary, compiled.as_text(), top=args.top, label=f"train {remat}"), flush=True)
+            except Exception as e:  # noqa: BLE001 - the profile above stands without it
+                print(f"hlo_report train {remat}: {type(e).__name__}: {e}", flush=True)
             del box, state, frozen
         except Exception as e:  # noqa: BLE001
             print(f"profile train {remat}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
@@ -121,6 +127,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--hlo-dir", default=None)
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--remat", default="nothing_saveable,dots_with_no_batch_dims_saveable",
+                   help="train: the remat policies to profile (comma list)")
     args = p.parse_args()
     dev = jax.devices()[0]
     print(f"# gpu_profile  date {datetime.datetime.now().isoformat(timespec='seconds')}  device {dev.device_kind} "

@@ -6,11 +6,11 @@ Prints tokens/s of each and the ratio (goal >= 1.2x: the median of rounds that t
 the loss of both on the same first batch, and both libraries' plain matmul speed at the step's shapes (the ceiling).
 
 GPU (`--gpu`): phi-2 geometry with random weights, bf16 compute over float32 master weights and AdamW state,
-seq 2048, per-layer remat. Compiles the step once at `--batch` (default 8), reads XLA's memory analysis to
-estimate the largest batch that fits, times `--repeats` steps and prints model FLOPs utilisation against the
-chip's dense bf16 peak (H100/H200: 989 TFLOP/s). `--find-max` also compiles and runs at the estimate
-(halving on out-of-memory). Attention: cuDNN flash attention (`--attn xla` for the plain path).
-Finishes in under 3 minutes on an H100/H200.
+seq 2048, per-layer remat. Compiles the step once at `--batch` (default 8), times `--repeats` steps, prints model
+FLOPs utilisation against the chip's dense bf16 peak (H100/H200: 989 TFLOP/s) and XLA's memory analysis.
+`--find-max` also compiles the step at twice the batch, takes the largest batch that fits from the slope of the
+temporaries (parameters and optimizer state fixed), and runs the step at it. Attention: cuDNN flash attention
+(`--attn xla` for the plain path). One policy finishes in under 3 minutes on an H100/H200.
 
     python benchmarks/train.py [--threads 2] [--repeats 15] [--profile TOP]
     python benchmarks/train.py --gpu [--batch 8] [--remat nothing_saveable[,POLICY...]] [--attn cudnn] [--find-max]
@@ -207,7 +207,7 @@ def gpu_config(args, cfg, seq, remat, peak, capacity, n_params, kind) -> None:
         return nnx.jit(lambda: PhiForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32,
                                               attn_implementation=args.attn, rngs=nnx.Rngs(0)))()
 
-    def measure(batch_size: int):
+    def measure(batch_size: int, slope: bool = True):
         state, frozen, step_fn, batch = jax_step(make_model(), batch_size, seq, remat)
         t0 = time.perf_counter()
         compiled = step_fn.lower(state, frozen, batch, None).compile()
@@ -222,13 +222,18 @@ def gpu_config(args, cfg, seq, remat, peak, capacity, n_params, kind) -> None:
             jax.block_until_ready(mm["loss"])
 
         t = median_time(run, args.repeats)
+        mem2 = None
+        if slope and args.find_max and capacity:  # the same step compiled (not run) at twice the batch: temporaries' slope
+            big = {k: jax.ShapeDtypeStruct((2 * batch_size,) + v.shape[1:], v.dtype, sharding=v.sharding)
+                   for k, v in batch.items()}
+            mem2 = step_fn.lower(state, frozen, big, None).compile().memory_analysis()
         del state
-        return t, compile_s, mem, float(m["loss"])
+        return t, compile_s, mem, float(m["loss"]), mem2
 
     b = args.batch or 8
     while True:
         try:
-            t, compile_s, mem, loss = measure(b)
+            t, compile_s, mem, loss, mem2 = measure(b)
             break
         except Exception as e:  # XLA's RESOURCE_EXHAUSTED
             oom = "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
@@ -253,17 +258,18 @@ def gpu_config(args, cfg, seq, remat, peak, capacity, n_params, kind) -> None:
         fixed = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
         temp = mem.temp_size_in_bytes
         line = f"XLA memory: parameters + optimizer state {fixed / 2**30:.1f} GiB, temporaries {temp / 2**30:.1f} GiB"
-        if capacity:
-            grads = 4 * n_params  # float32 gradients: temporaries that do not grow with the batch
-            est = int(b * (capacity - fixed - grads) / max(temp - grads, 1))
-            line += (f"; device {capacity / 2**30:.1f} GiB -> largest batch about {est} (temporaries less the "
-                     f"gradients taken as proportional to the batch)")
+        if capacity and mem2 is not None:
+            # temporaries grow linearly with the batch: their slope from the step compiled at 2x the batch
+            slope = (mem2.temp_size_in_bytes - temp) / b
+            est = b + int((capacity - fixed - temp) / slope) if slope > 0 else None
+            line += (f"; at batch {2 * b} {mem2.temp_size_in_bytes / 2**30:.1f} GiB; device {capacity / 2**30:.1f} "
+                     f"GiB -> largest batch about {est} (temporaries linear in the batch)")
             print(line)
-            if args.find_max and est > b:
+            if est is not None and est > b:
                 try:
-                    t2, _, _, _ = measure(est)
+                    t2, _, _, _, _ = measure(est, slope=False)
                     f2 = train_flops(cfg, est, seq, remat is not None)
-                    print(f"batch {est} fits: {est * seq / t2:,.0f} tokens/s"
+                    print(f"batch {est} fits: {1e3 * t2:.1f} ms/step, {est * seq / t2:,.0f} tokens/s"
                           + (f", MFU {100 * f2 / t2 / peak:.1f}%" if peak else ""))
                 except Exception as e:
                     print(f"batch {est} does not fit: {str(e).splitlines()[0][:200]}")
@@ -289,7 +295,8 @@ def main() -> None:
                    help="with --gpu: attention implementation (cudnn flash attention by default; xla materialises "
                         "the scores)")
     p.add_argument("--capacity-gib", type=float, default=None, help="device memory (default: the device's)")
-    p.add_argument("--find-max", action="store_true", help="with --gpu: also run at the estimated largest batch")
+    p.add_argument("--find-max", action="store_true", help="with --gpu: estimate the largest batch "
+                   "(the step compiled again at twice --batch: temporaries' slope) and run the step at it")
     args = p.parse_args()
     if args.gpu:
         args.remat = args.remat or "nothing_saveable"
