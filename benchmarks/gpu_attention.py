@@ -173,14 +173,18 @@ VARIANTS = {  # opt-in forms of the kernel, measured against the default (BlockS
     "wg2": BlockSizes(warpgroups=2),
     "split": BlockSizes(head_split=True),
     "wg2+split": BlockSizes(warpgroups=2, head_split=True),
+    # 3-deep K/V pipeline: both consumers must release a slot before the producer refills it (with head_split
+    # it hangs in the interpreter, and BlockSizes refuses it)
+    "wg2 s3": BlockSizes(warpgroups=2, slots=3),
 }
 
 
 def variants_check(b: int = 4, n: int = 32, s: int = 4096, repeats: int = 3, check: bool = True,
-                   dims=(64, 80)) -> int:
+                   dims=(64, 80), only: str | None = None) -> int:
     """The opt-in kernel forms (`VARIANTS`: two consumer warpgroups, the head dim in a 64 + rest split):
-    numerics against the reference (unless `check` is false), then TFLOP/s against the default and cuDNN at the
-    head dims `dims`, with ratios. Returns the number of failed numerics cases."""
+    numerics against the reference (unless `check` is false; `only`: the cases whose name holds it), then TFLOP/s
+    against the default and cuDNN at the head dims `dims`, with ratios. Returns the number of failed numerics
+    cases."""
     wg2, split, both = VARIANTS["wg2"], VARIANTS["split"], VARIANTS["wg2+split"]
     cases = [  # block_kv=64 makes a causal CTA's first warpgroup need fewer key blocks than its second
         dict(name="wg2 h80 causal GQA 8:2 left/right padding T=S=300 kv64", batch=2, t=300, s=300, n=8, kv=2, h=80,
@@ -201,7 +205,12 @@ def variants_check(b: int = 4, n: int = 32, s: int = 4096, repeats: int = 3, che
              h=80, kind="left", bs=BlockSizes(warpgroups=2, head_split=True, block_kv=64)),
         dict(name="wg2+split h80 causal q_offset 100 T=37 S=137", batch=2, t=37, s=137, n=4, kv=2, h=80,
              q_offset=100, bs=both),
+        dict(name="wg2 s3 h80 causal GQA 8:2 left/right padding T=S=300 kv64", batch=2, t=300, s=300, n=8, kv=2,
+             h=80, kind="left", bs=BlockSizes(warpgroups=2, block_kv=64, slots=3)),
+        dict(name="wg2 s3 h80 causal q_offset 263 T=37 S=300", batch=2, t=37, s=300, n=4, kv=2, h=80,
+             q_offset=263, bs=VARIANTS["wg2 s3"]),
     ]
+    cases = [c for c in cases if only is None or only in c["name"]]
     n_fail = check_cases(cases, "variants numerics") if check else 0
 
     print(f"\n# kernel variants: TFLOP/s, causal bf16, batch {b}, {n} heads, seq {s} (f+b = 3.5x forward FLOPs)",
@@ -302,6 +311,8 @@ def main() -> None:
     p.add_argument("--head-split", default="0", help="--ablate: profile these BlockSizes.head_split (e.g. 0,1)")
     p.add_argument("--variants", action="store_true",
                    help="only: the opt-in kernel forms' numerics (PASS/FAIL) and TFLOP/s against the default")
+    p.add_argument("--check-only", default=None, metavar="TEXT",
+                   help="--variants: only the numerics cases whose name holds TEXT (e.g. s3)")
     p.add_argument("--decode", action="store_true", help="the decode kernel against the KV-cache read floor")
     args = p.parse_args()
 
@@ -310,7 +321,7 @@ def main() -> None:
           f"({dev.platform})  jax {jax.__version__}  python {platform.python_version()}", flush=True)
     if args.variants:
         n_fail = variants_check(args.batch, args.heads, repeats=min(args.repeats, 3), check=not args.skip_check,
-                                dims=[h for h in (64, 80) if str(h) in args.dims.split(",")])
+                                dims=[h for h in (64, 80) if str(h) in args.dims.split(",")], only=args.check_only)
         if not args.skip_check:
             print(f"\n{'PASS' if n_fail == 0 else 'FAIL'} gpu_attention --variants numerics", flush=True)
         return

@@ -166,6 +166,10 @@ class Warpgroups2Cases(_KernelCheck):
         self.check(t=37, s=129, n=2, kv=2, h=80, q_offset=92, seed=14, jit_offset=True, grads=False,
                    block_sizes=BlockSizes(warpgroups=2))
 
+    def test_wg2_3_slots_fp32_h80_len256_causal_left_padding(self):  # 4 key blocks through 3 slots
+        self.check(t=256, s=256, n=1, kv=1, h=80, kind="left", seed=16, grads=False,
+                   block_sizes=BlockSizes(warpgroups=2, block_kv=64, slots=3))
+
     def test_wg2_bf16_h80_gqa_8to2_len256_gpu(self):
         if self.INTERPRET:
             pytest.skip("too slow to interpret")
@@ -223,6 +227,8 @@ def test_fallbacks_and_errors():
         BlockSizes(block_kv=96)
     with pytest.raises(ValueError, match="warpgroups=3"):
         BlockSizes(warpgroups=3)
+    with pytest.raises(ValueError, match="slots=2 only"):
+        BlockSizes(warpgroups=2, head_split=True, slots=3)
     with pytest.raises(ValueError, match="4-D"):
         flash_attention_gpu(q[0], k, v)
     q16, k16 = (jnp.zeros((1, 5, 2, 16), jnp.bfloat16) for _ in range(2))

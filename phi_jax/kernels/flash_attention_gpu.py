@@ -83,6 +83,8 @@ class BlockSizes:
             raise ValueError(f"BlockSizes.slots={self.slots} must be at least 2")
         if self.warpgroups not in (1, 2):
             raise ValueError(f"BlockSizes.warpgroups={self.warpgroups} must be 1 or 2")
+        if self.warpgroups == 2 and self.head_split and self.slots > 2:  # hangs in Pallas's interpreter (2026-11-26)
+            raise ValueError(f"BlockSizes: warpgroups=2 with head_split=True takes slots=2 only (got {self.slots})")
         unknown = set(self.ablate) - {"qk", "exp", "pv", "mask"}
         if unknown:
             raise ValueError(f"BlockSizes.ablate={sorted(self.ablate)}: unknown stages {sorted(unknown)}")
