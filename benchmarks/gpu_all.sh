@@ -54,7 +54,7 @@ fi
 # PASSed there (2026-11-26 23:08) but for the 3-slot forms added after it, so only theirs run again.
 # issue 10: head_dim 80 forward / fwd+bwd of the opt-in kernel forms (two warpgroups; 64 + 16 split; 3 slots)
 # against the default and cuDNN (make one the default only where it PASSes and is faster)
-step variants 160 python3 benchmarks/gpu_attention.py --variants --check-only s3 --dims 80 --repeats 3
+step variants 180 python3 benchmarks/gpu_attention.py --variants --check-only s3 --dims 80 --repeats 3
 # issue 12: where the train step's device time goes (categories, top ops, matmul TFLOP/s per form, time per phase)
 step profile_train 200 python3 benchmarks/gpu_profile.py --what train --remat dots_with_no_batch_dims_saveable \
     --hlo-dir "$LOGDIR/hlo"
