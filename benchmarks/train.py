@@ -191,12 +191,12 @@ def gpu(args) -> None:
             print(f"remat {policy}: not a jax.checkpoint_policies member; skipped", flush=True)
             continue
         try:
-            gpu_config(args, cfg, seq, None if policy == "none" else policy, peak, capacity, n_params, kind)
+            gpu_config(args, cfg, seq, None if policy == "none" else policy, peak, capacity, kind)
         except Exception as e:  # noqa: BLE001 - the next policy still runs
             print(f"remat {policy}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
 
 
-def gpu_config(args, cfg, seq, remat, peak, capacity, n_params, kind) -> None:
+def gpu_config(args, cfg, seq, remat, peak, capacity, kind) -> None:
     """One remat policy: step time, MFU and XLA's memory at --batch (halved on out-of-memory)."""
     from flax import nnx
 
@@ -223,7 +223,7 @@ def gpu_config(args, cfg, seq, remat, peak, capacity, n_params, kind) -> None:
 
         t = median_time(run, args.repeats)
         mem2 = None
-        if slope and args.find_max and capacity:  # the same step compiled (not run) at twice the batch: temporaries' slope
+        if slope and args.find_max and capacity:  # the step compiled (not run) at twice the batch
             big = {k: jax.ShapeDtypeStruct((2 * batch_size,) + v.shape[1:], v.dtype, sharding=v.sharding)
                    for k, v in batch.items()}
             mem2 = step_fn.lower(state, frozen, big, None).compile().memory_analysis()
@@ -260,8 +260,8 @@ def gpu_config(args, cfg, seq, remat, peak, capacity, n_params, kind) -> None:
         line = f"XLA memory: parameters + optimizer state {fixed / 2**30:.1f} GiB, temporaries {temp / 2**30:.1f} GiB"
         if capacity and mem2 is not None:
             # temporaries grow linearly with the batch: their slope from the step compiled at 2x the batch
-            slope = (mem2.temp_size_in_bytes - temp) / b
-            est = b + int((capacity - fixed - temp) / slope) if slope > 0 else None
+            per_row = (mem2.temp_size_in_bytes - temp) / b
+            est = b + int((capacity - fixed - temp) / per_row) if per_row > 0 else None
             line += (f"; at batch {2 * b} {mem2.temp_size_in_bytes / 2**30:.1f} GiB; device {capacity / 2**30:.1f} "
                      f"GiB -> largest batch about {est} (temporaries linear in the batch)")
             print(line)
