@@ -169,10 +169,11 @@ def ablate(b: int, n: int, repeats: int, dims, s: int = 4096, interpret: bool = 
                       f"{str(e)[:300]}", flush=True)
 
 
-VARIANTS = {  # opt-in forms of the kernel, measured against the default (BlockSizes()) by --variants
-    "wg2": BlockSizes(warpgroups=2),
+VARIANTS = {  # opt-in forms of the kernel, measured against the default (BlockSizes()) by --variants; those that
+    # target head_dim 80's narrow copies first
     "split": BlockSizes(head_split=True),
     "wg2+split": BlockSizes(warpgroups=2, head_split=True),
+    "wg2": BlockSizes(warpgroups=2),
     # 3-deep K/V pipeline: both consumers must release a slot before the producer refills it (with head_split
     # it hangs in the interpreter, and BlockSizes refuses it)
     "wg2 s3": BlockSizes(warpgroups=2, slots=3),
@@ -215,10 +216,7 @@ def variants_check(b: int = 4, n: int = 32, s: int = 4096, repeats: int = 3, che
 
     print(f"\n# kernel variants: TFLOP/s, causal bf16, batch {b}, {n} heads, seq {s} (f+b = 3.5x forward FLOPs)",
           flush=True)
-    # the baselines first, then the forms that target head_dim 80's copies: what a cut-short run keeps
-    order = ("split", "wg2+split", "wg2", "wg2 s3")
-    impls = {"default": BlockSizes(), "cudnn": None, **{k: VARIANTS[k] for k in order if k in VARIANTS},
-             **VARIANTS}
+    impls = {"default": BlockSizes(), "cudnn": None, **VARIANTS}  # the baselines first: a cut-short run keeps them
     for h in dims:
         keys = jax.random.split(jax.random.key(s + h), 3)
         q, k, v = (jax.random.normal(kk, (b, s, n, h), jnp.bfloat16) for kk in keys)
