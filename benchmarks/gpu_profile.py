@@ -8,7 +8,8 @@
            matmul TFLOP/s per operand form and time per phase (forward, backward, optimizer)
 
 Each prints `benchmarks/device_profile.py`'s report: wall and device-busy time per call, time per category
-(matmul, attention, elementwise fusion, reduction, copy) and the top XLA ops with their kernels. `--hlo-dir DIR`
+(matmul, attention, elementwise fusion, reduction, copy) and the top XLA ops with their kernels; forward and
+train also each matmul's TFLOP/s from the program's HLO (`hlo_report`). `--hlo-dir DIR`
 also writes each program's optimized HLO (gzip), to read what a fusion holds. `--tiny` runs the same on a small
 model (checks the script on the CPU).
 
@@ -58,6 +59,14 @@ def write_hlo(args, name: str, compiled) -> None:
     os.replace(path + ".tmp", path)
 
 
+def matmul_report(args, summary: dict, compiled, label: str) -> None:
+    """`hlo_report` of a profiled program: each matmul's TFLOP/s (by operand form) and the time per phase."""
+    try:
+        print(hlo_report(summary, compiled.as_text(), top=args.top, label=label), flush=True)
+    except Exception as e:  # noqa: BLE001 - the profile printed before stands without it
+        print(f"hlo_report {label}: {type(e).__name__}: {e}", flush=True)
+
+
 def forward(args) -> None:
     b, t = (2, 64) if args.tiny else (4, 2048)
     cfg = config(args)
@@ -70,7 +79,8 @@ def forward(args) -> None:
             write_hlo(args, f"forward_{attn}", compiled)
             run = lambda: jax.block_until_ready(compiled(state, ids))  # noqa: E731
             run()
-            profile_calls(run, calls=3, top=args.top, label=f"forward {attn} b{b}x{t}")
+            summary = profile_calls(run, calls=3, top=args.top, label=f"forward {attn} b{b}x{t}")
+            matmul_report(args, summary, compiled, f"forward {attn}")
             del state
         except Exception as e:  # noqa: BLE001 - report and go on
             print(f"profile forward {attn}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
@@ -111,10 +121,7 @@ def train(args) -> None:
                 jax.block_until_ready(m["loss"])
             run()
             summary = profile_calls(run, calls=2, top=args.top, label=f"train {remat} b{b}x{t}")
-            try:  # matmul GFLOP/s per operand form, time per phase (forward, backward, optimizer)
-                print(hlo_report(summary, compiled.as_text(), top=args.top, label=f"train {remat}"), flush=True)
-            except Exception as e:  # noqa: BLE001 - the profile above stands without it
-                print(f"hlo_report train {remat}: {type(e).__name__}: {e}", flush=True)
+            matmul_report(args, summary, compiled, f"train {remat}")
             del box, state, frozen
         except Exception as e:  # noqa: BLE001
             print(f"profile train {remat}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
