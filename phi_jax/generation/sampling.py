@@ -23,7 +23,7 @@ class Greedy:
 
     def next_tokens(self, logits: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         """`logits: [B, V]` -> `[B]` int32."""
-        return argmax_first(logits)
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
 @struct.dataclass
@@ -50,15 +50,15 @@ class Sampling:
         outside them (then over the whole vocabulary): drawing over 51200 ids costs ~2 ms per row on a CPU."""
         logits = logits.astype(jnp.float32) / self.temperature  # [B, V]
         if self.top_k is None or self.top_k >= logits.shape[-1]:
-            return categorical(rng, self._nucleus(logits))
+            return jax.random.categorical(rng, self._nucleus(logits), axis=-1).astype(jnp.int32)
         vals, idx, whole = self.candidates(logits)
 
         def from_candidates():
-            choice = categorical(rng, vals)  # [B] index into the k
+            choice = jax.random.categorical(rng, vals, axis=-1)  # [B] index into the k
             return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
 
         def from_everything():
-            return categorical(rng, self._nucleus(self._top_k(logits)))
+            return jax.random.categorical(rng, self._nucleus(self._top_k(logits)), axis=-1)
 
         return jax.lax.cond(jnp.all(whole), from_candidates, from_everything).astype(jnp.int32)
 
@@ -107,35 +107,6 @@ class Sampling:
         _, smallest_kept = jax.lax.fori_loop(0, 32, step, (jnp.min(keys, axis=-1), jnp.max(keys, axis=-1)))
         # top_p = 1 is no nucleus at all (transformers adds no warper), not "drop what has no mass"
         return jnp.where((keys < smallest_kept[:, None]) & (self.top_p < 1), -jnp.inf, logits)
-
-
-def argmax_first(x: jax.Array) -> jax.Array:
-    """`jnp.argmax(x, axis=-1)` as int32 (ties: the first; a NaN: the first NaN). On the CPU (chosen when the
-    program is lowered) as a max and then the least index where it is reached: XLA:CPU runs `argmax`'s (value,
-    index) reduction element by element, about 2x slower at 51,200 ids, and about 3x when a draw's Gumbel noise is
-    fused into it. Elsewhere `jnp.argmax` itself (fast there; no branch per step on a GPU).
-
-    XLA may compute `x` once for the max and again for the compare (a fused draw's `logits / T + noise`), and the
-    two may round apart; a row where no element then reaches its max (an index past the end) takes `jnp.argmax`
-    (so a near-tie within rounding may resolve unlike `jnp.argmax`, never out of range)."""
-    def exact():
-        return jnp.argmax(x, axis=-1).astype(jnp.int32)
-
-    def on_cpu():
-        top = jnp.max(x, axis=-1, keepdims=True)  # (XLA:CPU's max may skip NaNs: they are looked for apart)
-        nan = jnp.isnan(x)
-        hit = jnp.where(jnp.any(nan, axis=-1, keepdims=True), nan, x == top)
-        ids = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-        first = jnp.min(jnp.where(hit, ids, x.shape[-1]), axis=-1)
-        return jax.lax.cond(jnp.any(first == x.shape[-1]), exact, lambda: first)
-
-    return jax.lax.platform_dependent(cpu=on_cpu, default=exact)
-
-
-def categorical(rng: jax.Array, logits: jax.Array) -> jax.Array:
-    """`jax.random.categorical(rng, logits, axis=-1)` as int32: the same Gumbel noise and the same argmax (see
-    `argmax_first`); benchmarks/sampling.py times whole draws."""
-    return argmax_first(logits + jax.random.gumbel(rng, logits.shape, logits.dtype))
 
 
 def _ordered_bits(x: jax.Array) -> jax.Array:
