@@ -51,10 +51,15 @@ if ls .whl/tokamax-*.whl > /dev/null 2>&1; then
 fi
 
 # Priorities from the third run (benchmarks/RESULTS.md): what is still unmeasured first. The kernel forms' numerics
-# PASSed there (2026-11-26 23:08) but for the 3-slot forms added after it, so only theirs run again.
-# issue 10: head_dim 80 forward / fwd+bwd of the opt-in kernel forms (two warpgroups; 64 + 16 split; 3 slots)
-# against the default and cuDNN (make one the default only where it PASSes and is faster)
-step variants 180 python3 benchmarks/gpu_attention.py --variants --check-only s3 --dims 80 --repeats 3
+# PASSed there (2026-11-26 23:08) but for the 3-slot and paired-backward forms added after it: only theirs run again.
+# issue 10: head_dim 80 forward / fwd+bwd of the opt-in kernel forms (two warpgroups; 64 + 16 split; 3 slots;
+# the backward's products issued in pairs) against the default and cuDNN (make one the default only where it
+# PASSes and is faster)
+step variants 200 python3 benchmarks/gpu_attention.py --variants --check-only s3,bwd-pair --dims 80 --repeats 3
+# issue 10: where the head_dim-80 forward's and backward's time goes (stages left out: the backward has not been
+# profiled yet), 16-wide tiles vs the 64 + 16 split
+step ablate 120 python3 benchmarks/gpu_attention.py --ablate --skip-check --skip-table --dims 80 \
+    --head-split 0,1 --repeats 3
 # issue 12: where the train step's device time goes (categories, top ops, matmul TFLOP/s per form, time per phase)
 step profile_train 200 python3 benchmarks/gpu_profile.py --what train --remat dots_with_no_batch_dims_saveable \
     --hlo-dir "$LOGDIR/hlo"
@@ -70,9 +75,6 @@ step attention 200 env PYTHONPATH="/tmp/site:$PWD" XLA_PYTHON_CLIENT_MEM_FRACTIO
 # issue 11: time to first token and decode through the public API, both libraries on the GPU
 step generate 150 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 python3 benchmarks/generate.py --gpu --geometry phi2 \
     --layers 32 --dtype bfloat16 --batch 1 8 --new-tokens 32
-# issue 10: where the head_dim-80 forward's time goes (stages left out), 16-wide tiles vs the 64 + 16 split
-step ablate 100 python3 benchmarks/gpu_attention.py --ablate --skip-check --skip-table --dims 80 \
-    --head-split 0,1 --repeats 3
 # issue 11: batch-1 decode without the duplicated row, against batch 2 and the weight-read floor
 step decode 100 python3 benchmarks/gpu_decode.py --steps 30 --repeats 3
 # issue 10: the model's attention implementations agree with xla on the GPU (PASS in the third run)

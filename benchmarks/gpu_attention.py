@@ -1,13 +1,14 @@
 """GPU check and benchmark of the Mosaic GPU flash-attention kernel (phi_jax/kernels/flash_attention_gpu.py).
 
-1. Numerics (bf16, one case fp16): output and dq/dk/dv of `flash_attention_gpu` against `attention_reference` (float32 maths
-   on the same bf16 inputs) for causal, left/right padding with fully padded rows, packed segments, a query
+1. Numerics (bf16, one case fp16): output and dq/dk/dv of `flash_attention_gpu` against `attention_reference`
+   (float32 maths on the same bf16 inputs) for causal, left/right padding with fully padded rows, packed segments, a query
    offset, GQA, head_dim 64 and 80; one PASS/FAIL line per case (max |err| / max |ref| <= 2e-2).
 2. Speed: forward and forward+backward TFLOP/s, causal, bf16, batch 4, 32 heads, head_dim 64/80/128,
    seq 1024..8192, against `jax.nn.dot_product_attention(implementation="cudnn")` and the XLA reference.
    Causal FLOPs count half of 4*B*N*T*S*H; forward+backward counts 3.5x the forward.
 3. `--variants` (alone, < 2 min): the opt-in kernel forms (`VARIANTS`: two consumer warpgroups per CTA,
-   `BlockSizes(warpgroups=2)`; the head dim as 64 + rest, `BlockSizes(head_split=True)`; both) against the
+   `BlockSizes(warpgroups=2)`; the head dim as 64 + rest, `BlockSizes(head_split=True)`; both; the backward's
+   independent products issued in pairs, `BlockSizes(bwd_paired=True)`) against the
    reference (PASS/FAIL per case, output and gradients), then forward and forward+backward TFLOP/s of each against
    the default and cuDNN at head_dim 64/80, seq 4096, with the ratios.
 Each case runs in its own try/except, so one failure prints its error and the rest still run.
@@ -144,8 +145,16 @@ ABLATIONS = {  # name: forward stages left out (BlockSizes.ablate); the output o
 }
 
 
+BWD_ABLATIONS = {  # name: backward stages left out (BlockSizes.ablate), timed as forward + backward
+    "whole backward": (),
+    "no exponential": ("bwd_exp",),
+    "no matmuls": ("bwd_mm",),
+    "loads and loop only": ("bwd_mm", "bwd_exp"),
+}
+
+
 def ablate(b: int, n: int, repeats: int, dims, s: int = 4096, interpret: bool = False,
-           warpgroups: int = 1, head_split: bool = False) -> None:
+           warpgroups: int = 1, head_split: bool = False, bwd_paired: bool = False) -> None:
     """A profile without hardware counters: the forward kernel's time with stages left out (BlockSizes.ablate).
     The time a stage costs on the critical path is the whole kernel's time minus the time without it."""
     print(f"\n# ablation profile, forward, warpgroups={warpgroups} head_split={head_split}, causal bf16, batch {b}, "
@@ -167,6 +176,23 @@ def ablate(b: int, n: int, repeats: int, dims, s: int = 4096, interpret: bool = 
             except Exception as e:  # noqa: BLE001
                 print(f"ablate wg{warpgroups}{' split' * head_split} h{h} {name:>20}: {type(e).__name__}: "
                       f"{str(e)[:300]}", flush=True)
+        # The backward kernels (dq, dk/dv): forward + backward with backward stages left out; the forward is the
+        # whole one each time, so differences are the backward's.
+        tag = f"wg{warpgroups}{' split' * head_split}{' paired' * bwd_paired} h{h}"
+        whole = None
+        for name, stages in BWD_ABLATIONS.items():
+            bs = BlockSizes(ablate=frozenset(stages), warpgroups=warpgroups, head_split=head_split,
+                            bwd_paired=bwd_paired)
+            try:
+                fn = jax.jit(jax.grad(lambda q, k, v, bs=bs: jnp.sum(flash_attention_gpu(
+                    q, k, v, causal=True, block_sizes=bs, interpret=interpret).astype(jnp.float32)),
+                    argnums=(0, 1, 2)))
+                sec = bench(fn, (q, k, v), repeats)
+                whole = sec if whole is None else whole
+                print(f"ablate-bwd {tag} {name:>20}: f+b {1e3 * sec:8.3f} ms ({3.5 * flops / sec / 1e12:6.1f} "
+                      f"TFLOP/s)  saves {1e3 * (whole - sec):7.3f} ms", flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"ablate-bwd {tag} {name:>20}: {type(e).__name__}: {str(e)[:300]}", flush=True)
 
 
 VARIANTS = {  # opt-in forms of the kernel, measured against the default (BlockSizes()) by --variants; those that
@@ -177,13 +203,20 @@ VARIANTS = {  # opt-in forms of the kernel, measured against the default (BlockS
     # 3-deep K/V pipeline: both consumers must release a slot before the producer refills it (with head_split
     # it hangs in the interpreter, and BlockSizes refuses it)
     "wg2 s3": BlockSizes(warpgroups=2, slots=3),
+    # the backward's independent products issued together (dq: S, dP; dk/dv: S^T, dP^T, then dV, dK): the
+    # forward is the default's, so only f+b is timed
+    "bwd-pair": BlockSizes(bwd_paired=True),
+    "split+bwd-pair": BlockSizes(head_split=True, bwd_paired=True),
 }
+FWD_TIMED_ELSEWHERE = ("bwd-pair", "split+bwd-pair")  # forward kernels of "default" and "split"
+BWD_AS_DEFAULT = ("wg2", "wg2 s3")  # forms whose backward kernels are the default's
 
 
 def variants_check(b: int = 4, n: int = 32, s: int = 4096, repeats: int = 3, check: bool = True,
                    dims=(64, 80), only: str | None = None) -> int:
     """The opt-in kernel forms (`VARIANTS`: two consumer warpgroups, the head dim in a 64 + rest split):
-    numerics against the reference (unless `check` is false; `only`: the cases whose name holds it), then TFLOP/s
+    numerics against the reference (unless `check` is false; `only`: the cases whose name holds one of its
+    comma-separated texts), then TFLOP/s
     against the default and cuDNN at the head dims `dims`, with ratios. Returns the number of failed numerics
     cases."""
     wg2, split, both = VARIANTS["wg2"], VARIANTS["split"], VARIANTS["wg2+split"]
@@ -210,8 +243,16 @@ def variants_check(b: int = 4, n: int = 32, s: int = 4096, repeats: int = 3, che
              h=80, kind="left", bs=BlockSizes(warpgroups=2, block_kv=64, slots=3)),
         dict(name="wg2 s3 h80 causal q_offset 263 T=37 S=300", batch=2, t=37, s=300, n=4, kv=2, h=80,
              q_offset=263, bs=VARIANTS["wg2 s3"]),
+        dict(name="bwd-pair h80 causal GQA 8:2 left/right padding T=S=300", batch=2, t=300, s=300, n=8, kv=2,
+             h=80, kind="left", bs=VARIANTS["bwd-pair"]),
+        dict(name="bwd-pair h64 causal packed segments GQA 4:2 T=S=256", batch=2, t=256, s=256, n=4, kv=2, h=64,
+             kind="packed", bs=VARIANTS["bwd-pair"]),
+        dict(name="split+bwd-pair h80 causal q_offset 100 T=37 S=137 s3", batch=2, t=37, s=137, n=4, kv=2, h=80,
+             q_offset=100, bs=BlockSizes(head_split=True, bwd_paired=True, slots=3)),
+        dict(name="split+bwd-pair h80 float16 non-causal padding T=S=129", batch=2, t=129, s=129, n=4, kv=4, h=80,
+             causal=False, kind="left", dt=jnp.float16, bs=VARIANTS["split+bwd-pair"]),
     ]
-    cases = [c for c in cases if only is None or only in c["name"]]
+    cases = [c for c in cases if only is None or any(o in c["name"] for o in only.split(","))]
     n_fail = check_cases(cases, "variants numerics") if check else 0
 
     print(f"\n# kernel variants: TFLOP/s, causal bf16, batch {b}, {n} heads, seq {s} (f+b = 3.5x forward FLOPs)",
@@ -231,8 +272,8 @@ def variants_check(b: int = 4, n: int = 32, s: int = 4096, repeats: int = 3, che
             else:
                 fn = lambda q, k, v, bs=bs: flash_attention_gpu(q, k, v, causal=True, block_sizes=bs)  # noqa: E731
             for mode in ("fwd", "f+b"):
-                if mode == "f+b" and name == "wg2":
-                    continue  # (the same backward kernels as the default)
+                if (mode == "f+b" and name in BWD_AS_DEFAULT) or (mode == "fwd" and name in FWD_TIMED_ELSEWHERE):
+                    continue  # (the same kernels as the default in that direction)
                 try:
                     f = jax.jit(fn) if mode == "fwd" else jax.jit(jax.grad(
                         lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2)))
@@ -310,10 +351,12 @@ def main() -> None:
     p.add_argument("--skip-table", action="store_true", help="no TFLOP/s table")
     p.add_argument("--warpgroups", default="1", help="--ablate: profile these BlockSizes.warpgroups (e.g. 1,2)")
     p.add_argument("--head-split", default="0", help="--ablate: profile these BlockSizes.head_split (e.g. 0,1)")
+    p.add_argument("--bwd-paired", default="0", help="--ablate: profile these BlockSizes.bwd_paired (e.g. 0,1)")
     p.add_argument("--variants", action="store_true",
                    help="only: the opt-in kernel forms' numerics (PASS/FAIL) and TFLOP/s against the default")
     p.add_argument("--check-only", default=None, metavar="TEXT",
-                   help="--variants: only the numerics cases whose name holds TEXT (e.g. s3)")
+                   help="--variants: only the numerics cases whose name holds one of the comma-separated TEXTs "
+                        "(e.g. s3,bwd-pair)")
     p.add_argument("--decode", action="store_true", help="the decode kernel against the KV-cache read floor")
     args = p.parse_args()
 
@@ -347,8 +390,10 @@ def main() -> None:
     if args.ablate:
         for wgs in (int(x) for x in args.warpgroups.split(",")):
             for split in (bool(int(x)) for x in args.head_split.split(",")):
-                ablate(args.batch, args.heads, args.repeats, [h for h in (64, 80) if str(h) in args.dims.split(",")],
-                       warpgroups=wgs, head_split=split)
+                for paired in (bool(int(x)) for x in args.bwd_paired.split(",")):
+                    ablate(args.batch, args.heads, args.repeats,
+                           [h for h in (64, 80) if str(h) in args.dims.split(",")], warpgroups=wgs, head_split=split,
+                           bwd_paired=paired)
     if args.decode:
         decode_bench(args.repeats)
     if args.skip_table:

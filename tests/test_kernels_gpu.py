@@ -217,6 +217,38 @@ class TestInterpretHeadSplit(HeadSplitCases):
     INTERPRET = True
 
 
+class BwdPairedCases(_KernelCheck):
+    """`BlockSizes(bwd_paired=True)`: the backward kernels issue their independent products together (dq: S and
+    dP; dk/dv: S^T and dP^T, then dV and dK) and refill a slot after both have read it."""
+
+    def test_paired_fp32_h64_gqa_8to2_len129_left_right_padding(self):  # 3 key blocks through 2 slots
+        self.check(batch=2, t=129, s=129, n=8, kv=2, h=64, kind="left", seed=31,
+                   block_sizes=BlockSizes(bwd_paired=True))
+
+    def test_paired_split_fp32_h80_prefill_offset_packed(self):  # 80 = 64 + 16; GQA summed in dk/dv
+        self.check(t=37, s=129, n=4, kv=2, h=80, q_offset=92, kind="packed", seed=32,
+                   block_sizes=BlockSizes(bwd_paired=True, head_split=True, slots=3))
+
+    def test_paired_fp32_h80_noncausal_padding(self):
+        self.check(t=65, s=129, n=2, kv=1, h=80, causal=False, kind="left", seed=33,
+                   block_sizes=BlockSizes(bwd_paired=True))
+
+    def test_paired_bf16_h80_gqa_8to2_len256_gpu(self):
+        if self.INTERPRET:
+            pytest.skip("too slow to interpret")
+        for split in (False, True):
+            self.check(batch=2, t=256, s=256, n=8, kv=2, h=80, dtype=jnp.bfloat16, kind="left", seed=34,
+                       block_sizes=BlockSizes(bwd_paired=True, head_split=split))
+
+
+class TestGpuBwdPaired(BwdPairedCases):
+    INTERPRET = False
+
+
+class TestInterpretBwdPaired(BwdPairedCases):
+    INTERPRET = True
+
+
 def test_fallbacks_and_errors():
     q, k, v, _ = _inputs(0, 1, 5, 5, 2, 1, 8, jnp.float32)
     # head_dim 8 is not a multiple of 16: the reference answers
@@ -303,3 +335,37 @@ def test_export_cuda_head_split(head_dim):
     for warpgroups in (1, 2):
         text = _export_text(functools.partial(fwd_vjp, warpgroups=warpgroups), q, k, k)
         assert len(re.findall(r'stablehlo.custom_call @mosaic_gpu\w*', text)) == 3  # forward, dq, dk/dv
+
+
+@pytest.mark.parametrize("head_dim,split", [(64, False), (80, False), (80, True)])
+def test_export_cuda_bwd_paired(head_dim, split):
+    """BlockSizes(bwd_paired=True) lowers for CUDA (two accumulators in flight, register and shared-memory A
+    operands), and its backward kernels are not the default's."""
+    q = jax.ShapeDtypeStruct((2, 200, 8, head_dim), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((2, 200, 2, head_dim), jnp.bfloat16)
+
+    def fwd_vjp(q, k, v, paired):
+        bs = BlockSizes(bwd_paired=paired, head_split=split)
+        out, vjp = jax.vjp(lambda *a: flash_attention_gpu(*a, block_sizes=bs), q, k, v)
+        return out, vjp(jnp.ones_like(out))
+
+    paired, default = (_export_text(functools.partial(fwd_vjp, paired=p), q, k, k) for p in (True, False))
+    assert len(re.findall(r'stablehlo.custom_call @mosaic_gpu\w*', paired)) == 3  # forward, dq, dk/dv
+    assert paired != default
+
+
+@pytest.mark.parametrize("stages,paired", [(("bwd_mm",), True), (("bwd_exp",), False),
+                                           (("qk", "pv", "exp", "mask", "bwd_mm", "bwd_exp"), False)])
+def test_export_cuda_ablations(stages, paired):
+    """The profiling forms (`BlockSizes.ablate`, benchmarks/gpu_attention.py --ablate) lower for CUDA, forward and
+    backward, so that a GPU session's profile does not fail on them; an unknown stage is refused."""
+    q = jax.ShapeDtypeStruct((1, 200, 4, 80), jnp.bfloat16)
+    bs = BlockSizes(ablate=frozenset(stages), bwd_paired=paired, head_split=True)
+
+    def fwd_vjp(q, k, v):
+        out, vjp = jax.vjp(lambda *a: flash_attention_gpu(*a, block_sizes=bs), q, k, v)
+        return out, vjp(jnp.ones_like(out))
+
+    assert len(re.findall(r'stablehlo.custom_call @mosaic_gpu\w*', _export_text(fwd_vjp, q, q, q))) == 3
+    with pytest.raises(ValueError, match="unknown stages"):
+        BlockSizes(ablate=frozenset({"bwd_everything"}))

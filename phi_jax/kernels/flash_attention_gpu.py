@@ -17,6 +17,9 @@ Kernels (all `plgpu.kernel`, one warpgroup per CTA by default, K/V or Q/dO strea
   - dq: one CTA per (query block, head, batch), loops over key blocks; dS = P (dP - delta), dQ += dS K.
   - dk/dv: one CTA per (key block, KV head, batch), loops over the G query heads of its group and their query
     blocks, so GQA gradients are summed in the kernel (K/V never repeated, no reduction afterwards).
+  `BlockSizes(bwd_paired=True)` (opt-in) issues the backward's independent products together and waits once per
+  pair: dq's S = Q K^T and dP = dO V^T; dk/dv's S^T and dP^T, then dV += P^T dO and dK += dS^T Q (by default each
+  product is waited on before the next is issued).
   `BlockSizes(head_split=True)` (opt-in, all three kernels) tiles a head dim that is not a multiple of 64 as its
   multiple of 64 (128-byte swizzle) plus a 16..48-wide rest (32-byte swizzle), one TMA copy per part: products over
   the head dim are one wgmma per part into one accumulator, products into it one accumulator per part.
@@ -69,9 +72,13 @@ class BlockSizes:
     # with the 128-byte swizzle and the 16..48-wide rest with the 32-byte one, each its own TMA copy (instead of
     # 16-wide tiles for all of it, whose narrow copies bound the head_dim-80 forward on an H200).
     head_split: bool = False
+    # Backward (dq and dk/dv kernels): issue the products that do not depend on each other together and wait once
+    # per pair (dq: S and dP; dk/dv: S^T and dP^T, then dV and dK), instead of waiting on each product in turn.
+    bwd_paired: bool = False
     # Profiling only (benchmarks/gpu_attention.py --ablate): forward stages left out, so that the time each one
     # costs is the difference to the whole kernel. Any of "qk" (no QK^T matmul), "exp" (no online softmax: P is
-    # S cast to 16 bits), "pv" (no PV matmul), "mask" (no masks). The output is then WRONG.
+    # S cast to 16 bits), "pv" (no PV matmul), "mask" (no masks); and in the backward kernels, "bwd_mm" (no
+    # matmuls: every product is zeros) and "bwd_exp" (P is S, no exponential). The output is then WRONG.
     ablate: frozenset = frozenset()
 
     def __post_init__(self):
@@ -85,7 +92,7 @@ class BlockSizes:
             raise ValueError(f"BlockSizes.warpgroups={self.warpgroups} must be 1 or 2")
         if self.warpgroups == 2 and self.head_split and self.slots > 2:  # hangs in Pallas's interpreter (2026-11-26)
             raise ValueError(f"BlockSizes: warpgroups=2 with head_split=True takes slots=2 only (got {self.slots})")
-        unknown = set(self.ablate) - {"qk", "exp", "pv", "mask"}
+        unknown = set(self.ablate) - {"qk", "exp", "pv", "mask", "bwd_mm", "bwd_exp"}
         if unknown:
             raise ValueError(f"BlockSizes.ablate={sorted(self.ablate)}: unknown stages {sorted(unknown)}")
 
@@ -180,8 +187,9 @@ def _at(refs, *idx) -> tuple:
 # In-kernel helpers: the only places where the compiled and the interpreted kernels differ.
 
 class _Ops:
-    def __init__(self, interpret: bool):
+    def __init__(self, interpret: bool, skip_mm: bool = False):
         self.interpret = interpret
+        self.skip_mm = skip_mm  # profiling (BlockSizes.ablate "bwd_mm"): every product is zeros
 
     def matmul(self, a, b, *, a_is_ref: bool, transpose_b: bool, shape):
         """a @ b (or a @ b^T) with float32 accumulation; a: smem ref or 16-bit registers, b: smem ref."""
@@ -189,29 +197,30 @@ class _Ops:
 
     def matmul_sum(self, pairs, *, a_is_ref: bool, transpose_b: bool, shape):
         """The sum over (a, b) pairs of a @ b (or a @ b^T): one accumulator, one wgmma per pair (head-dim parts)."""
-        if self.interpret:
-            dims = (((1,), (1,)), ((), ())) if transpose_b else (((1,), (0,)), ((), ()))
-            terms = [lax.dot_general(a[...] if a_is_ref else a, b[...], dims, preferred_element_type=_F32)
-                     for a, b in pairs]
-            return functools.reduce(jnp.add, terms)
-
-        def body(acc_ref):
-            for a, b in pairs:
-                plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b, (1, 0)) if transpose_b else b)
-            return acc_ref[...]
-        return pl.run_scoped(body, plgpu.ACC(shape, _F32))
+        return self.matmuls([(pairs, shape)], a_is_ref=a_is_ref, transpose_b=transpose_b)[0]
 
     def matmul_each(self, a, bs, *, a_is_ref: bool, shapes) -> tuple:
         """(a @ b for b in bs), every wgmma issued before the first result is read (b: the head-dim parts)."""
-        if self.interpret:
-            return tuple(lax.dot_general(a[...] if a_is_ref else a, b[...], (((1,), (0,)), ((), ())),
-                                         preferred_element_type=_F32) for b in bs)
+        return self.matmuls([([(a, b)], shape) for b, shape in zip(bs, shapes)], a_is_ref=a_is_ref,
+                            transpose_b=False)
 
-        def body(*accs):
-            for acc, b in zip(accs, bs):
-                plgpu.wgmma(acc, a, b)
-            return tuple(acc[...] for acc in accs)
-        return pl.run_scoped(body, *(plgpu.ACC(shape, _F32) for shape in shapes))
+    def matmuls(self, accs, *, a_is_ref: bool, transpose_b: bool) -> tuple:
+        """One result per (pairs, shape) of `accs`, each the sum over its (a, b) pairs of a @ b (or a @ b^T) in its
+        own float32 accumulator; every wgmma is issued before the first result is read."""
+        if self.skip_mm:
+            return tuple(self.full(shape, 0.0) for _, shape in accs)
+        if self.interpret:
+            dims = (((1,), (1,)), ((), ())) if transpose_b else (((1,), (0,)), ((), ()))
+            return tuple(functools.reduce(jnp.add, [lax.dot_general(a[...] if a_is_ref else a, b[...], dims,
+                                                                    preferred_element_type=_F32) for a, b in pairs])
+                         for pairs, _ in accs)
+
+        def body(*acc_refs):
+            for acc_ref, (pairs, _) in zip(acc_refs, accs):
+                for a, b in pairs:
+                    plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b, (1, 0)) if transpose_b else b)
+            return tuple(acc_ref[...] for acc_ref in acc_refs)
+        return pl.run_scoped(body, *(plgpu.ACC(shape, _F32) for _, shape in accs))
 
     def vec(self, ref, along: int):
         """A 1-D smem vector as registers laid out along dim `along` (0 rows, 1 columns) of a wgmma tile."""
@@ -519,9 +528,10 @@ def _dq_call(q, k, v, do, qmeta, kvseg, stats, *, causal, static_offset, use_seg
     bq, bk, slots = bs.block_q_dq, bs.block_kv_dq, bs.slots
     nq, nkv = t_pad // bq, s_pad // bk
     dtype = q.dtype
-    ops = _Ops(interpret is not None)
+    ops = _Ops(interpret is not None, skip_mm="bwd_mm" in bs.ablate)
     c = scale * _LOG2E
     parts = _head_parts(head_dim, bs.head_split)
+    exp2 = (lambda x: x) if "bwd_exp" in bs.ablate else jnp.exp2
 
     def body(q_ref, k_ref, v_ref, do_ref, qmeta_ref, kvseg_ref, stats_ref, dq_ref, *,
              q_smem, do_smem, k_smem, v_smem, qmeta_smem, stats_smem, kvseg_smem, q_bar, do_bar, k_bar, v_bar,
@@ -566,17 +576,23 @@ def _dq_call(q, k, v, do, qmeta, kvseg, stats, *, causal, static_offset, use_seg
         def step_fn(step, dq, masked):
             slot = lax.rem(step, jnp.int32(slots))
             _wait_all(_at(k_bar, slot) + (s_bar.at[slot],))
-            s = ops.matmul_sum(list(zip(q_smem, _at(k_smem, slot))), a_is_ref=True, transpose_b=True, shape=(bq, bk))
-            p = jnp.exp2(s * c - _bcast(lse, (bq, bk), 0))
+            s_pairs = list(zip(q_smem, _at(k_smem, slot)))
+            dp_pairs = list(zip(do_smem, _at(v_smem, slot)))
+            if bs.bwd_paired:  # S and dP in flight together
+                _wait_all(_at(v_bar, slot))
+                s, dp = ops.matmuls([(s_pairs, (bq, bk)), (dp_pairs, (bq, bk))], a_is_ref=True, transpose_b=True)
+                _refill_when_read(fetch, step, slot, n_steps, slots, "v")
+            else:
+                s = ops.matmul_sum(s_pairs, a_is_ref=True, transpose_b=True, shape=(bq, bk))
+            p = exp2(s * c - _bcast(lse, (bq, bk), 0))
             if masked:
                 mask = _mask(ops, (bq, bk), causal=causal, use_seg=use_seg, q_along=0, qpos=qpos, qseg=qseg,
                              kv0=step * bk, kvseg=ops.vec(kvseg_smem.at[slot], 1))
                 p = jnp.where(mask, p, 0.0)
-            _wait_all(_at(v_bar, slot))
-            dp = ops.matmul_sum(list(zip(do_smem, _at(v_smem, slot))), a_is_ref=True, transpose_b=True,
-                                shape=(bq, bk))
-
-            _refill_when_read(fetch, step, slot, n_steps, slots, "v")
+            if not bs.bwd_paired:
+                _wait_all(_at(v_bar, slot))
+                dp = ops.matmul_sum(dp_pairs, a_is_ref=True, transpose_b=True, shape=(bq, bk))
+                _refill_when_read(fetch, step, slot, n_steps, slots, "v")
             ds = p * (dp - _bcast(delta, (bq, bk), 0))
             prods = ops.matmul_each(ds.astype(dtype), _at(k_smem, slot), a_is_ref=False,
                                     shapes=[(bq, w) for _, w in parts])
@@ -630,9 +646,10 @@ def _dkv_call(q, k, v, do, qmeta, kvseg, stats, *, causal, static_offset, use_se
     bq, bk, slots = bs.block_q_dkv, bs.block_kv_dkv, bs.slots
     nq, nkv = t_pad // bq, s_pad // bk
     dtype = q.dtype
-    ops = _Ops(interpret is not None)
+    ops = _Ops(interpret is not None, skip_mm="bwd_mm" in bs.ablate)
     c = scale * _LOG2E
     parts = _head_parts(head_dim, bs.head_split)
+    exp2 = (lambda x: x) if "bwd_exp" in bs.ablate else jnp.exp2
 
     def body(q_ref, k_ref, v_ref, do_ref, qmeta_ref, kvseg_ref, stats_ref, dk_ref, dv_ref, *,
              k_smem, v_smem, kvseg_smem, q_smem, do_smem, qmeta_smem, stats_smem, k_bar, v_bar, kv_bar, q_bar,
@@ -682,10 +699,12 @@ def _dkv_call(q, k, v, do, qmeta, kvseg, stats, *, causal, static_offset, use_se
             step = g * per_head + (qb - q_start)
             slot = lax.rem(step, jnp.int32(slots))
             _wait_all(_at(q_bar, slot) + (m_bar.at[slot], m_bar.at[slots + slot]))
+            if bs.bwd_paired:
+                return paired_step(step, slot, dk, dv, masked)
             st = ops.matmul_sum(list(zip(k_smem, _at(q_smem, slot))), a_is_ref=True, transpose_b=True, shape=(bk, bq))
             lse = ops.vec(stats_smem.at[slot, 0], 1)
             delta = ops.vec(stats_smem.at[slot, 1], 1)
-            pt = jnp.exp2(st * c - _bcast(lse, (bk, bq), 1))
+            pt = exp2(st * c - _bcast(lse, (bk, bq), 1))
             if masked:
                 mask = _mask(ops, (bk, bq), causal=causal, use_seg=use_seg, q_along=1,
                              qpos=ops.vec(qmeta_smem.at[slot, 0], 1), qseg=ops.vec(qmeta_smem.at[slot, 1], 1),
@@ -703,6 +722,28 @@ def _dkv_call(q, k, v, do, qmeta, kvseg, stats, *, causal, static_offset, use_se
             dk = tuple(a + d for a, d in zip(dk, ops.matmul_each(dst.astype(dtype), _at(q_smem, slot), a_is_ref=False,
                                                                  shapes=shapes)))
 
+            _refill_when_read(fetch, step, slot, n_steps, slots, "q")
+            return dk, dv
+
+        def paired_step(step, slot, dk, dv, masked):
+            """`BlockSizes.bwd_paired`: S^T and dP^T in flight together, then dV and dK."""
+            _wait_all(_at(do_bar, slot))
+            st, dpt = ops.matmuls([(list(zip(k_smem, _at(q_smem, slot))), (bk, bq)),
+                                   (list(zip(v_smem, _at(do_smem, slot))), (bk, bq))], a_is_ref=True, transpose_b=True)
+            pt = exp2(st * c - _bcast(ops.vec(stats_smem.at[slot, 0], 1), (bk, bq), 1))
+            if masked:
+                mask = _mask(ops, (bk, bq), causal=causal, use_seg=use_seg, q_along=1,
+                             qpos=ops.vec(qmeta_smem.at[slot, 0], 1), qseg=ops.vec(qmeta_smem.at[slot, 1], 1),
+                             kv0=kv0, kvseg=kvseg)
+                pt = jnp.where(mask, pt, 0.0)
+            dst = pt * (dpt - _bcast(ops.vec(stats_smem.at[slot, 1], 1), (bk, bq), 1))
+            pt16, dst16 = pt.astype(dtype), dst.astype(dtype)
+            prods = ops.matmuls([([(pt16, d)], (bk, w)) for d, (_, w) in zip(_at(do_smem, slot), parts)]
+                                + [([(dst16, q_p)], (bk, w)) for q_p, (_, w) in zip(_at(q_smem, slot), parts)],
+                                a_is_ref=False, transpose_b=False)
+            dv = tuple(a + d for a, d in zip(dv, prods[:len(parts)]))
+            dk = tuple(a + d for a, d in zip(dk, prods[len(parts):]))
+            _refill_when_read(fetch, step, slot, n_steps, slots, "do")
             _refill_when_read(fetch, step, slot, n_steps, slots, "q")
             return dk, dv
 
