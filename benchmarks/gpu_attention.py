@@ -1,8 +1,8 @@
 """GPU check and benchmark of the Mosaic GPU flash-attention kernel (phi_jax/kernels/flash_attention_gpu.py).
 
 1. Numerics (bf16, one case fp16): output and dq/dk/dv of `flash_attention_gpu` against `attention_reference`
-   (float32 maths on the same bf16 inputs) for causal, left/right padding with fully padded rows, packed segments, a query
-   offset, GQA, head_dim 64 and 80; one PASS/FAIL line per case (max |err| / max |ref| <= 2e-2).
+   (float32 maths on the same bf16 inputs) for causal, left/right padding with fully padded rows, packed segments, a
+   query offset, GQA, head_dim 64 and 80; one PASS/FAIL line per case (max |err| / max |ref| <= 2e-2).
 2. Speed: forward and forward+backward TFLOP/s, causal, bf16, batch 4, 32 heads, head_dim 64/80/128,
    seq 1024..8192, against `jax.nn.dot_product_attention(implementation="cudnn")` and the XLA reference.
    Causal FLOPs count half of 4*B*N*T*S*H; forward+backward counts 3.5x the forward.
