@@ -695,57 +695,43 @@ def _dkv_call(q, k, v, do, qmeta, kvseg, stats, *, causal, static_offset, use_se
         kvseg = ops.vec(kvseg_smem, 0)
 
         def step_fn(qb, carry, g, masked):
+            """One query block: S^T, P^T, dV += P^T dO, dP^T, dS^T, dK += dS^T Q (`bwd_paired`: S^T and dP^T in
+            flight together, then dV and dK)."""
             dk, dv = carry
             step = g * per_head + (qb - q_start)
             slot = lax.rem(step, jnp.int32(slots))
             _wait_all(_at(q_bar, slot) + (m_bar.at[slot], m_bar.at[slots + slot]))
+            st_pairs = list(zip(k_smem, _at(q_smem, slot)))
+            dpt_pairs = list(zip(v_smem, _at(do_smem, slot)))
             if bs.bwd_paired:
-                return paired_step(step, slot, dk, dv, masked)
-            st = ops.matmul_sum(list(zip(k_smem, _at(q_smem, slot))), a_is_ref=True, transpose_b=True, shape=(bk, bq))
-            lse = ops.vec(stats_smem.at[slot, 0], 1)
-            delta = ops.vec(stats_smem.at[slot, 1], 1)
-            pt = exp2(st * c - _bcast(lse, (bk, bq), 1))
-            if masked:
-                mask = _mask(ops, (bk, bq), causal=causal, use_seg=use_seg, q_along=1,
-                             qpos=ops.vec(qmeta_smem.at[slot, 0], 1), qseg=ops.vec(qmeta_smem.at[slot, 1], 1),
-                             kv0=kv0, kvseg=kvseg)
-                pt = jnp.where(mask, pt, 0.0)
-            _wait_all(_at(do_bar, slot))
-            shapes = [(bk, w) for _, w in parts]
-            dv = tuple(a + d for a, d in zip(dv, ops.matmul_each(pt.astype(dtype), _at(do_smem, slot), a_is_ref=False,
-                                                                 shapes=shapes)))
-            dpt = ops.matmul_sum(list(zip(v_smem, _at(do_smem, slot))), a_is_ref=True, transpose_b=True,
-                                 shape=(bk, bq))
-
-            _refill_when_read(fetch, step, slot, n_steps, slots, "do")
-            dst = pt * (dpt - _bcast(delta, (bk, bq), 1))
-            dk = tuple(a + d for a, d in zip(dk, ops.matmul_each(dst.astype(dtype), _at(q_smem, slot), a_is_ref=False,
-                                                                 shapes=shapes)))
-
-            _refill_when_read(fetch, step, slot, n_steps, slots, "q")
-            return dk, dv
-
-        def paired_step(step, slot, dk, dv, masked):
-            """`BlockSizes.bwd_paired`: S^T and dP^T in flight together, then dV and dK."""
-            _wait_all(_at(do_bar, slot))
-            st, dpt = ops.matmuls([(list(zip(k_smem, _at(q_smem, slot))), (bk, bq)),
-                                   (list(zip(v_smem, _at(do_smem, slot))), (bk, bq))], a_is_ref=True, transpose_b=True)
+                _wait_all(_at(do_bar, slot))
+                st, dpt = ops.matmuls([(st_pairs, (bk, bq)), (dpt_pairs, (bk, bq))], a_is_ref=True, transpose_b=True)
+            else:
+                st = ops.matmul_sum(st_pairs, a_is_ref=True, transpose_b=True, shape=(bk, bq))
             pt = exp2(st * c - _bcast(ops.vec(stats_smem.at[slot, 0], 1), (bk, bq), 1))
             if masked:
                 mask = _mask(ops, (bk, bq), causal=causal, use_seg=use_seg, q_along=1,
                              qpos=ops.vec(qmeta_smem.at[slot, 0], 1), qseg=ops.vec(qmeta_smem.at[slot, 1], 1),
                              kv0=kv0, kvseg=kvseg)
                 pt = jnp.where(mask, pt, 0.0)
-            dst = pt * (dpt - _bcast(ops.vec(stats_smem.at[slot, 1], 1), (bk, bq), 1))
-            pt16, dst16 = pt.astype(dtype), dst.astype(dtype)
-            prods = ops.matmuls([([(pt16, d)], (bk, w)) for d, (_, w) in zip(_at(do_smem, slot), parts)]
-                                + [([(dst16, q_p)], (bk, w)) for q_p, (_, w) in zip(_at(q_smem, slot), parts)],
-                                a_is_ref=False, transpose_b=False)
-            dv = tuple(a + d for a, d in zip(dv, prods[:len(parts)]))
-            dk = tuple(a + d for a, d in zip(dk, prods[len(parts):]))
-            _refill_when_read(fetch, step, slot, n_steps, slots, "do")
+            delta = _bcast(ops.vec(stats_smem.at[slot, 1], 1), (bk, bq), 1)
+            shapes = [(bk, w) for _, w in parts]
+            if bs.bwd_paired:
+                pt16, dst16 = pt.astype(dtype), (pt * (dpt - delta)).astype(dtype)
+                prods = ops.matmuls([([(pt16, d)], shape) for d, shape in zip(_at(do_smem, slot), shapes)]
+                                    + [([(dst16, q_p)], shape) for q_p, shape in zip(_at(q_smem, slot), shapes)],
+                                    a_is_ref=False, transpose_b=False)
+                dv_new, dk_new = prods[:len(parts)], prods[len(parts):]
+                _refill_when_read(fetch, step, slot, n_steps, slots, "do")
+            else:
+                _wait_all(_at(do_bar, slot))
+                dv_new = ops.matmul_each(pt.astype(dtype), _at(do_smem, slot), a_is_ref=False, shapes=shapes)
+                dpt = ops.matmul_sum(dpt_pairs, a_is_ref=True, transpose_b=True, shape=(bk, bq))
+                _refill_when_read(fetch, step, slot, n_steps, slots, "do")
+                dk_new = ops.matmul_each((pt * (dpt - delta)).astype(dtype), _at(q_smem, slot), a_is_ref=False,
+                                         shapes=shapes)
             _refill_when_read(fetch, step, slot, n_steps, slots, "q")
-            return dk, dv
+            return tuple(a + d for a, d in zip(dk, dk_new)), tuple(a + d for a, d in zip(dv, dv_new))
 
         if causal and static_offset is not None:
             q_mid = jnp.clip(q_full, q_start, nq)
