@@ -24,8 +24,10 @@ TESTS = {
     "safetensors": "test_corrupted_safetensors_is_a_clear_error",
     "gradients": "test_gradients_match_transformers",
     "sampling": "test_sampling_warpers_match_transformers",
+    "kernels": "test_kernels_match_reference",
 }
-CHUNK = {"forward": 5, "generate": 2, "config": 100, "safetensors": 100, "gradients": 5, "sampling": 200}
+CHUNK = {"forward": 5, "generate": 2, "config": 100, "safetensors": 100, "gradients": 5, "sampling": 200,
+         "kernels": 5}
 
 
 def summary(log: str) -> str:

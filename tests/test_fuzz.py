@@ -21,7 +21,12 @@ only:
   every parameter against transformers' PyTorch backward (each entry within GRAD_TOL of its tensor's spread
   plus GRAD_RTOL of itself; see `check_gradients`);
 - sampling: the tokens `Sampling` keeps and their scaled logits against transformers' temperature / top-k / top-p
-  warpers, on logits with the ties real models give (bf16-rounded, a few levels).
+  warpers, on logits with the ties real models give (bf16-rounded, a few levels);
+- attention kernels: each of phi_jax/kernels' four kernels (Mosaic GPU flash and decode, Mosaic TPU flash and
+  decode), run in Pallas's interpreters, against `attention_reference` on their shared contract: output and the
+  gradients of q, k, v (flash kernels), random lengths, query offsets, grouped heads, head dims 16..128, causal or
+  not, padding / packed / random segment ids, and for the GPU kernel random block sizes and opt-in forms (two
+  warpgroups, head split, paired backward, 3 slots); a query that sees no key must give exact zeros.
 
 Corrupted inputs: one field of config.json (or of its rope parameters) deleted, given a wrong type, zero,
 negative, huge or non-finite; a safetensors file truncated or its header made inconsistent. Loading must either
@@ -545,6 +550,115 @@ def _draws(sampler, logits, keys):
 def test_sampling_warpers_match_transformers(case):
     with logged("sampling"):
         check_sampling(*case)
+
+
+# ---- attention kernels -------------------------------------------------------------------------------------
+
+KERNELS = ("gpu", "tpu", "decode", "decode_gpu")
+KERNEL_TOL = 5e-5  # float32: max|Δ| / max(max|reference|, 0.1), output and gradients
+
+
+@st.composite
+def kernel_cases(draw):
+    """One call of a phi_jax kernel in interpret mode (Pallas's Mosaic GPU or TPU interpreter) and its inputs:
+    lengths, a query offset, grouped heads, head dims 16..128, causal or not, key padding / packed segments / random
+    ids (a row or a query may see nothing), and for the GPU flash kernel its block sizes and opt-in forms."""
+    kernel = draw(st.sampled_from(KERNELS))
+    decode = kernel.startswith("decode")
+    b = draw(st.integers(1, 2))
+    n, kv = draw(st.sampled_from([(1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (6, 3), (8, 2)]))
+    h = draw(st.sampled_from([16, 32, 48, 64, 80, 96, 112, 128]))
+    t = draw(st.integers(1, 4) if decode else st.integers(1, 140))
+    s = draw(st.integers(1, 200))
+    causal = draw(st.booleans()) if not decode else draw(st.sampled_from([True, True, False]))
+    offset = draw(st.integers(0, max(0, s - t)) if decode or draw(st.booleans()) else st.integers(0, 120))
+    segments = draw(st.sampled_from(["none", "pad", "packed", "random"]))
+    seed = draw(st.integers(0, 2 ** 31 - 1))
+    bs = None
+    if kernel == "gpu":
+        from phi_jax.kernels.flash_attention_gpu import BlockSizes
+        wgs = draw(st.sampled_from([1, 1, 2]))
+        if wgs == 2:  # three warpgroup threads per CTA: slow to interpret, so small
+            b, t, s = 1, min(t, 130), min(s, 130)
+        split = draw(st.booleans())
+        slots = draw(st.sampled_from([2, 3])) if not (wgs == 2 and split) else 2
+        bs = BlockSizes(block_kv=draw(st.sampled_from([64, 128])), slots=slots, overlap=draw(st.booleans()),
+                        warpgroups=wgs, head_split=split, bwd_paired=draw(st.booleans()),
+                        block_kv_dq=draw(st.sampled_from([64, 128])), block_q_dkv=draw(st.sampled_from([64, 128])))
+    return kernel, b, t, s, n, kv, h, causal, offset, segments, seed, bs
+
+
+def kernel_segments(kind: str, rng, b: int, t: int, s: int, offset: int):
+    """(q_segment_ids, kv_segment_ids) as numpy int32, or None: padding (left and right, per row), packed
+    documents (queries carry the id of their own position), or random small ids on both sides."""
+    if kind == "none":
+        return None, None
+    kv = np.ones((b, s), np.int32)
+    if kind == "pad":
+        for row in range(b):
+            left = rng.integers(0, s + 1)
+            right = rng.integers(0, s - left + 1)
+            kv[row, :left] = 0
+            kv[row, s - right:] = 0
+        return None, kv
+    if kind == "packed":
+        for row in range(b):
+            cuts = np.sort(rng.integers(0, s + 1, 3))
+            kv[row] = np.searchsorted(cuts, np.arange(s), side="right") % 3  # ids 0 (padding), 1, 2
+        pos = np.clip(offset + np.arange(t), 0, s - 1)
+        return kv[:, pos], kv
+    return rng.integers(0, 3, (b, t)).astype(np.int32), rng.integers(0, 3, (b, s)).astype(np.int32)
+
+
+def check_kernel(kernel, b, t, s, n, kv, h, causal, offset, segments, seed, bs):
+    import jax
+
+    from phi_jax.kernels.decode_attention import decode_attention
+    from phi_jax.kernels.decode_attention_gpu import decode_attention_gpu
+    from phi_jax.kernels.flash_attention_gpu import flash_attention_gpu
+    from phi_jax.kernels.flash_attention_tpu import flash_attention_tpu
+    from phi_jax.kernels.reference import attention_reference, visible
+
+    rng = np.random.default_rng(seed)
+    q, k, v = (jnp.asarray(rng.standard_normal(shape, np.float32))
+               for shape in ((b, t, n, h), (b, s, kv, h), (b, s, kv, h)))
+    cot = jnp.asarray(rng.standard_normal((b, t, n, h), np.float32))
+    q_ids, kv_ids = kernel_segments(segments, rng, b, t, s, offset)
+    kw = dict(q_segment_ids=None if q_ids is None else jnp.asarray(q_ids),
+              kv_segment_ids=None if kv_ids is None else jnp.asarray(kv_ids), causal=causal, q_offset=offset)
+    fn = {"gpu": functools.partial(flash_attention_gpu, block_sizes=bs), "tpu": flash_attention_tpu,
+          "decode": decode_attention, "decode_gpu": decode_attention_gpu}[kernel]
+    grads = kernel in ("gpu", "tpu")  # the decode kernels have no gradient
+
+    def run(f, **extra):
+        def call(q, k, v):
+            return f(q, k, v, **kw, **extra)
+        if not grads:
+            return (jax.jit(call)(q, k, v),)
+        out, vjp = jax.vjp(call, q, k, v)
+        return (out, *vjp(cot))
+
+    got = jax.jit(lambda: run(fn, interpret=True))()
+    want = run(attention_reference)
+    for name, a, r in zip(("out", "dq", "dk", "dv"), got, want):
+        a, r = np.asarray(a, np.float64), np.asarray(r, np.float64)
+        assert a.shape == r.shape and np.isfinite(a).all(), name
+        err = np.max(np.abs(a - r), initial=0.0) / max(np.max(np.abs(r), initial=0.0), 0.1)
+        assert err <= KERNEL_TOL, f"{kernel} {name}: relative error {err:.2e} > {KERNEL_TOL}"
+    # a query that sees no key: exactly zero output, and no gradient into it
+    blind = ~np.asarray(visible(b, t, s, **kw)).any(-1)  # [B, T]
+    assert not np.asarray(got[0])[blind].any(), "a query that sees no key has a nonzero output"
+    if grads:
+        assert not np.asarray(got[1])[blind].any(), "a query that sees no key has a nonzero gradient"
+
+
+@fuzz_settings(ci_examples=4)
+@given(case=kernel_cases())
+def test_kernels_match_reference(case):
+    """Every attention kernel (interpreted) against `attention_reference` on the shared contract."""
+    note(f"kernel case {case}")
+    with logged("kernels"), time_limit(600, f"kernel case {case[:-1]}"):
+        check_kernel(*case)
 
 
 # ---- corrupted inputs -------------------------------------------------------------------------------
