@@ -555,7 +555,7 @@ def test_sampling_warpers_match_transformers(case):
 # ---- attention kernels -------------------------------------------------------------------------------------
 
 KERNELS = ("gpu", "tpu", "decode", "decode_gpu")
-KERNEL_TOL = 5e-5  # float32: max|Δ| / max(max|reference|, 0.1), output and gradients
+KERNEL_TOL = 5e-5  # float32: max|Δ| / max|reference| (floored, see check_kernel), output and gradients
 
 
 @st.composite
@@ -638,18 +638,21 @@ def check_kernel(kernel, b, t, s, n, kv, h, causal, offset, segments, seed, bs):
         out, vjp = jax.vjp(call, q, k, v)
         return (out, *vjp(cot))
 
-    got = jax.jit(lambda: run(fn, interpret=True))()
-    want = run(attention_reference)
+    got = [np.asarray(x, np.float64) for x in jax.jit(lambda: run(fn, interpret=True))()]
+    want = [np.asarray(x, np.float64) for x in run(attention_reference)]
+    # A gradient can cancel to ~0 (a query that sees one key: dq = dk = 0 exactly in the reference) while the
+    # kernel's rounding stays proportional to the terms that cancel: errors are judged against at least 1% of the
+    # largest reference tensor (found by this fuzz: dk 7.8e-6 absolute where dv reached 31).
+    floor = max(0.1, 1e-2 * max(np.max(np.abs(r), initial=0.0) for r in want))
     for name, a, r in zip(("out", "dq", "dk", "dv"), got, want):
-        a, r = np.asarray(a, np.float64), np.asarray(r, np.float64)
         assert a.shape == r.shape and np.isfinite(a).all(), name
-        err = np.max(np.abs(a - r), initial=0.0) / max(np.max(np.abs(r), initial=0.0), 0.1)
+        err = np.max(np.abs(a - r), initial=0.0) / max(np.max(np.abs(r), initial=0.0), floor)
         assert err <= KERNEL_TOL, f"{kernel} {name}: relative error {err:.2e} > {KERNEL_TOL}"
     # a query that sees no key: exactly zero output, and no gradient into it
     blind = ~np.asarray(visible(b, t, s, **kw)).any(-1)  # [B, T]
-    assert not np.asarray(got[0])[blind].any(), "a query that sees no key has a nonzero output"
+    assert not got[0][blind].any(), "a query that sees no key has a nonzero output"
     if grads:
-        assert not np.asarray(got[1])[blind].any(), "a query that sees no key has a nonzero gradient"
+        assert not got[1][blind].any(), "a query that sees no key has a nonzero gradient"
 
 
 @fuzz_settings(ci_examples=4)
