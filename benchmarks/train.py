@@ -186,9 +186,13 @@ def gpu(args) -> None:
         lambda: nnx.state(PhiForCausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param))))
     print(f"model: {'phi-2' if not args.tiny else 'tiny'} geometry, {n_params / 1e9:.3f} B parameters, bf16 compute, "
           f"float32 master weights + AdamW state; seq {seq}; attention {args.attn}")
+    from phi_jax.modeling.remat import remat_policy
     for policy in args.remat.split(","):
-        if policy != "none" and not hasattr(jax.checkpoint_policies, policy):
-            print(f"remat {policy}: not a jax.checkpoint_policies member; skipped", flush=True)
+        try:
+            if policy != "none":
+                remat_policy(policy)  # a ValueError naming it when unknown
+        except ValueError as e:
+            print(f"remat {policy}: {e}; skipped", flush=True)
             continue
         try:
             gpu_config(args, cfg, seq, None if policy == "none" else policy, peak, capacity, kind)
@@ -289,8 +293,9 @@ def main() -> None:
                    "cores this process may run on; under `taskset -c 0` one)")
     p.add_argument("--profile", type=int, default=0, metavar="TOP", help="CPU: also profile the phi_jax step (per "
                    "op category, phase, matmul form) and list its TOP slowest ops")
-    p.add_argument("--remat", default=None, help="jax.checkpoint_policies name; --gpu default nothing_saveable "
-                   "(--gpu: a comma list measures each, e.g. nothing_saveable,dots_with_no_batch_dims_saveable)")
+    p.add_argument("--remat", default=None, help="jax.checkpoint_policies name or phi_jax's "
+                   "dots_and_attention_saveable; --gpu default nothing_saveable (--gpu: a comma list measures each, "
+                   "e.g. dots_with_no_batch_dims_saveable,dots_and_attention_saveable)")
     p.add_argument("--attn", default="cudnn", choices=("xla", "cudnn", "pallas", "auto"),
                    help="with --gpu: attention implementation (cudnn flash attention by default; xla materialises "
                         "the scores)")

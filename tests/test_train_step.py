@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,6 +55,50 @@ def test_gradients_match_transformers(make_checkpoint, geometry, overrides):
         key, transpose = hf_key(tuple(path_str.split(".")))
         want = ref[key].T if transpose else ref[key]
         assert rel_err(g, want) <= 1e-4, path_str
+
+
+def _kernel_calls(jaxpr, counts=None) -> collections.Counter:
+    """How often each attention kernel appears in a jaxpr, sub-jaxprs included (the Mosaic GPU kernels are
+    `mpmd_map`s, the Pallas TPU and interpreted ones `pallas_call`s named by their kernel)."""
+    counts = collections.Counter() if counts is None else counts
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "mpmd_map":
+            counts["mosaic_gpu"] += 1
+        elif eqn.primitive.name == "pallas_call":
+            counts[str(eqn.params.get("name", ""))] += 1
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            _kernel_calls(sub, counts)
+    return counts
+
+
+def test_dots_and_attention_saveable_keeps_the_attention_forward(make_checkpoint):
+    """phi_jax's remat policy `dots_and_attention_saveable` (phi_jax/modeling/remat.py) with our kernels: gradients
+    equal transformers', and the backward runs no attention forward kernel again (JAX's own policies rerun it on
+    every platform's branch: the Mosaic GPU kernel, the Pallas TPU kernel, the CPU's interpreted one)."""
+    path, tmodel = make_checkpoint("phi1", num_key_value_heads=2)
+    batch = _batch(tmodel.config.vocab_size)
+    torch_loss, ref = _torch_loss_and_grads(tmodel, batch)
+    split = split_model(PhiForCausalLM.from_pretrained(path, attn_implementation="pallas"),
+                        remat_policy="dots_and_attention_saveable")
+    grads, loss, _ = jax.jit(lambda p, b: grads_and_loss(split, p, {}, b, None))(split.trainable, batch)
+    assert abs(float(loss) - torch_loss) <= 1e-5 * abs(torch_loss)
+    for path_str, g in grads.items():
+        key, transpose = hf_key(tuple(path_str.split(".")))
+        assert rel_err(g, ref[key].T if transpose else ref[key]) <= 1e-4, path_str
+    calls = {}
+    for policy in (None, "dots_with_no_batch_dims_saveable", "dots_and_attention_saveable"):
+        # bf16 compute: the CUDA branch runs the Mosaic GPU kernels (which take 16-bit inputs only)
+        split = split_model(PhiForCausalLM.from_pretrained(path, attn_implementation="pallas", dtype=jnp.bfloat16,
+                                                           param_dtype=jnp.float32), remat_policy=policy)
+        fn = jax.jit(lambda p, b: grads_and_loss(split, p, {}, b, None))
+        calls[policy] = _kernel_calls(jax.make_jaxpr(fn)(split.trainable, batch).jaxpr)
+    fwd = [k for k in calls[None] if "fwd" in k] + ["mosaic_gpu"]
+    assert calls[None]["mosaic_gpu"] > 0 and any(calls[None][k] for k in fwd if k != "mosaic_gpu")
+    for k in fwd:  # saved: as often as without remat; JAX's policy: more often
+        assert calls["dots_and_attention_saveable"][k] == calls[None][k], (k, calls)
+        assert calls["dots_with_no_batch_dims_saveable"][k] > calls[None][k], (k, calls)
+    with pytest.raises(ValueError, match="'dots_and_attention'"):
+        split_model(PhiForCausalLM.from_pretrained(path), remat_policy="dots_and_attention")
 
 
 def test_accumulation_and_remat_change_nothing(make_checkpoint):

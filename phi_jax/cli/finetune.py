@@ -27,7 +27,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--accum-steps", type=int, default=1, help="micro-batches per step (gradient accumulation)")
     parser.add_argument("--remat", default=None, metavar="POLICY",
                         help="recompute layers in the backward pass with this jax.checkpoint_policies policy "
-                             "(e.g. nothing_saveable, dots_with_no_batch_dims_saveable)")
+                             "(e.g. nothing_saveable, dots_with_no_batch_dims_saveable) or phi_jax's "
+                             "dots_and_attention_saveable (also keeps the cudnn/pallas attention's residuals)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="compute dtype (master weights and optimizer state stay float32)")
     parser.add_argument("--attn-implementation", default="xla", choices=("xla", "cudnn", "pallas", "auto"),

@@ -27,6 +27,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from phi_jax.modeling.partitioning import axes
 from phi_jax.modeling.layernorm import layer_norm, make_layer_norm, matmul_precision
@@ -38,6 +39,7 @@ from phi_jax.kernels.decode_attention_gpu import decode_attention_gpu
 from phi_jax.kernels.flash_attention_gpu import flash_attention_gpu
 from phi_jax.kernels.flash_attention_tpu import flash_attention_tpu
 from phi_jax.modeling.mask import AttentionMask
+from phi_jax.modeling.remat import ATTENTION_RESIDUALS
 
 ATTN_IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "auto")
 DECODE_MAX_QUERIES = 16  # with a cache, calls with at most this many queries use the decode kernel
@@ -192,7 +194,34 @@ def attend_cudnn(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, 
         q, k, v, mask, cuda=_cudnn, default=lambda q, k, v, mask: attend_masked_xla(q, k, v, mask))
 
 
-_ATTENTION_FNS = {"xla": attend_masked_xla, "cudnn": attend_cudnn, "pallas": attend_pallas, "auto": attend_auto}
+def _named_residuals(fn: Callable, name: str) -> Callable:
+    """`fn` (a fused implementation) with its VJP residuals named `ATTENTION_RESIDUALS`, so that the remat policy
+    `dots_and_attention_saveable` keeps them instead of running the attention forward again in the backward (see
+    phi_jax/modeling/remat.py). Values and gradients are `fn`'s: the backward is `fn`'s own VJP."""
+
+    @jax.custom_vjp
+    def attend(q, k, v, mask):
+        return fn(q, k, v, mask)
+
+    def fwd(q, k, v, mask):
+        out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, mask), q, k, v)
+        # the residuals are the leaves of vjp (a jax.tree_util.Partial), each named for the policy
+        return out, jax.tree.map(lambda r: checkpoint_name(r, ATTENTION_RESIDUALS), vjp)
+
+    def bwd(vjp, g):
+        return (*vjp(g), None)  # the mask (ids, offsets) has no cotangent
+
+    attend.defvjp(fwd, bwd)
+
+    def wrapped(q, k, v, mask, *, dropout=None):
+        _check_no_dropout(dropout, name)
+        # the output too: the output projection's weight gradient reads it (else the forward runs again for it)
+        return checkpoint_name(attend(q, k, v, mask), ATTENTION_RESIDUALS)
+    return wrapped
+
+
+_ATTENTION_FNS = {"xla": attend_masked_xla, "cudnn": _named_residuals(attend_cudnn, "cudnn"),
+                  "pallas": _named_residuals(attend_pallas, "pallas"), "auto": _named_residuals(attend_auto, "auto")}
 
 
 def get_attention_fn(attn_implementation: str):

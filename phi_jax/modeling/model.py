@@ -21,6 +21,7 @@ from phi_jax.modeling.matmul import dot_general
 from phi_jax.modeling.losses import causal_lm_loss, cross_entropy, sequence_classification_loss
 from phi_jax.modeling.inputs import check_input_ids
 from phi_jax.modeling.mask import make_attention_mask
+from phi_jax.modeling.remat import remat_policy
 from phi_jax.modeling.rotary import cos_sin
 from phi_jax.generation.mixin import GenerationMixin
 from phi_jax.loading import PretrainedMixin
@@ -136,7 +137,7 @@ class PhiModel(PhiPreTrainedModel):
         new_cache = [] if cache is not None else None
         call = PhiDecoderLayer.__call__
         if self.remat_policy is not None:
-            call = nnx.remat(call, policy=getattr(jax.checkpoint_policies, self.remat_policy), graph=False)
+            call = nnx.remat(call, policy=remat_policy(self.remat_policy), graph=False)
         for i, layer in enumerate(self.layers):
             x, layer_cache = call(layer, x, cos, sin, mask, None if cache is None else cache[i], cache_index)
             x = constrain(x, ("batch", None, None))

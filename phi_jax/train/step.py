@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 
 from phi_jax.modeling.losses import shift_labels, token_nll
+from phi_jax.modeling.remat import remat_policy as resolve_remat_policy
 
 BATCH_KEYS = ("input_ids", "attention_mask", "position_ids", "labels")
 
@@ -31,7 +32,8 @@ class TrainConfig:
       `learning_rate * final_lr_ratio` at `total_steps`.
     accum_steps: a batch of B rows runs as `accum_steps` micro-batches of B / accum_steps rows (one update).
     remat_policy: a `jax.checkpoint_policies` name (e.g. "nothing_saveable", "dots_with_no_batch_dims_saveable")
-      to recompute each decoder layer in the backward pass; None keeps every activation.
+      or phi_jax's "dots_and_attention_saveable" (phi_jax/modeling/remat.py: also keeps the fused attention's
+      residuals) to recompute each decoder layer in the backward pass; None keeps every activation.
     """
 
     learning_rate: float = 1e-4
@@ -87,8 +89,7 @@ def split_model(model: nnx.Module, trainable: nnx.filterlib.Filter = nnx.Param, 
                 remat_policy: str | None = None) -> SplitModel:
     """Splits `model` (dropout switched on when `train`) into trainable / frozen parameters and the rest."""
     if remat_policy is not None:
-        if not hasattr(jax.checkpoint_policies, remat_policy):
-            raise ValueError(f"remat policy {remat_policy!r} is not a jax.checkpoint_policies member")
+        resolve_remat_policy(remat_policy)  # a ValueError naming it when it is unknown
         for _, m in nnx.iter_graph(model):
             if hasattr(m, "remat_policy"):
                 m.remat_policy = remat_policy
