@@ -255,8 +255,14 @@ def _refill_when_read(fetch, step, slot, n_steps, slots: int, what) -> None:
         fetch(step + slots, slot, what)
 
 
+def _where(mask, x, fill):
+    """x where `mask` (from `_mask`) holds, else fill; no mask (nothing hidden): x."""
+    return x if mask is None else jnp.where(mask, x, fill)
+
+
 def _mask(ops, shape, *, causal, use_seg, q_along, qpos, qseg, kv0, kvseg):
-    """The contract's visibility for one tile. q_along is the tile dim that indexes queries (0 or 1)."""
+    """The contract's visibility for one tile (None when neither causal nor segments hide anything: a loop of
+    masked steps is traced even where it runs no step). q_along is the tile dim that indexes queries (0 or 1)."""
     kv_along = 1 - q_along
     mask = None
     if causal:
@@ -355,7 +361,7 @@ def _fwd_call(q, k, v, qmeta, kvseg, *, causal, static_offset, use_seg, scale, b
                     slot = lax.rem(step, jnp.int32(slots))
                     mask = _mask(ops, (bq, bk), causal=causal, use_seg=use_seg, q_along=0, qpos=qpos, qseg=qseg,
                                  kv0=step * bk, kvseg=ops.vec(kvseg_smem.at[slot], 1))
-                    s = jnp.where(mask, s, -jnp.inf)
+                    s = _where(mask, s, -jnp.inf)
                 m_new = jnp.maximum(m_i, s.max(axis=1) * c)
                 m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
                 p = jnp.exp2(s * c - _bcast(m_use, (bq, bk), 0))
@@ -588,7 +594,7 @@ def _dq_call(q, k, v, do, qmeta, kvseg, stats, *, causal, static_offset, use_seg
             if masked:
                 mask = _mask(ops, (bq, bk), causal=causal, use_seg=use_seg, q_along=0, qpos=qpos, qseg=qseg,
                              kv0=step * bk, kvseg=ops.vec(kvseg_smem.at[slot], 1))
-                p = jnp.where(mask, p, 0.0)
+                p = _where(mask, p, 0.0)
             if not bs.bwd_paired:
                 _wait_all(_at(v_bar, slot))
                 dp = ops.matmul_sum(dp_pairs, a_is_ref=True, transpose_b=True, shape=(bq, bk))
@@ -713,7 +719,7 @@ def _dkv_call(q, k, v, do, qmeta, kvseg, stats, *, causal, static_offset, use_se
                 mask = _mask(ops, (bk, bq), causal=causal, use_seg=use_seg, q_along=1,
                              qpos=ops.vec(qmeta_smem.at[slot, 0], 1), qseg=ops.vec(qmeta_smem.at[slot, 1], 1),
                              kv0=kv0, kvseg=kvseg)
-                pt = jnp.where(mask, pt, 0.0)
+                pt = _where(mask, pt, 0.0)
             delta = _bcast(ops.vec(stats_smem.at[slot, 1], 1), (bk, bq), 1)
             shapes = [(bk, w) for _, w in parts]
             if bs.bwd_paired:
