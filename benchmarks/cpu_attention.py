@@ -56,24 +56,26 @@ def main() -> None:
         rng = np.random.default_rng(t + n)
         q, k, v, g = (rng.standard_normal((b, t, n, h), np.float32) for _ in range(4))
         mask = jnp.tril(jnp.ones((t, t), bool))[None, None].repeat(b, 0)
-        fwd = jax.jit(lambda q, k, v: attend_xla(q, k, v, mask, causal=True))
+        # the mask is an argument (as in the model, where it comes from the inputs), not a constant to fold
+        fwd = jax.jit(lambda q, k, v, mask: attend_xla(q, k, v, mask, causal=True))
         tq, tk, tv = (torch.tensor(x.transpose(0, 2, 1, 3).copy(), requires_grad=backward) for x in (q, k, v))
-        err = np.abs(np.asarray(fwd(q, k, v)) - F.scaled_dot_product_attention(
+        err = np.abs(np.asarray(fwd(q, k, v, mask)) - F.scaled_dot_product_attention(
             tq, tk, tv, is_causal=True).detach().numpy().transpose(0, 2, 1, 3)).max()
         calls = max(1, int(2e8 // (b * n * t * t * h)))
 
         def torch_fwd():
             with torch.no_grad():
                 F.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
-        rows = [("forward", best_ms(lambda: fwd(q, k, v).block_until_ready(), calls), best_ms(torch_fwd, calls))]
+        rows = [("forward", best_ms(lambda: fwd(q, k, v, mask).block_until_ready(), calls),
+                 best_ms(torch_fwd, calls))]
         if backward:
-            grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend_xla(q, k, v, mask, causal=True) * g),
+            grad = jax.jit(jax.grad(lambda q, k, v, mask: jnp.sum(attend_xla(q, k, v, mask, causal=True) * g),
                                     argnums=(0, 1, 2)))
             tg = torch.tensor(g.transpose(0, 2, 1, 3).copy())
 
             def torch_fb():
                 (F.scaled_dot_product_attention(tq, tk, tv, is_causal=True) * tg).sum().backward()
-            rows.append(("fwd+bwd", best_ms(lambda: jax.block_until_ready(grad(q, k, v)), calls),
+            rows.append(("fwd+bwd", best_ms(lambda: jax.block_until_ready(grad(q, k, v, mask)), calls),
                          best_ms(torch_fb, calls)))
         for what, ours, ref in rows:
             print(f"{name:<44} {what:>8}: phi_jax xla {ours:8.2f} ms, torch SDPA {ref:8.2f} ms, "
