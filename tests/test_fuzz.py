@@ -562,7 +562,8 @@ KERNEL_TOL = 5e-5  # float32: max|Δ| / max|reference| (floored, see check_kerne
 def kernel_cases(draw):
     """One call of a phi_jax kernel in interpret mode (Pallas's Mosaic GPU or TPU interpreter) and its inputs:
     lengths, a query offset, grouped heads, head dims 16..128, causal or not, key padding / packed segments / random
-    ids (a row or a query may see nothing), and for the GPU flash kernel its block sizes and opt-in forms."""
+    ids (a row or a query may see nothing), and each kernel's tiling: the GPU flash kernel's block sizes and opt-in
+    forms, the TPU kernel's (block_q, block_k), the decode kernels' key blocks and splits."""
     kernel = draw(st.sampled_from(KERNELS))
     decode = kernel.startswith("decode")
     b = draw(st.integers(1, 2))
@@ -586,6 +587,15 @@ def kernel_cases(draw):
         bs = BlockSizes(block_kv=draw(st.sampled_from([64, 128])), slots=slots, overlap=draw(st.booleans()),
                         warpgroups=wgs, head_split=split, bwd_paired=draw(st.booleans()),
                         block_kv_dq=draw(st.sampled_from([64, 128])), block_q_dkv=draw(st.sampled_from([64, 128])))
+    elif kernel == "tpu" and draw(st.booleans()):  # (block_q, block_k)
+        bq = draw(st.sampled_from([8, 16, 64, 128, 256]))
+        if t > bq:  # several query blocks: block_q a multiple of 128
+            bq = -(-bq // 128) * 128
+        bs = dict(block_sizes=(bq, draw(st.sampled_from([128, 256]))))
+    elif kernel == "decode":
+        bs = dict(block_k=draw(st.sampled_from([None, 128, 256])), num_splits=draw(st.sampled_from([None, 1, 2, 3])))
+    elif kernel == "decode_gpu":
+        bs = dict(num_splits=draw(st.sampled_from([None, 1, 2, 3])))
     return kernel, b, t, s, n, kv, h, causal, offset, segments, seed, dtype, bs
 
 
@@ -629,6 +639,8 @@ def check_kernel(kernel, b, t, s, n, kv, h, causal, offset, segments, seed, dtyp
               kv_segment_ids=None if kv_ids is None else jnp.asarray(kv_ids), causal=causal, q_offset=offset)
     fn = {"gpu": functools.partial(flash_attention_gpu, block_sizes=bs), "tpu": flash_attention_tpu,
           "decode": decode_attention, "decode_gpu": decode_attention_gpu}[kernel]
+    if isinstance(bs, dict):  # the other kernels' tiling arguments
+        fn = functools.partial(fn, **bs)
     grads = kernel in ("gpu", "tpu")  # the decode kernels have no gradient
 
     def run(f, **extra):
