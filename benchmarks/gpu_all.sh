@@ -7,6 +7,7 @@
 # tool brings back at most 8 files.
 #
 #   bash benchmarks/gpu_all.sh [DEADLINE]        # from the repository root; < 10 minutes
+#   ONLY="profile_train train" bash benchmarks/gpu_all.sh 240   # only these steps (a second call on the warm machine)
 #
 # tokamax (optional, compared in benchmarks/attention.py) is installed from .whl/ when that folder holds its
 # wheels (see the device notes: pip download --python-version 3.12 ... tokamax==0.0.17 and its needs).
@@ -23,6 +24,9 @@ START=$(date +%s)
 step() {  # step NAME LIMIT COMMAND...: run COMMAND with min(LIMIT, time left) seconds, its log into logs.tgz
     local name=$1 limit=$2
     shift 2
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then
+        return
+    fi
     local left=$((DEADLINE - ($(date +%s) - START) - 5))
     if [ "$left" -lt 20 ]; then
         echo "== $name: skipped (out of time)" | tee -a "$OUTDIR/summary.txt"
@@ -56,19 +60,19 @@ fi
 # the backward's products issued in pairs) against the default and cuDNN (make one the default only where it
 # PASSes and is faster)
 step variants 200 python3 benchmarks/gpu_attention.py --variants --check-only s3,bwd-pair --dims 80 --repeats 3
-# issue 10: where the head_dim-80 forward's and backward's time goes (stages left out: the backward has not been
-# profiled yet), 16-wide tiles vs the 64 + 16 split
-step ablate 120 python3 benchmarks/gpu_attention.py --ablate --skip-check --skip-table --dims 80 \
-    --head-split 0,1 --repeats 3
 # issue 12: the train step with phi_jax's policy that also keeps the attention's residuals (no attention forward in
 # the backward) against JAX's dots policy (746.1 ms/step, 39.7% MFU in the third run), same batch
 step train_policy 150 python3 benchmarks/train.py --gpu --batch 8 \
     --remat dots_and_attention_saveable,dots_with_no_batch_dims_saveable
+# issue 10: the decode kernel's device time per layer (32 layers in one program) against the KV-cache read floor
+step decode_kernel 90 python3 benchmarks/gpu_attention.py --decode --skip-check --skip-table --repeats 3
+# issue 10: where the head_dim-80 forward's and backward's time goes (stages left out: the backward has not been
+# profiled yet), 16-wide tiles vs the 64 + 16 split
+step ablate 120 python3 benchmarks/gpu_attention.py --ablate --skip-check --skip-table --dims 80 \
+    --head-split 0,1 --repeats 3
 # issue 12: where the train step's device time goes (categories, top ops, matmul TFLOP/s per form, time per phase)
 step profile_train 200 python3 benchmarks/gpu_profile.py --what train --remat dots_and_attention_saveable \
     --hlo-dir "$LOGDIR/hlo"
-# issue 10: the decode kernel's device time per layer (32 layers in one program) against the KV-cache read floor
-step decode_kernel 90 python3 benchmarks/gpu_attention.py --decode --skip-check --skip-table --repeats 3
 # issue 12: the largest batch that fits (temporaries' slope from a second compile) and its MFU
 step train 200 python3 benchmarks/train.py --gpu --remat dots_and_attention_saveable --batch 8 --find-max
 # issues 10-11: where the phi-2 forward b4x2048 (cudnn, pallas) and time to first token b1/b8 spend device time
