@@ -221,13 +221,13 @@ def checkpoint(kw: dict):
 
 
 @functools.lru_cache(maxsize=4)
-def _jax_model(key: str):
+def _jax_model(key: str, attn_implementation: str):
     directory, _ = _checkpoint(key)
-    return phi_jax.PhiForCausalLM.from_pretrained(directory)
+    return phi_jax.PhiForCausalLM.from_pretrained(directory, attn_implementation=attn_implementation)
 
 
-def jax_model(kw: dict):
-    return _jax_model(json.dumps(kw, sort_keys=True))
+def jax_model(kw: dict, attn_implementation: str = "xla"):
+    return _jax_model(json.dumps(kw, sort_keys=True), attn_implementation)
 
 
 # ---- batches ---------------------------------------------------------------------------------------
@@ -274,10 +274,10 @@ def batches(draw, kw: dict, *, generation: bool = False) -> dict:
 
 # ---- the differential checks -----------------------------------------------------------------------
 
-def check_forward(kw: dict, batch: dict) -> None:
+def check_forward(kw: dict, batch: dict, attn_implementation: str = "xla") -> None:
     """Logits, hidden states and loss at real positions against transformers; junk at masked positions inert."""
     directory, ref_model = checkpoint(kw)
-    model = jax_model(kw)
+    model = jax_model(kw, attn_implementation)
     mask = batch["mask"]
     pos = batch["position_ids"]
     with torch.no_grad():
@@ -313,10 +313,11 @@ def _padded(tokens: np.ndarray, length: int, pad: int) -> np.ndarray:
     return np.pad(tokens, ((0, 0), (0, length - tokens.shape[1])), constant_values=pad)
 
 
-def check_generate(kw: dict, batch: dict, max_new_tokens: int, explicit: bool) -> None:
+def check_generate(kw: dict, batch: dict, max_new_tokens: int, explicit: bool,
+                   attn_implementation: str = "xla") -> None:
     """Greedy `generate` against transformers' (near-tie rule in the module docstring); stream == generate."""
     directory, ref_model = checkpoint(kw)
-    model = jax_model(kw)
+    model = jax_model(kw, attn_implementation)
     eos = kw["eos_token_id"]
     eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
     pad = kw["pad_token_id"]
@@ -408,6 +409,11 @@ def check_gradients(kw: dict, batch: dict) -> None:
                                      f"(spread {scale:.3g}, floor {floor:.3g})")
 
 
+# attention implementations the model-level checks draw from: on the CPU, "pallas" runs phi_jax's kernels
+# interpreted (the TPU flash kernel, the decode kernel for cached steps); "cudnn" and "auto" are the xla path there
+IMPLEMENTATIONS = ("xla", "xla", "pallas")
+
+
 @st.composite
 def forward_cases(draw):
     kw = draw(phi_configs())
@@ -417,23 +423,24 @@ def forward_cases(draw):
 @st.composite
 def generate_cases(draw):
     kw = draw(phi_configs())
-    return kw, draw(batches(kw, generation=True)), draw(st.integers(1, 8)), draw(st.booleans())
+    return (kw, draw(batches(kw, generation=True)), draw(st.integers(1, 8)), draw(st.booleans()),
+            draw(st.sampled_from(IMPLEMENTATIONS)))
 
 
 @fuzz_settings(ci_examples=6)
-@given(case=forward_cases())
-def test_forward_matches_transformers(case):
+@given(case=forward_cases(), attn_implementation=st.sampled_from(IMPLEMENTATIONS))
+def test_forward_matches_transformers(case, attn_implementation):
     kw, batch = case
     with logged("forward"):
-        check_forward(kw, batch)
+        check_forward(kw, batch, attn_implementation)
 
 
 @fuzz_settings(ci_examples=3)
 @given(case=generate_cases())
 def test_generate_matches_transformers(case):
-    kw, batch, max_new_tokens, explicit = case
+    kw, batch, max_new_tokens, explicit, attn_implementation = case
     with logged("generate"):
-        check_generate(kw, batch, max_new_tokens, explicit)
+        check_generate(kw, batch, max_new_tokens, explicit, attn_implementation)
 
 
 @fuzz_settings(ci_examples=3)
