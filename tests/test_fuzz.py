@@ -18,8 +18,9 @@ only:
   the row is not compared; any other difference fails;
 - `generate_stream` yields exactly the tokens of `generate`;
 - training: the causal-LM loss of the train step's `grads_and_loss` on the same padded batch and the gradient of
-  every parameter against transformers' PyTorch backward (each entry within GRAD_TOL of its tensor's spread
-  plus GRAD_RTOL of itself; see `check_gradients`);
+  every parameter against transformers' PyTorch backward (each entry within GRAD_TOL of its tensor's spread plus
+  GRAD_RTOL of itself; see `check_gradients`), with the attention implementation and the remat policy drawn;
+- forward and generation also draw the attention implementation (`IMPLEMENTATIONS`);
 - sampling: the tokens `Sampling` keeps and their scaled logits against transformers' temperature / top-k / top-p
   warpers, on logits with the ties real models give (bf16-rounded, a few levels);
 - attention kernels: each of phi_jax/kernels' four kernels (Mosaic GPU flash and decode, Mosaic TPU flash and
@@ -360,9 +361,10 @@ def check_generate(kw: dict, batch: dict, max_new_tokens: int, explicit: bool,
     np.testing.assert_array_equal(new[:, streamed.shape[1]:], pad)
 
 
-def check_gradients(kw: dict, batch: dict) -> None:
+def check_gradients(kw: dict, batch: dict, attn_implementation: str = "xla", remat: str | None = None) -> None:
     """The training loss and the gradient of every parameter against transformers' PyTorch backward, on the same
-    padded batch (junk ids at masked positions on the phi_jax side), through phi_jax's train step functions."""
+    padded batch (junk ids at masked positions on the phi_jax side), through phi_jax's train step functions (with
+    the attention implementation and remat policy given)."""
     import jax
 
     from phi_jax.io.names import hf_key
@@ -379,7 +381,8 @@ def check_gradients(kw: dict, batch: dict) -> None:
     ref_loss = ref.loss.item()
     ref_grads = {k: p.grad.numpy() for k, p in ref_model.named_parameters()}
 
-    split = split_model(phi_jax.PhiForCausalLM.from_pretrained(directory))
+    split = split_model(phi_jax.PhiForCausalLM.from_pretrained(directory, attn_implementation=attn_implementation),
+                        remat_policy=remat)
     b, t = labels.shape
     jbatch = {"input_ids": batch["ids"].astype(np.int32), "attention_mask": batch["mask"].astype(np.int32),
               "labels": labels.astype(np.int32),
@@ -444,11 +447,12 @@ def test_generate_matches_transformers(case):
 
 
 @fuzz_settings(ci_examples=3)
-@given(case=forward_cases())
-def test_gradients_match_transformers(case):
+@given(case=forward_cases(), attn_implementation=st.sampled_from(IMPLEMENTATIONS),
+       remat=st.sampled_from([None, None, "nothing_saveable", "dots_and_attention_saveable"]))
+def test_gradients_match_transformers(case, attn_implementation, remat):
     kw, batch = case
     with logged("gradients"):
-        check_gradients(kw, batch)
+        check_gradients(kw, batch, attn_implementation, remat)
 
 
 # ---- sampling warpers --------------------------------------------------------------------------------
