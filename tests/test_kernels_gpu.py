@@ -119,6 +119,8 @@ class GpuKernelCases(_KernelCheck):
         # nothing to mask (S a whole block, no segments): found by the kernel fuzz, where tracing the (empty) loop of
         # masked steps failed on the mask that is not there
         self.check(t=37, s=128, n=2, kv=1, h=64, causal=False, seed=3)
+        # the same in bf16: what a GPU runs compiled (float32 falls back to the reference there)
+        self.check(t=37, s=128, n=2, kv=1, h=64, causal=False, seed=3, dtype=jnp.bfloat16)
 
     def test_fp32_h80_prefill_traced_offset_padding(self):
         self.check(batch=2, t=37, s=129, n=2, kv=2, h=80, q_offset=92, kind="left", seed=4, jit_offset=True)
