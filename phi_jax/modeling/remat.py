@@ -3,9 +3,11 @@
 `dots_and_attention_saveable` saves what `dots_with_no_batch_dims_saveable` saves (every projection's output) and
 the fused attention's residuals (its output and softmax statistics, and the inputs it keeps), named
 `ATTENTION_RESIDUALS` by the attention module for the `cudnn`, `pallas` and `auto` implementations. The backward pass
-then reruns no attention forward kernel. JAX's own policies cannot see those residuals: the kernels' forward rules
-(custom VJPs) sit inside call primitives that a policy is never asked about, so under any remat policy the whole
-attention forward runs again in the backward (benchmarks/RESULTS.md: about 1/3.5 of the attention's training time).
+then reruns no attention forward kernel. JAX's dot-saving policies keep no fused attention (it is no dot), so under
+them the backward runs the attention forward again (the forward is about 1/3.5 of the attention's forward+backward
+work; `everything_saveable` keeps it, and every other activation with it). A policy keyed
+on primitive names does not reach it reliably either: the Mosaic GPU kernel sits inside a `custom_vmap_call`, and
+saving that call's outputs did not stop the recomputation (tried 2026-11-27), so the residuals carry a name.
 The `xla` implementation's residuals are its score-sized probabilities: not named, so recomputed as before (but
 `auto` on the CPU is the xla path inside the named wrapper: there the policy keeps them too).
 """
