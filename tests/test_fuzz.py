@@ -26,7 +26,7 @@ only:
 - attention kernels: each of phi_jax/kernels' four kernels (Mosaic GPU flash and decode, Mosaic TPU flash and
   decode), run in Pallas's interpreters, against `attention_reference` on their shared contract: output and the
   gradients of q, k, v (flash kernels), random lengths, query offsets, grouped heads, head dims 16..128, causal or
-  not, padding / packed / random segment ids, float32 or bf16, and for the GPU kernel random block sizes and opt-in
+  not, padding / packed / random segment ids, float32 or bf16, the query offset a Python int or traced, and for the GPU kernel random block sizes and opt-in
   forms (two warpgroups, head split, paired backward, 3 slots); a query that sees no key must give exact zeros.
 
 Corrupted inputs: one field of config.json (or of its rope parameters) deleted, given a wrong type, zero,
@@ -647,7 +647,7 @@ def check_kernel(kernel, b, t, s, n, kv, h, causal, offset, segments, seed, dtyp
     cot = jnp.asarray(rng.standard_normal((b, t, n, h), np.float32)).astype(dtype)
     q_ids, kv_ids = kernel_segments(segments, rng, b, t, s, offset)
     kw = dict(q_segment_ids=None if q_ids is None else jnp.asarray(q_ids),
-              kv_segment_ids=None if kv_ids is None else jnp.asarray(kv_ids), causal=causal, q_offset=offset)
+              kv_segment_ids=None if kv_ids is None else jnp.asarray(kv_ids), causal=causal)
     fn = {"gpu": functools.partial(flash_attention_gpu, block_sizes=bs), "tpu": flash_attention_tpu,
           "decode": decode_attention, "decode_gpu": decode_attention_gpu}[kernel]
     if isinstance(bs, dict):  # the other kernels' tiling arguments
@@ -662,10 +662,14 @@ def check_kernel(kernel, b, t, s, n, kv, h, causal, offset, segments, seed, dtyp
         out, vjp = jax.vjp(call, q, k, v)
         return (out, *vjp(cot))
 
-    got = [np.asarray(x, np.float64) for x in jax.jit(lambda: run(fn, interpret=True))()]
+    if seed % 2:  # the offset as a traced scalar (a cache index inside jit: no block skipping by a Python int)
+        got = jax.jit(lambda off: run(fn, interpret=True, q_offset=off))(jnp.int32(offset))
+    else:
+        got = jax.jit(lambda: run(fn, interpret=True, q_offset=offset))()
+    got = [np.asarray(x, np.float64) for x in got]
     # the reference in float32 on the same (rounded) inputs: a 16-bit kernel is judged against the exact answer
     q, k, v, cot = (x.astype(jnp.float32) for x in (q, k, v, cot))
-    want = [np.asarray(x, np.float64) for x in run(attention_reference)]
+    want = [np.asarray(x, np.float64) for x in run(attention_reference, q_offset=offset)]
     # A gradient can cancel to ~0 (a query that sees one key: dq = dk = 0 exactly in the reference) while the
     # kernel's rounding stays proportional to the terms that cancel: errors are judged against at least 1% of the
     # largest reference tensor (found by this fuzz: dk 7.8e-6 absolute where dv reached 31).
@@ -679,7 +683,7 @@ def check_kernel(kernel, b, t, s, n, kv, h, causal, offset, segments, seed, dtyp
             err, tol = np.linalg.norm(a - r) / max(np.linalg.norm(r), norm_floor), 2e-2
         assert err <= tol, f"{kernel} {dtype} {name}: relative error {err:.2e} > {tol}"
     # a query that sees no key: exactly zero output, and no gradient into it
-    blind = ~np.asarray(visible(b, t, s, **kw)).any(-1)  # [B, T]
+    blind = ~np.asarray(visible(b, t, s, q_offset=offset, **kw)).any(-1)  # [B, T]
     assert not got[0][blind].any(), "a query that sees no key has a nonzero output"
     if grads:
         assert not got[1][blind].any(), "a query that sees no key has a nonzero gradient"
