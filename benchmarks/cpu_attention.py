@@ -2,15 +2,19 @@
 
 Causal, float32, no padding: phi_jax's `attend_xla` (the default `attn_implementation`, the path every CPU forward
 and train step takes; its causal query blocks included) and `F.scaled_dot_product_attention(is_causal=True)`
-(torch's fused CPU flash kernel), forward and, at the train step's shape, forward + backward. Prints ms per call
-(the best of 3 rounds) and torch / phi_jax (above 1: phi_jax is faster).
+(torch's fused CPU flash kernel), forward and, at the train step's shape, forward + backward. Also times the same
+attention with its two products in the layout the GPU and TPU programs use (positions before heads, the CPU's
+own form before 2026-11-27; see `_grouped_products` in phi_jax/modeling/attention.py). Prints ms per call (the
+median of interleaved rounds, each the mean of a few calls of one implementation after another, so that load drift
+on a shared host hits all three alike), torch / phi_jax (above 1: phi_jax is faster) and the CPU layout's gain.
 
-    python benchmarks/cpu_attention.py [--threads 2]
+    python benchmarks/cpu_attention.py [--threads 2] [--rounds 7]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 
@@ -30,20 +34,36 @@ SHAPES = (  # (name, batch, seq, heads, head_dim, with backward)
 )
 
 
-def best_ms(fn, calls: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / calls)
-    return 1e3 * best
+def interleaved_ms(fns, calls: int, rounds: int) -> list[float]:
+    """Median ms per call of each of `fns`, timed round by round (`calls` calls of each in turn per round)."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            ts.append((time.perf_counter() - t0) / calls)
+    return [1e3 * float(np.median(ts)) for ts in times]
+
+
+@contextlib.contextmanager
+def positions_major():
+    """Programs traced inside take the GPU/TPU layout of the attention's products on the CPU too."""
+    from phi_jax.modeling import attention
+    saved = attention._CPU_PRODUCTS
+    attention._CPU_PRODUCTS = attention._PRODUCTS
+    try:
+        yield
+    finally:
+        attention._CPU_PRODUCTS = saved
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable cores)")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
     args = p.parse_args()
     threads = pin_threads(args.threads)
     import torch
@@ -62,24 +82,31 @@ def main() -> None:
         err = np.abs(np.asarray(fwd(q, k, v, mask)) - F.scaled_dot_product_attention(
             tq, tk, tv, is_causal=True).detach().numpy().transpose(0, 2, 1, 3)).max()
         calls = max(1, int(2e8 // (b * n * t * t * h)))
+        grad = jax.jit(jax.grad(lambda q, k, v, mask: jnp.sum(attend_xla(q, k, v, mask, causal=True) * g),
+                                argnums=(0, 1, 2)))
+        with positions_major():  # compiled here, so these two keep the GPU/TPU layout
+            fwd_pm = jax.jit(lambda q, k, v, mask: attend_xla(q, k, v, mask, causal=True)).lower(
+                q, k, v, mask).compile()
+            grad_pm = jax.jit(jax.grad(lambda q, k, v, mask: jnp.sum(attend_xla(q, k, v, mask, causal=True) * g),
+                                       argnums=(0, 1, 2))).lower(q, k, v, mask).compile()
+        tg = torch.tensor(g.transpose(0, 2, 1, 3).copy())
 
         def torch_fwd():
             with torch.no_grad():
                 F.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
-        rows = [("forward", best_ms(lambda: fwd(q, k, v, mask).block_until_ready(), calls),
-                 best_ms(torch_fwd, calls))]
-        if backward:
-            grad = jax.jit(jax.grad(lambda q, k, v, mask: jnp.sum(attend_xla(q, k, v, mask, causal=True) * g),
-                                    argnums=(0, 1, 2)))
-            tg = torch.tensor(g.transpose(0, 2, 1, 3).copy())
 
-            def torch_fb():
-                (F.scaled_dot_product_attention(tq, tk, tv, is_causal=True) * tg).sum().backward()
-            rows.append(("fwd+bwd", best_ms(lambda: jax.block_until_ready(grad(q, k, v, mask)), calls),
-                         best_ms(torch_fb, calls)))
-        for what, ours, ref in rows:
-            print(f"{name:<44} {what:>8}: phi_jax xla {ours:8.2f} ms, torch SDPA {ref:8.2f} ms, "
-                  f"torch / phi_jax = {ref / ours:.2f}x  (max |d| {err:.1e})", flush=True)
+        def torch_fb():
+            (F.scaled_dot_product_attention(tq, tk, tv, is_causal=True) * tg).sum().backward()
+        cases = [("forward", lambda: fwd(q, k, v, mask).block_until_ready(),
+                  lambda: fwd_pm(q, k, v, mask).block_until_ready(), torch_fwd)]
+        if backward:
+            cases.append(("fwd+bwd", lambda: jax.block_until_ready(grad(q, k, v, mask)),
+                          lambda: jax.block_until_ready(grad_pm(q, k, v, mask)), torch_fb))
+        for what, *fns in cases:
+            ours, pm, ref = interleaved_ms(fns, calls, args.rounds)
+            print(f"{name:<44} {what:>8}: phi_jax xla {ours:8.2f} ms (GPU/TPU layout {pm:8.2f} ms, "
+                  f"{pm / ours:.2f}x), torch SDPA {ref:8.2f} ms, torch / phi_jax = {ref / ours:.2f}x "
+                  f"(max |d| {err:.1e})", flush=True)
 
 
 if __name__ == "__main__":

@@ -64,20 +64,46 @@ def _softmax_jvp(primals, tangents):
     return y, y * (dx - jnp.sum(y * dx, axis=-1, keepdims=True))
 
 
+def _grouped_products(heads_major: bool):
+    """(scores, weighted) for `_attend_block`: q `[B, T, K, G, H]`, k and v `[B, S, K, H]`, probabilities and scores
+    `[B, K, G, T, S]`; the weighted sum is `[B, T, K, G, H]`. Both forms compute the same products. `heads_major`
+    moves the heads before the positions first (transposed copies of q, k, v and the output): XLA's CPU backend
+    then runs plain batched matrix products, where with the positions in the middle it runs them on strided
+    operands and results, about 1.4x slower for the whole forward (benchmarks/cpu_attention.py). Elsewhere the
+    products keep the layout they were measured with on the GPU."""
+
+    def scores(q, k):
+        precision = matmul_precision(q.dtype)
+        kw = dict(preferred_element_type=jnp.float32, precision=precision, _dot_general=dot_general)
+        if heads_major:
+            return jnp.einsum("BKGTH,BKSH->BKGTS", q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), **kw)
+        return jnp.einsum("BTKGH,BSKH->BKGTS", q, k, **kw)
+
+    def weighted(probs, v):
+        precision = matmul_precision(v.dtype)
+        if heads_major:
+            out = jnp.einsum("BKGTS,BKSH->BKGTH", probs, v.transpose(0, 2, 1, 3), precision=precision)
+            return out.transpose(0, 3, 1, 2, 4)
+        return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, precision=precision)
+    return scores, weighted
+
+
+_CPU_PRODUCTS, _PRODUCTS = _grouped_products(True), _grouped_products(False)
+
+
 def _attend_block(q, k, v, mask, dropout):
     """Attention of one query block. q: `[B, T, N, H]`; k, v: `[B, S, K, H]`; mask: `[B, 1, T, S]`.
 
     A masked key never reaches a query, whatever it holds (NaN and inf included): its score is replaced by the
     float32 minimum before the softmax, so its probability is exactly 0 (exp(min - max) underflows) for every query
     that sees some key; its value is replaced by 0 wherever no query of the block sees it (padding, unwritten cache
-    slots), since 0 * NaN would still be NaN. A query that sees no key gives zeros.
+    slots), since 0 * NaN would still be NaN. A query that sees no key gives zeros. The two products take the
+    layout of `_grouped_products` chosen for the platform when the program is lowered.
     """
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
-    precision = matmul_precision(q.dtype)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32,
-                        precision=precision, _dot_general=dot_general) * (h ** -0.5)
+    scores = jax.lax.platform_dependent(q, k, cpu=_CPU_PRODUCTS[0], default=_PRODUCTS[0]) * (h ** -0.5)
     # A finite floor (not -inf): a fully masked row stays NaN-free (and is zeroed below).
     scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)  # [B, K, G, T, S]
     probs = _softmax(scores).astype(v.dtype)
@@ -85,7 +111,7 @@ def _attend_block(q, k, v, mask, dropout):
         probs = dropout(probs)
     seen = jnp.any(mask, axis=(1, 2))  # [B, S]: keys some query of this block sees
     v = jnp.where(seen[:, :, None, None], v, jnp.zeros((), v.dtype))  # [B, S, K, H]
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, precision=precision)  # [B, T, K, G, H]
+    out = jax.lax.platform_dependent(probs, v, cpu=_CPU_PRODUCTS[1], default=_PRODUCTS[1])  # [B, T, K, G, H]
     sees_any = jnp.any(mask, axis=-1)[:, 0, :, None, None, None]  # [B, T, 1, 1, 1]
     out = jnp.where(sees_any, out, jnp.zeros((), out.dtype))  # a query that sees nothing: zeros
     return out.reshape(b, t, n, h)
