@@ -4,6 +4,8 @@ the model exports for CUDA and TPU with our kernels' custom calls."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -145,8 +147,9 @@ def test_model_exports_with_kernels(make_checkpoint, platform, head_dim):
             names = ("fwd", "dkv", "dq") if grad else ("fwd",)
             for name in names:
                 assert f'kernel_name = "phi_flash_attention_{name}"' in text, (grad, name)
-        else:
-            assert "mosaic_gpu" in text, grad
+        else:  # one layer: the forward kernel, and with the gradient the dq and dk/dv kernels too
+            calls = re.findall(r"stablehlo.custom_call @mosaic_gpu\w*", text)
+            assert len(calls) == (3 if grad else 1), (grad, calls)
 
 
 @pytest.mark.xfail(strict=True, raises=(NotImplementedError, ValueError),
@@ -192,3 +195,39 @@ def test_decode_step_exports_with_decode_kernel(make_checkpoint, platform):
         assert 'kernel_name = "phi_decode_attention"' in text and "phi_flash_attention_fwd" not in text
     else:
         assert "mosaic_gpu" in text
+
+
+def test_cuda_kernels_in_the_model_match_transformers(make_checkpoint, monkeypatch):
+    """The CUDA branch of "pallas" (`flash_attention_gpu` for prefill, `decode_attention_gpu` for cached steps, each
+    fed by the model's mask arguments) run in Pallas's Mosaic GPU interpreter on this CPU: the CPU branch is pointed
+    at the GPU kernels, whose call it shares but for `interpret=True`. Logits match transformers with padding and
+    GQA at head_dim 80, and greedy generation (prefill into the cache at a traced offset, then decode steps) equals
+    the xla path's."""
+    from phi_jax.kernels.decode_attention_gpu import decode_attention_gpu
+    from phi_jax.kernels.flash_attention_gpu import flash_attention_gpu
+    called = []
+
+    def spy(fn):
+        def wrapped(*args, **kwargs):
+            called.append(fn.__name__)
+            return fn(*args, **kwargs)
+        return wrapped
+    monkeypatch.setattr(attention_module, "flash_attention_tpu", spy(flash_attention_gpu))
+    monkeypatch.setattr(attention_module, "decode_attention", spy(decode_attention_gpu))
+    d, ref_model = make_checkpoint("phi2", num_key_value_heads=2, num_hidden_layers=1)
+    model = phi_jax.PhiForCausalLM.from_pretrained(d, attn_implementation="pallas")
+    rng = np.random.default_rng(3)
+    ids = rng.integers(3, ref_model.config.vocab_size, (2, 19))
+    mask = np.ones(ids.shape, np.int64)
+    mask[0, :5] = 0  # left padding
+    mask[1, 14:] = 0  # right padding
+    out = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)).logits)
+    real = mask.astype(bool)
+    assert rel_err(out[real], _logits(ref_model, ids, mask)[real]) <= TOL
+    assert called == ["flash_attention_gpu"]
+    mask[1, 14:] = 1
+    ids[0, :5] = 0
+    want = phi_jax.PhiForCausalLM.from_pretrained(d).generate(ids, mask, max_new_tokens=4, pad_token_id=0)
+    got = model.generate(ids, mask, max_new_tokens=4, pad_token_id=0)
+    np.testing.assert_array_equal(got, want)
+    assert "decode_attention_gpu" in called
