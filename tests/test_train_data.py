@@ -63,3 +63,13 @@ def test_packed_documents_stay_apart(make_checkpoint):
         alone = model(jnp.asarray(d.ids[None])).logits[0]
         assert rel_err(packed[start:start + len(d.ids)], alone) <= 1e-5
         start += len(d.ids)
+
+
+def test_token_outside_the_vocabulary_names_file_and_line(tmp_path):
+    """The error names `file:line` of the record, counting blank lines (record 3 is on line 5)."""
+    from phi_jax.train.data import load_tokenizer
+    vocab = write_char_tokenizer(tmp_path, 96)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "0"}, "", {"text": "1"}, "  ", {"text": "zz"}])
+    cfg = PhiConfig(vocab_size=vocab["z"])  # every id fits but z's
+    with pytest.raises(ValueError, match=rf"^{tmp_path}/d.jsonl:5: token id {vocab['z']} >= the model's vocab_size"):
+        load_dataset(data, load_tokenizer(tmp_path), cfg, seq_len=16)

@@ -32,6 +32,11 @@ class Document:
 
 def read_records(path: str | os.PathLike) -> list[dict]:
     """Reads a JSON-lines file; a bad line raises `ValueError` naming the file and line number."""
+    return [rec for _, rec in _numbered_records(path)]
+
+
+def _numbered_records(path: str | os.PathLike) -> list[tuple[str, dict]]:
+    """`read_records` with each record's `file:line` (blank lines are skipped, so the index is not the line)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file not found: {path}")
@@ -52,7 +57,7 @@ def read_records(path: str | os.PathLike) -> list[dict]:
                 raise ValueError(f"{path}:{n}: field {k!r} must be a string, got {type(rec[k]).__name__}")
         if not "".join(rec[k] for k in fields):
             raise ValueError(f"{path}:{n}: empty record")
-        records.append(rec)
+        records.append((f"{path}:{n}", rec))
     if not records:
         raise ValueError(f"{path}: no records")
     return records
@@ -80,8 +85,12 @@ def eos_id(tokenizer, config) -> int:
     return int(eos)
 
 
-def tokenize(records: list[dict], tokenizer, eos: int, vocab_size: int) -> list[Document]:
-    """Each record as one document: its tokens then `eos`; prompt tokens are not targets."""
+def tokenize(records: list[dict], tokenizer, eos: int, vocab_size: int,
+             where: list[str] | None = None) -> list[Document]:
+    """Each record as one document: its tokens then `eos`; prompt tokens are not targets.
+
+    `where`: each record's location for errors (`file:line`; default `record N`, counting from 1).
+    """
     docs = []
     for n, rec in enumerate(records):
         parts = [(rec["text"], True)] if "text" in rec else [(rec["prompt"], False), (rec["completion"], True)]
@@ -94,7 +103,8 @@ def tokenize(records: list[dict], tokenizer, eos: int, vocab_size: int) -> list[
         targets.append(True)
         arr = np.asarray(ids, np.int32)
         if arr.max() >= vocab_size:
-            raise ValueError(f"record {n + 1}: token id {int(arr.max())} >= the model's vocab_size {vocab_size}")
+            at = f"record {n + 1}" if where is None else where[n]
+            raise ValueError(f"{at}: token id {int(arr.max())} >= the model's vocab_size {vocab_size}")
         docs.append(Document(arr, np.asarray(targets, bool)))
     return docs
 
@@ -135,7 +145,8 @@ def pack(docs: list[Document], seq_len: int) -> dict[str, np.ndarray]:
 
 def load_dataset(path, tokenizer, config, seq_len: int) -> dict[str, np.ndarray]:
     """`read_records` -> `tokenize` -> `pack`."""
-    docs = tokenize(read_records(path), tokenizer, eos_id(tokenizer, config), config.vocab_size)
+    where, records = zip(*_numbered_records(path))
+    docs = tokenize(list(records), tokenizer, eos_id(tokenizer, config), config.vocab_size, list(where))
     return pack(docs, seq_len)
 
 
