@@ -56,6 +56,7 @@ CASES = [
     (2, 37, 129, 4, 2, 64, 92, "pad", True, jnp.float32),  # prefill into a cache: queries at [92, 129)
     (2, 37, 37, 4, 2, 64, 0, "pad", False, jnp.float32),  # not causal
     (2, 129, 129, 8, 2, 80, 0, "pad", True, jnp.bfloat16),
+    (2, 37, 37, 4, 2, 64, 0, "pad", True, jnp.float16),
 ]
 
 

@@ -1,0 +1,170 @@
+"""`phi-jax generate --input`: batches per length bucket, the progress bar, and what a resume may reuse
+(a partial file without settings, a sampled run cut inside a batch, another --batch-size)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+
+from phi_jax.cli import EXIT_OK, EXIT_USAGE, main
+from phi_jax.parity import write_tokenizer
+
+VOCAB = 320  # byte-level BPE: 256 bytes + merges
+
+SHORT = ["def f(x):", "x = 1", "print(2)", "import os"]  # bucket 16
+LONG = ["The quick brown fox jumps over the lazy dog, again and again. " * 2 + str(i) for i in range(3)]  # > 16
+
+
+@pytest.fixture(autouse=True)
+def _no_user_compile_cache(monkeypatch):
+    monkeypatch.setenv("PHI_JAX_COMPILE_CACHE", "off")  # tests never write to ~/.cache
+
+
+@pytest.fixture
+def model_dir(make_checkpoint):
+    d, _ = make_checkpoint("phi1", vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
+    write_tokenizer(d, VOCAB)
+    return d
+
+
+def _one_error_line(err: str, *needles: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def _write_prompts(path, prompts) -> None:
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts)
+
+
+def _read(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _argv(model_dir, tmp_path, *extra) -> list[str]:
+    return ["generate", "--model", model_dir, "--input", str(tmp_path / "p.jsonl"), "--output",
+            str(tmp_path / "c.jsonl"), *extra]
+
+
+def _spy_batches(monkeypatch, interrupt_after: int | None = None) -> list[list[int]]:
+    """Records the line numbers of every batch decoded; KeyboardInterrupt before batch `interrupt_after + 1`."""
+    from phi_jax.cli import generate as cli
+    real, seen = getattr(cli._generate_batch, "__wrapped__", cli._generate_batch), []
+
+    def spy(model, batch, *a, **k):
+        if interrupt_after is not None and len(seen) == interrupt_after:
+            raise KeyboardInterrupt
+        seen.append([p["line"] for p in batch])
+        return real(model, batch, *a, **k)
+
+    spy.__wrapped__ = real  # a second spy wraps the real function, not this one
+    monkeypatch.setattr(cli, "_generate_batch", spy)
+    return seen
+
+
+def test_prompts_share_a_batch_only_within_their_length_bucket(model_dir, tmp_path, monkeypatch, capsys):
+    from tokenizers import Tokenizer
+
+    from phi_jax.generation import generate as gen
+    tok = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+    assert all(len(tok.encode(p).ids) <= 16 for p in SHORT) and all(len(tok.encode(p).ids) > 16 for p in LONG)
+    prompts = [SHORT[0], LONG[0], SHORT[1], LONG[1], SHORT[2], LONG[2], SHORT[3]]  # lines 1..7, interleaved
+    _write_prompts(tmp_path / "p.jsonl", prompts)
+    batches = _spy_batches(monkeypatch)
+    real, widths = gen.generate, []
+    monkeypatch.setattr(gen, "generate", lambda m, ids, *a, **k: widths.append(ids.shape) or real(m, ids, *a, **k))
+    assert main(_argv(model_dir, tmp_path, "--batch-size", "2", "--max-new-tokens", "3", "--no-progress")) == EXIT_OK
+    capsys.readouterr()
+    # short lines 1,3,5,7 in bucket 16 first, then long lines 2,4,6; in line order inside a bucket, 2 at a time
+    assert batches == [[1, 3], [5, 7], [2, 4], [6]]
+    short_width = max(len(tok.encode(p).ids) for p in SHORT)
+    assert widths[0][1] <= short_width and widths[1][1] <= short_width  # no long prompt widened a short batch
+    assert all(w[1] > 16 for w in widths[2:]) and widths[3][0] == 1
+    rows = _read(tmp_path / "c.jsonl")
+    assert [r["line"] for r in rows] == list(range(1, 8)) and [r["prompt"] for r in rows] == prompts
+
+
+def test_progress_bar_counts_prompts_and_shows_tokens_per_s(model_dir, tmp_path, capsys):
+    """Shown unless --no-progress (as finetune's), even when stderr is not a terminal."""
+    _write_prompts(tmp_path / "p.jsonl", SHORT[:3])
+    assert main(_argv(model_dir, tmp_path, "--batch-size", "2", "--max-new-tokens", "3")) == EXIT_OK
+    err = capsys.readouterr().err
+    assert re.search(r"0/3 \[", err), err  # the bar's first render
+    assert re.search(r"3/3 \[[^\]]*prompt/s, \d+\.\d tokens/s\]", err), err  # the last one, with tokens/s
+    os.remove(tmp_path / "c.jsonl")
+    assert main(_argv(model_dir, tmp_path, "--max-new-tokens", "3", "--no-progress")) == EXIT_OK
+    err = capsys.readouterr().err
+    assert "3/3" not in err and "wrote" in err
+
+
+def test_results_without_a_settings_line_are_refused(model_dir, tmp_path, capsys):
+    """They cannot be matched to the options of this run: an error naming the file, which is left as it was."""
+    _write_prompts(tmp_path / "p.jsonl", SHORT[:2])
+    partial = tmp_path / "c.jsonl.partial"
+    stale = json.dumps({"line": 1, "prompt": SHORT[0], "completion": "STALE", "new_tokens": 1, "stopped": "eos"})
+    for first in ('{"settings": {"seed"', '{"line": 0}'):  # the settings line cut short, or missing
+        with open(partial, "w") as f:
+            f.write(first + "\n" + stale + "\n")
+        assert main(_argv(model_dir, tmp_path, "--max-new-tokens", "2", "--no-progress")) == EXIT_USAGE
+        _one_error_line(capsys.readouterr().err, "c.jsonl.partial", "no settings line", "delete it")
+        assert partial.read_text() == first + "\n" + stale + "\n" and not os.path.exists(tmp_path / "c.jsonl")
+    with open(partial, "w") as f:  # nothing that could be reused: a fresh start
+        f.write('{"settings": {"se\n')
+    assert main(_argv(model_dir, tmp_path, "--max-new-tokens", "2", "--no-progress")) == EXIT_OK
+    assert "2 generated now, 0 from an earlier run" in capsys.readouterr().err
+    assert "STALE" not in (tmp_path / "c.jsonl").read_text() and not partial.exists()
+
+
+def test_resumed_sampled_run_cut_inside_a_batch_equals_the_uninterrupted_run(model_dir, tmp_path, monkeypatch,
+                                                                             capsys):
+    _write_prompts(tmp_path / "p.jsonl", SHORT + ["for i in range(3):", "while True:"])  # 6 prompts, one bucket
+    argv = _argv(model_dir, tmp_path, "--batch-size", "2", "--max-new-tokens", "8", "--do-sample",
+                 "--temperature", "1.5", "--seed", "7", "--no-progress")
+    assert main(argv) == EXIT_OK
+    fresh = _read(tmp_path / "c.jsonl")
+    os.remove(tmp_path / "c.jsonl")
+
+    batches = _spy_batches(monkeypatch, interrupt_after=2)
+    assert main(argv) == 130
+    partial = tmp_path / "c.jsonl.partial"
+    lines = partial.read_text().splitlines()
+    assert batches == [[1, 2], [3, 4]] and len(lines) == 5  # the settings, then 4 results
+    partial.write_text("\n".join(lines[:4]) + "\n" + lines[4][:20])  # line 4's result cut short
+    capsys.readouterr()
+
+    batches = _spy_batches(monkeypatch)
+    assert main(argv) == EXIT_OK
+    assert batches == [[3, 4], [5, 6]]  # the cut batch is decoded whole again: same rows, same seed
+    assert "3 generated now, 3 from an earlier run" in capsys.readouterr().err
+    assert _read(tmp_path / "c.jsonl") == fresh
+
+
+def test_batch_size_is_a_setting_of_sampled_runs_only(model_dir, tmp_path, monkeypatch, capsys):
+    _write_prompts(tmp_path / "p.jsonl", SHORT)
+    for mode in (["--do-sample"], []):
+        argv = _argv(model_dir, tmp_path, "--batch-size", "2", "--max-new-tokens", "3", "--no-progress", *mode)
+        assert main(argv) == EXIT_OK
+        fresh = _read(tmp_path / "c.jsonl")
+        os.remove(tmp_path / "c.jsonl")
+        _spy_batches(monkeypatch, interrupt_after=1)
+        assert main(argv) == 130
+        capsys.readouterr()
+        batches = _spy_batches(monkeypatch)
+        other = [a if a != "2" else "3" for a in argv]  # --batch-size 3
+        if mode:  # sampled completions depend on their batch: refused, nothing decoded
+            assert main(other) == EXIT_USAGE
+            _one_error_line(capsys.readouterr().err, "c.jsonl.partial", "batch_size")
+            assert batches == []
+            assert main(argv) == EXIT_OK
+        else:  # greedy ones do not: resumed with the new size
+            assert main(other) == EXIT_OK
+            assert batches == [[1, 2, 3], [4]]  # batches of 3 over the input; [1, 2, 3] holds unfinished 3
+        capsys.readouterr()
+        assert _read(tmp_path / "c.jsonl") == fresh
+        os.remove(tmp_path / "c.jsonl")
