@@ -186,29 +186,27 @@ def test_bf16_gradients_near_transformers(make_checkpoint, geometry, overrides, 
 @pytest.mark.parametrize("pdrop", ["resid_pdrop", "embd_pdrop", "attention_dropout"])
 def test_dropout_follows_the_step_key(pdrop):
     """Each dropout of the config is on in training and a function of the step key: the same key gives the same
-    loss and gradients, another key another loss, and dropout off (`train=False`) a third."""
+    loss, another key another loss, and dropout off (`train=False`) a third."""
     from flax import nnx
 
     from phi_jax.config import PhiConfig
-    from phi_jax.train.step import step_key
+    from phi_jax.train.step import make_loss_fn, step_key
     cfg = PhiConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                     **{pdrop: 0.2})
     model = PhiForCausalLM(cfg, rngs=nnx.Rngs(0))
     batch = _batch(96, b=4)
     on, off = split_model(model), split_model(model, train=False)
-    fn = jax.jit(lambda p, b, k: grads_and_loss(on, p, {}, b, k))
-    g0, l0, _ = fn(on.trainable, batch, step_key(0, 3))
-    g0b, l0b, _ = fn(on.trainable, batch, step_key(0, 3))
-    _, l1, _ = fn(on.trainable, batch, step_key(0, 4))
-    _, l_off, _ = jax.jit(lambda p, b: grads_and_loss(off, p, {}, b, None))(off.trainable, batch)
-    assert float(l0) == float(l0b) and all(np.array_equal(g0[k], g0b[k]) for k in g0)
-    assert abs(float(l0) - float(l1)) > 1e-3, (float(l0), float(l1))
-    assert abs(float(l0) - float(l_off)) > 1e-3 and abs(float(l1) - float(l_off)) > 1e-3, (l0, l1, l_off)
+    loss = jax.jit(lambda p, b, k: make_loss_fn(on)(p, {}, b, k)[0])
+    l0, l0b, l1 = (float(loss(on.trainable, batch, step_key(0, s))) for s in (3, 3, 4))
+    l_off = float(jax.jit(lambda p, b: make_loss_fn(off)(p, {}, b, None)[0])(off.trainable, batch))
+    assert l0 == l0b
+    assert min(abs(l0 - l1), abs(l0 - l_off), abs(l1 - l_off)) > 1e-3 * l_off, (l0, l1, l_off)
 
 
 def test_accumulation_with_dropout_draws_other_masks():
     """With dropout each micro-batch takes a split of the step key: accum_steps=2 is reproducible but gives
-    another loss than accum_steps=1 (the `grads_and_loss` docstring); without dropout they agree."""
+    another loss than accum_steps=1 (the `grads_and_loss` docstring; without dropout they agree:
+    test_accumulation_and_remat_change_nothing)."""
     from flax import nnx
 
     from phi_jax.config import PhiConfig

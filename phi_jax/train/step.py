@@ -30,7 +30,8 @@ class TrainConfig:
 
     learning_rate: peak, reached after `warmup_steps` (linear from 0), then cosine decay to
       `learning_rate * final_lr_ratio` at `total_steps`.
-    accum_steps: a batch of B rows runs as `accum_steps` micro-batches of B / accum_steps rows (one update).
+    accum_steps: a batch of B rows runs as `accum_steps` micro-batches of B / accum_steps rows (one update;
+      with dropout, other masks: see `grads_and_loss`).
     remat_policy: a `jax.checkpoint_policies` name (e.g. "nothing_saveable", "dots_with_no_batch_dims_saveable")
       or phi_jax's "dots_and_attention_saveable" (phi_jax/modeling/remat.py: also keeps the fused attention's
       residuals) to recompute each decoder layer in the backward pass; None keeps every activation.
@@ -125,8 +126,14 @@ def make_loss_fn(split: SplitModel) -> Callable:
 
 
 def grads_and_loss(split: SplitModel, trainable, frozen, batch, key, accum_steps: int = 1):
-    """Gradients of the mean token loss over the whole batch (summed over `accum_steps` micro-batches and
-    divided by the batch's target count, so accumulation changes nothing but memory)."""
+    """Gradients of the mean token loss over the whole batch: summed over `accum_steps` micro-batches and
+    divided by the batch's target count.
+
+    Without dropout (every pdrop 0, or `split_model(..., train=False)`) accumulation changes nothing but memory
+    and float rounding. With dropout it changes the draw: micro-batch i takes its masks from
+    `jax.random.split(key, accum_steps)[i]` (with `key=None`, every micro-batch reuses the model's own RNG
+    state), so `accum_steps=2` gives another loss than `accum_steps=1` for the same key: the same
+    distribution, other masks. A run is reproducible (and resumable) for a fixed `accum_steps`."""
     loss_fn = make_loss_fn(split)
     grad_fn = jax.value_and_grad(lambda p, b, k: loss_fn(p, frozen, b, k), has_aux=True)
     if accum_steps == 1:
