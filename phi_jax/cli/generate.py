@@ -8,10 +8,20 @@ Each input line is a JSON object with a string "prompt" (other keys are copied t
 string. Prompts are grouped by length bucket (`bucket_length`), decoded `--batch-size` at a time through
 `model.generate`, and written to --output as one JSON line per prompt, in input order:
 `{"line": n, ...input keys, "prompt": ..., "completion": ..., "new_tokens": k, "stopped": "eos"|"length"}`.
-Finished prompts are appended to `OUTPUT.partial` (its first line: the settings) after each batch; a rerun of
-an interrupted command with the same settings skips every prompt found there with the same line number and
-prompt text (other settings: an error), and the complete OUTPUT is written in one rename at the end.
-Sampling uses seed `--seed + first line of the batch`.
+A progress bar on stderr counts prompts and shows new tokens/s (unless --no-progress, as in `finetune`).
+
+Resuming: finished prompts are appended to `OUTPUT.partial` (its first line: the settings) after each batch,
+and the complete OUTPUT is written in one rename at the end. A rerun of an interrupted command reuses every
+result found there with the same line number and prompt text; other settings are an error naming them, and
+so are results without a readable settings line (they cannot be matched to the options: delete the file to
+start over). Batches are formed from the whole input, never from the unfinished prompts alone, and a batch
+with any unfinished prompt is decoded whole again, so a resumed run decodes exactly the batches of an
+uninterrupted one. Sampling draws one key per batch, `--seed` + the batch's first line number: a sampled
+completion depends on its batch mates and its row, hence --batch-size is one of a sampled run's settings
+(greedy completions do not depend on it, and a greedy run may resume with another batch size). What a
+resumed sampled run guarantees: the same OUTPUT as an uninterrupted run with the same input file and options,
+on the same machine and software. If the input was edited in between, a reused completion whose batch the edit
+changed differs from what a fresh run on the edited file would draw (it stays a valid sample).
 
 The tokenizer is `tokenizer.json` of the model directory (or of --tokenizer), read by `tokenizers`. Without
 --model, the tiny code model that ships inside the package is used (`phi_jax.shipped_model_path()`).
@@ -189,48 +199,60 @@ def _read_prompts(path: str, tokenizer) -> list[dict]:
 
 
 def _settings(args) -> dict:
-    """What the completions depend on (not --batch-size: greedy results do not depend on it)."""
+    """What the completions depend on; --batch-size only when sampling (greedy results do not depend on it)."""
+    sampling = _sampling(args)
+    batch = {"batch_size": args.batch_size} if sampling["do_sample"] else {}
     return {"model": os.path.abspath(args.model), "tokenizer": args.tokenizer and os.path.abspath(args.tokenizer),
-            "dtype": args.dtype, "seed": args.seed, **_sampling(args)}
+            "dtype": args.dtype, "seed": args.seed, **sampling, **batch}
+
+
+RESULT_KEYS = ("completion", "new_tokens", "stopped")
 
 
 def _finished(partial: str, prompts, settings: dict) -> dict[int, dict]:
     """Results an interrupted run of the same command wrote to `partial` (its first line: the settings), keyed by
-    line number, for the lines whose prompt text is unchanged."""
+    line number, for the lines whose prompt text is unchanged: `{"line", ...current input keys, RESULT_KEYS}`.
+
+    Results without a readable settings line are a ValueError: nothing says which options produced them."""
     if not os.path.isfile(partial):
         return {}
-    want = {p["line"]: p["record"]["prompt"] for p in prompts}
-    done = {}
+    stored, results = None, []
     with open(partial, encoding="utf-8", errors="replace") as f:
         for i, line in enumerate(f):
             try:
                 r = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by the interruption
-            if i == 0 and isinstance(r, dict) and "settings" in r:
-                if r["settings"] != settings:
-                    changed = sorted(k for k in set(settings) | set(r["settings"])
-                                     if settings.get(k) != r["settings"].get(k))
-                    raise ValueError(f"{partial} holds results of an interrupted run with other settings "
-                                     f"({', '.join(changed)}); rerun with the same options, or delete it to start over")
+            if not isinstance(r, dict):
                 continue
-            if isinstance(r, dict) and isinstance(r.get("line"), int) and want.get(r["line"]) == r.get("prompt") \
-                    and "completion" in r:
-                done[r["line"]] = r
-    return done
+            if i == 0 and isinstance(r.get("settings"), dict):
+                stored = r["settings"]
+            elif isinstance(r.get("line"), int) and all(k in r for k in RESULT_KEYS):
+                results.append(r)
+    if stored is None:
+        if results:
+            raise ValueError(f"{partial} holds {len(results)} results but no settings line (its line 1), so they "
+                             f"cannot be matched to these options; delete it to start over")
+        return {}  # nothing to reuse (e.g. a settings line cut short): a fresh start
+    if stored != settings:
+        changed = sorted(k for k in set(settings) | set(stored) if settings.get(k) != stored.get(k))
+        raise ValueError(f"{partial} holds results of an interrupted run with other settings "
+                         f"({', '.join(changed)}); rerun with the same options, or delete it to start over")
+    current = {p["line"]: p for p in prompts}
+    return {r["line"]: {"line": r["line"], **current[r["line"]]["record"], **{k: r[k] for k in RESULT_KEYS}}
+            for r in results if r["line"] in current and current[r["line"]]["record"]["prompt"] == r.get("prompt")}
 
 
-def _batches(pending: list[dict], batch_size: int):
-    """Prompts grouped by length bucket (each bucket compiles one program per batch shape), in line order
-    inside a bucket, `batch_size` at a time."""
+def _batches(prompts: list[dict], batch_size: int, done) -> list[list[dict]]:
+    """The batches holding an unfinished prompt (a line not in `done`), each decoded whole. Prompts are grouped
+    by length bucket (each bucket compiles one program per batch shape), in line order inside a bucket,
+    `batch_size` at a time, over the whole input: a resumed run decodes the batches an uninterrupted run does."""
     from phi_jax.generation.generate import bucket_length
     buckets: dict[int, list[dict]] = {}
-    for p in pending:
+    for p in prompts:
         buckets.setdefault(bucket_length(len(p["ids"])), []).append(p)
-    for bucket in sorted(buckets):
-        group = buckets[bucket]
-        for i in range(0, len(group), batch_size):
-            yield group[i:i + batch_size]
+    batches = [buckets[b][i:i + batch_size] for b in sorted(buckets) for i in range(0, len(buckets[b]), batch_size)]
+    return [batch for batch in batches if any(p["line"] not in done for p in batch)]
 
 
 def _generate_batch(model, batch: list[dict], batch_size: int, sampling: dict, seed: int, eos: set[int]):
@@ -281,18 +303,18 @@ def _run_file(args, model, tokenizer, prompts: list[dict], done: dict[int, dict]
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f"directory not found: {out_dir} (for --output {args.output})")
     partial = args.output + ".partial"
-    pending = [p for p in prompts if p["line"] not in done]
+    earlier = len(done)
+    # the partial file starts over clean: the settings and the reusable results (no line cut short to append to)
+    _write_atomic(partial, [json.dumps({"settings": _settings(args)}) + "\n"]
+                  + [json.dumps(done[n], ensure_ascii=False) + "\n" for n in sorted(done)])
     eos, sampling = _eos_ids(model.config), _sampling(args)
     new_tokens, start = 0, time.perf_counter()
-    bar = tqdm(total=len(prompts), initial=len(prompts) - len(pending), unit="prompt",
-               disable=True if args.no_progress else None, file=sys.stderr)
+    bar = tqdm(total=len(prompts), initial=earlier, unit="prompt", disable=args.no_progress, file=sys.stderr)
     with compile_events() as events, bar, open(partial, "a", encoding="utf-8") as log:
-        if not done:
-            log.truncate(0)
-            log.write(json.dumps({"settings": _settings(args)}) + "\n")
-        for batch in _batches(pending, args.batch_size):
+        for batch in _batches(prompts, args.batch_size, done):
             results = _generate_batch(model, batch, args.batch_size, sampling, args.seed + batch[0]["line"], eos)
-            for p, (tokens, at_eos) in zip(batch, results):
+            fresh = [(p, r) for p, r in zip(batch, results) if p["line"] not in done]
+            for p, (tokens, at_eos) in fresh:
                 done[p["line"]] = {"line": p["line"], **p["record"],
                                    "completion": tokenizer.decode(tokens, skip_special_tokens=True),
                                    "new_tokens": len(tokens), "stopped": "eos" if at_eos else "length"}
@@ -300,12 +322,12 @@ def _run_file(args, model, tokenizer, prompts: list[dict], done: dict[int, dict]
                 new_tokens += len(tokens)
             log.flush()
             os.fsync(log.fileno())
-            bar.update(len(batch))
-            bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - start):.1f} tokens/s")
+            bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - start):.1f} tokens/s", refresh=False)
+            bar.update(len(fresh))
     _write_atomic(args.output, [json.dumps(done[p["line"]], ensure_ascii=False) + "\n" for p in prompts])
     os.remove(partial)
     seconds = time.perf_counter() - start
-    print(f"wrote {args.output}: {len(prompts)} prompts ({len(pending)} generated now, "
-          f"{len(prompts) - len(pending)} from an earlier run); {new_tokens} new tokens in {seconds:.1f} s "
+    print(f"wrote {args.output}: {len(prompts)} prompts ({len(prompts) - earlier} generated now, "
+          f"{earlier} from an earlier run); {new_tokens} new tokens in {seconds:.1f} s "
           f"({new_tokens / max(seconds, 1e-9):.1f} tokens/s); compilation: {events.describe()}", file=sys.stderr)
     return 0
