@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from phi_jax.modeling.partitioning import axes
+from phi_jax.modeling.partitioning import axes, per_shard_attention
 from phi_jax.modeling.layernorm import layer_norm, make_layer_norm, matmul_precision
 from phi_jax.modeling.matmul import dot_general
 from phi_jax.modeling.projection import project
@@ -246,8 +246,11 @@ def _named_residuals(fn: Callable, name: str) -> Callable:
     return wrapped
 
 
+# pallas and auto run per shard on a mesh (their kernels are custom calls XLA cannot partition); cuDNN's call comes
+# with JAX's own partitioning rules.
 _ATTENTION_FNS = {"xla": attend_masked_xla, "cudnn": _named_residuals(attend_cudnn, "cudnn"),
-                  "pallas": _named_residuals(attend_pallas, "pallas"), "auto": _named_residuals(attend_auto, "auto")}
+                  "pallas": _named_residuals(per_shard_attention(attend_pallas), "pallas"),
+                  "auto": _named_residuals(per_shard_attention(attend_auto), "auto")}
 
 
 def get_attention_fn(attn_implementation: str):

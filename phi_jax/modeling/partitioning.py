@@ -49,3 +49,36 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     if not rules or mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_spec(names, x.shape, dict(mesh.shape), dict(rules)))
+
+
+def per_shard_attention(fn):
+    """`fn(q, k, v, mask)` (q `[B, T, N, H]`, k and v `[B, S, K, H]`, an `AttentionMask`) run on each device's
+    rows and heads under `jax.shard_map` while a mesh and logical rules are in force; unchanged otherwise.
+
+    A fused kernel is a custom call that XLA cannot partition: left to the partitioner, every device would gather
+    the whole batch's q, k and v and run the attention of every row. Rows split over the "batch" rule's axes;
+    heads over the "heads" rule's axes when the same axes divide both the query and the key heads (each device
+    then holds whole groups of grouped-query heads), else they stay whole. The mask's segment ids follow the rows;
+    its query offset is one scalar for all.
+    """
+
+    def sharded(q, k, v, mask):
+        rules = spmd.get_logical_axis_rules()
+        mesh = jax.sharding.get_abstract_mesh()
+        if not rules or mesh.empty:
+            return fn(q, k, v, mask)
+        shape, rules = dict(mesh.shape), dict(rules)
+        q_spec = logical_spec(("batch", None, "heads", None), q.shape, shape, rules)
+        kv_spec = logical_spec(("batch", None, "heads", None), k.shape, shape, rules)
+        if q_spec[2] != kv_spec[2]:  # the key heads do not split like the query heads: keep the heads whole
+            q_spec = kv_spec = logical_spec(("batch", None, None, None), q.shape, shape, rules)
+        rows = P(q_spec[0], None)
+        names = ("q_segment_ids", "kv_segment_ids", "q_offset")
+        arrays = {n: getattr(mask, n) for n in names if isinstance(getattr(mask, n), jax.Array)}
+        specs = {n: (P() if n == "q_offset" else rows) for n in arrays}
+
+        def body(q, k, v, arrays):
+            return fn(q, k, v, mask.replace(**arrays))
+        return jax.shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, specs), out_specs=q_spec,
+                             check_vma=False)(q, k, v, arrays)
+    return sharded
