@@ -1,13 +1,15 @@
 """Sharding on 8 simulated CPU devices (one subprocess: the main pytest process has a single device).
 
-The worker loads a checkpoint onto meshes (8,1,1), (1,8,1), (2,2,2), (1,2,4): parameters are really split,
-logits equal the single-device run and transformers; one train step on the (2,2,2) mesh equals
-the single-device step.
+The worker loads a checkpoint onto meshes (8,1,1), (1,8,1), (2,2,2), (1,2,4): every parameter has the
+PartitionSpec its logical axes give under the rules and is really split, logits equal the single-device run and
+transformers; one train step on each mesh equals the single-device step.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -15,6 +17,53 @@ import numpy as np
 import pytest
 
 MESHES = ((8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4))
+
+# The logical axes of every parameter (layer numbers as N), as the sharding design wants them: input dimensions
+# over `embed`, heads / MLP / vocabulary over theirs; LayerNorms and the output projections' biases (added to
+# activations whose rows are split over the batch axes) replicated under `norm`.
+AXES = {
+    "model.embed_tokens.embedding": ("vocab", "embed"),
+    "model.layers.N.input_layernorm.scale": ("norm",),
+    "model.layers.N.input_layernorm.bias": ("norm",),
+    "model.layers.N.self_attn.q_proj.kernel": ("embed", "heads"),
+    "model.layers.N.self_attn.q_proj.bias": ("heads",),
+    "model.layers.N.self_attn.k_proj.kernel": ("embed", "kv_heads"),
+    "model.layers.N.self_attn.k_proj.bias": ("kv_heads",),
+    "model.layers.N.self_attn.v_proj.kernel": ("embed", "kv_heads"),
+    "model.layers.N.self_attn.v_proj.bias": ("kv_heads",),
+    "model.layers.N.self_attn.dense.kernel": ("heads", "embed"),
+    "model.layers.N.self_attn.dense.bias": ("norm",),
+    "model.layers.N.self_attn.q_layernorm.scale": ("norm",),
+    "model.layers.N.self_attn.q_layernorm.bias": ("norm",),
+    "model.layers.N.self_attn.k_layernorm.scale": ("norm",),
+    "model.layers.N.self_attn.k_layernorm.bias": ("norm",),
+    "model.layers.N.mlp.fc1.kernel": ("embed", "mlp"),
+    "model.layers.N.mlp.fc1.bias": ("mlp",),
+    "model.layers.N.mlp.fc2.kernel": ("mlp", "embed"),
+    "model.layers.N.mlp.fc2.bias": ("norm",),
+    "model.final_layernorm.scale": ("norm",),
+    "model.final_layernorm.bias": ("norm",),
+    "lm_head.kernel": ("embed", "vocab"),
+    "lm_head.bias": ("vocab",),
+}
+
+
+def expected_spec(names, shape, mesh_shape: dict) -> list:
+    """Each logical name's mesh axis in DEFAULT_RULES where that axis is larger than 1 and divides the dimension."""
+    from phi_jax.sharding import DEFAULT_RULES
+    spec = []
+    for name, size in zip(names, shape):
+        axis = DEFAULT_RULES[name]
+        assert axis is None or isinstance(axis, str), (name, axis)  # one mesh axis per name (else: extend this)
+        spec.append(axis if axis is not None and mesh_shape[axis] > 1 and size % mesh_shape[axis] == 0 else None)
+    return spec
+
+
+def _spec_list(spec, ndim: int) -> list:
+    """A PartitionSpec as a JSON list, one entry per dimension (single-axis tuples as the axis name)."""
+    entries = list(spec) + [None] * (ndim - len(spec))
+    return [e[0] if isinstance(e, tuple) and len(e) == 1 else list(e) if isinstance(e, tuple) else e
+            for e in entries]
 
 
 def test_logical_rules_and_divisibility():
@@ -68,9 +117,14 @@ def worker(path: str, out: str) -> None:
     results["loss_single"], params = train_step(model, single)
     for k, v in params.items():
         results[f"single/{k}"] = v
+    specs = {}
     for shape in MESHES:
         mesh = sharding.make_mesh(*shape)
         model = PhiForCausalLM.from_pretrained(path, mesh=mesh)
+        specs[str(shape)] = {".".join(map(str, p)): (list(v.get_value().shape),
+                                                     _spec_list(v.get_value().sharding.spec, v.get_value().ndim),
+                                                     list(v.get_metadata().get("out_sharding") or ()))
+                             for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
         fc1 = model.model.layers[0].mlp.fc1.kernel[...]
         # really split: no device holds the whole kernel unless both its axes are size 1 on this mesh
         shard = fc1.addressable_shards[0].data.shape
@@ -82,18 +136,40 @@ def worker(path: str, out: str) -> None:
         for k, v in params.items():
             results[f"{shape}/{k}"] = v
     np.savez(out, **results)
+    with open(out + ".specs.json", "w") as f:
+        json.dump(specs, f)
 
 
 def test_sharded_load_forward_and_step(make_checkpoint, tmp_path):
     import torch
     from conftest import rel_err
-    path, tmodel = make_checkpoint("phi1", num_key_value_heads=2)
+    path, tmodel = make_checkpoint("phi1", num_key_value_heads=2, qk_layernorm=True)
     out = tmp_path / "out.npz"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(__file__)), os.path.dirname(__file__)])}
     proc = subprocess.run([sys.executable, __file__, path, str(out)], env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    specs = json.loads((tmp_path / "out.npz.specs.json").read_text())
+    for shape in MESHES:  # every parameter's PartitionSpec, from its logical axes and the rules
+        mesh_shape = dict(zip(("data", "fsdp", "tensor"), shape))
+        got = specs[str(shape)]
+        assert {re.sub(r"\.\d+\.", ".N.", k) for k in got} == set(AXES), shape
+        for k, (dims, spec, names) in got.items():
+            axes = AXES[re.sub(r"\.\d+\.", ".N.", k)]
+            assert tuple(names) == axes, (k, names)  # heads and kv_heads both go to tensor: compare the names too
+            assert spec == expected_spec(axes, dims, mesh_shape), (shape, k, spec)
+    # written out for two meshes: phi1 here is D 64, 4 heads x 16 (q, dense), 2 kv heads x 16, F 256, V 96
+    want = {(1, 2, 4): {"embedding": ["tensor", "fsdp"], "q_proj.kernel": ["fsdp", "tensor"],
+                        "k_proj.kernel": ["fsdp", "tensor"], "k_proj.bias": ["tensor"],
+                        "dense.kernel": ["tensor", "fsdp"], "dense.bias": [None], "fc1.kernel": ["fsdp", "tensor"],
+                        "fc2.kernel": ["tensor", "fsdp"], "lm_head.kernel": ["fsdp", "tensor"],
+                        "lm_head.bias": ["tensor"], "final_layernorm.scale": [None]},
+            (8, 1, 1): {"embedding": [None, None], "fc1.kernel": [None, None], "lm_head.bias": [None]}}
+    for shape, table in want.items():
+        for suffix, spec in table.items():
+            (k,) = [k for k in specs[str(shape)] if k.endswith(suffix) and ".layers.1." not in k]
+            assert specs[str(shape)][k][1] == spec, (shape, k)
     r = np.load(out)
     with torch.no_grad():
         ref = tmodel(torch.tensor(r["ids"], dtype=torch.long)).logits.numpy()
