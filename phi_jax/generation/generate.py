@@ -84,13 +84,29 @@ def forward_step(model, ids: jax.Array, cache: KVCache, ids_mask: jax.Array) -> 
 @struct.dataclass
 class DecodeState:
     """cache; tokens: `[B, N]` new tokens (pad past `step`); step: int32, tokens produced so far;
-    done: `[B]` bool, rows that have produced an eos; rng: the key that each step folds its index into."""
+    done: `[B]` bool, rows that have produced an eos; rng: the key (or `[B]` keys, one per row) that each step
+    folds its index into."""
 
     cache: KVCache
     tokens: jax.Array
     step: jax.Array
     done: jax.Array
     rng: jax.Array
+
+
+def _keys(seed: jax.Array) -> jax.Array:
+    """One key for the batch (`seed` a scalar) or one per row (`seed: [B]`)."""
+    return jax.random.key(seed) if seed.ndim == 0 else jax.vmap(jax.random.key)(seed)
+
+
+def _draw(sampler: Sampler, logits: jax.Array, rng: jax.Array, step) -> jax.Array:
+    """`[B]` tokens from `logits: [B, V]` with `rng` folded with `step`. Per-row keys draw each row exactly as a
+    batch of that row alone with that key would (`vmap` over rows), so a row's tokens do not depend on its
+    batch mates."""
+    if rng.ndim == 0:
+        return sampler.next_tokens(logits, jax.random.fold_in(rng, step))
+    keys = jax.vmap(jax.random.fold_in, (0, None))(rng, step)  # [B]
+    return jax.vmap(lambda row, key: sampler.next_tokens(row[None], key)[0])(logits, keys)
 
 
 def _is_eos(tokens: jax.Array, eos: jax.Array) -> jax.Array:
@@ -102,8 +118,8 @@ def prefill(model, ids, mask, sampler: Sampler, seed, eos, *, cache_length: int,
     b = ids.shape[0]
     cache = KVCache.init(model.config, b, cache_length, model.model.dtype)
     logits, cache = forward_step(model, ids, cache, mask)
-    rng = jax.random.key(seed)
-    tok = sampler.next_tokens(logits, jax.random.fold_in(rng, 0))  # [B]
+    rng = _keys(seed)
+    tok = _draw(sampler, logits, rng, 0)  # [B]
     tokens = jnp.zeros((b, out_length), jnp.int32).at[:, 0].set(tok)  # [B, N]
     return DecodeState(cache=cache, tokens=tokens, step=jnp.int32(1), done=_is_eos(tok, eos), rng=rng)
 
@@ -112,7 +128,7 @@ def decode_step(model, s: DecodeState, sampler: Sampler, eos, pad) -> DecodeStat
     """Feeds the last token, samples the next; rows already done get `pad`."""
     last = jax.lax.dynamic_slice_in_dim(s.tokens, s.step - 1, 1, axis=1)  # [B, 1]
     logits, cache = forward_step(model, last, s.cache, jnp.ones(last.shape, bool))
-    tok = sampler.next_tokens(logits, jax.random.fold_in(s.rng, s.step))  # [B]
+    tok = _draw(sampler, logits, s.rng, s.step)  # [B]
     tok = jnp.where(s.done, pad, tok)
     tokens = jax.lax.dynamic_update_slice(s.tokens, tok[:, None], (0, s.step))
     return DecodeState(cache=cache, tokens=tokens, step=s.step + 1, done=s.done | _is_eos(tok, eos), rng=s.rng)
@@ -176,10 +192,21 @@ def _as_id_list(value, name: str, vocab_size: int, source: str) -> list[int]:
     return [int(v) for v in values]
 
 
-def _check_seed(seed) -> np.uint32:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 32:
-        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
-    return np.uint32(seed)
+def _check_seed(seed, batch: int) -> np.ndarray:
+    """`seed` as uint32: a scalar (one key for the batch) or `[batch]` (one key per row)."""
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, (bool, np.bool_)):
+        if not 0 <= seed < 2 ** 32:
+            raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+        return np.uint32(seed)
+    values = np.asarray(seed) if isinstance(seed, (list, tuple, np.ndarray)) else None
+    if values is None or values.dtype == bool or not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"seed must be an int or a list of {batch} ints (one per row), got {seed!r}")
+    if values.shape != (batch,):
+        raise ValueError(f"seed has shape {values.shape}; per-row seeds need one per row: ({batch},)")
+    bad = np.flatnonzero((values < 0) | (values >= 2 ** 32))
+    if bad.size:
+        raise ValueError(f"seed[{int(bad[0])}] = {int(values[bad[0]])} is outside [0, 2**32)")
+    return values.astype(np.uint32)
 
 
 def _prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, cache_length):
@@ -237,8 +264,8 @@ def _prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad
 
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 20, do_sample: bool = False,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None, seed: int = 0,
-             cache_length: int | None = None) -> np.ndarray:
+             eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+             seed: int | list[int] = 0, cache_length: int | None = None) -> np.ndarray:
     """Generates `max_new_tokens` tokens after each prompt, as transformers' `generate` does.
 
     Args:
@@ -249,14 +276,17 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 20,
       do_sample, temperature, top_k, top_p: see `phi_jax.generation.sampling`; greedy by default.
       eos_token_id: an id or a list of ids that end a row; default the config's. Each in [0, vocab_size).
       pad_token_id: what follows a row's eos; default the config's, else the first eos id. In [0, vocab_size).
-      seed: the sampling key is `jax.random.key(seed)`; the same seed gives the same tokens.
+      seed: an int: the batch's sampling key is `jax.random.key(seed)`; the same seed gives the same tokens. A
+        list of B ints: one key per row, `jax.random.key(seed[b])`, and row b's tokens are those of row b
+        generated alone with `seed=seed[b]`, whatever its batch mates (up to rounding differences between batch
+        shapes in the logits, which can flip a draw at a near tie, as they can flip a greedy argmax).
       cache_length: cache slots to allocate (>= T + max_new_tokens); default the prompt bucket + max_new_tokens.
     Returns:
       `[B, T + max_new_tokens]` int32 numpy array: the prompt, then the new tokens; after a row's eos
       (and after the loop stops because every row is done) only `pad_token_id`.
     """
     sampler = make_sampler(do_sample, temperature, top_k, top_p)
-    seed = _check_seed(seed)
+    seed = _check_seed(seed, np.shape(input_ids)[0] if np.ndim(input_ids) else 0)
     p = _prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, cache_length)
     static, params = split_cached(model)
     tokens, _ = _generate_program(static, params, p.ids, p.mask, np.int32(max_new_tokens), sampler,
@@ -269,8 +299,8 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 20,
 
 def generate_stream(model, input_ids, attention_mask=None, *, max_new_tokens: int = 20, do_sample: bool = False,
                     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                    eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None, seed: int = 0,
-                    cache_length: int | None = None) -> Iterator[np.ndarray]:
+                    eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                    seed: int | list[int] = 0, cache_length: int | None = None) -> Iterator[np.ndarray]:
     """Yields the new tokens, `[B]` int32 per step, as they are produced; the same tokens as `generate`.
 
     Stops after `max_new_tokens` steps or once every row has produced an eos. Each step is dispatched
@@ -278,7 +308,7 @@ def generate_stream(model, input_ids, attention_mask=None, *, max_new_tokens: in
     for `generate`.
     """
     sampler = make_sampler(do_sample, temperature, top_k, top_p)
-    seed = _check_seed(seed)
+    seed = _check_seed(seed, np.shape(input_ids)[0] if np.ndim(input_ids) else 0)
     p = _prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, cache_length)
     static, params = split_cached(model)
     eos, pad = p.eos, np.int32(p.pad)
