@@ -26,3 +26,27 @@ def write_jsonl(path, records) -> str:
         for r in records:
             f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
     return os.fspath(path)
+
+
+def tiny_run(make_checkpoint, tmp_path, **overrides) -> tuple[str, str]:
+    """A 1-layer random phi-1 checkpoint with the character tokenizer, and a JSON-lines file of text and
+    prompt/completion records: (model directory, data file) for a fine-tuning run of a few seconds."""
+    path, _ = make_checkpoint("phi1", num_hidden_layers=1, intermediate_size=128, **overrides)
+    write_char_tokenizer(path, 96)
+    data = write_jsonl(os.path.join(os.fspath(tmp_path), "data.jsonl"),
+                       [{"text": TEXT * 3}] * 4 + [{"prompt": "2+2=", "completion": "4!"}])
+    return path, data
+
+
+DROPOUT = dict(embd_pdrop=0.1, attention_dropout=0.1, resid_pdrop=0.1)  # every dropout of Phi on
+
+
+def checkpoint_steps(out) -> list[int]:
+    """The steps of the checkpoints in run directory `out`."""
+    return sorted(int(d) for d in os.listdir(os.path.join(os.fspath(out), "checkpoints")) if d.isdigit())
+
+
+def metrics(out) -> list[dict]:
+    """The records of `out/metrics.jsonl`."""
+    with open(os.path.join(os.fspath(out), "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]

@@ -18,8 +18,12 @@ class TrainCheckpoints:
 
     def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int = 3):
         self.directory = os.path.abspath(os.fspath(directory))
-        options = ocp.CheckpointManagerOptions(save_interval_steps=max(1, save_every), max_to_keep=keep,
-                                               create=True)
+        # every `save_every` steps, and when JAX's distributed preemption notice arrives; not Orbax's default
+        # extra save of a run's first step (a whole model and optimizer state written after one step)
+        policies = ocp.checkpoint_managers
+        policy = policies.AnySavePolicy([policies.FixedIntervalPolicy(max(1, save_every)),
+                                         policies.PreemptionCheckpointingPolicy()])
+        options = ocp.CheckpointManagerOptions(save_decision_policy=policy, max_to_keep=keep, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -38,6 +42,10 @@ class TrainCheckpoints:
         out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                                  meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
+
+    def meta(self, step: int) -> dict:
+        """The JSON meta saved with `step` alone (no arrays read)."""
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -3,6 +3,8 @@
 Everything a step depends on is a function of (seed, step): the batch (`data.batch_at`), the dropout key
 (`step.step_key`), the learning rate (the schedule), so a run resumed from a checkpoint at step s computes
 exactly the steps s, s+1, ... of the uninterrupted run. SIGTERM finishes the current step, saves and returns.
+A resume refuses settings that change the steps computed (`_resume_settings`); the mesh may change (it
+changes only the order of the reductions).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 
 import jax
@@ -60,6 +63,57 @@ def _lora_scale(run: RunConfig) -> float | None:
     if not run.lora_rank:
         return None
     return float(run.lora_rank if run.lora_alpha is None else run.lora_alpha) / run.lora_rank
+
+
+# setting -> its `phi-jax finetune` option: what a checkpoint records and a resume must match, since each changes
+# the steps computed (the batches, the dropout keys, the schedule, the update or the numerics)
+_RESUME_OPTIONS = {
+    "steps": "--steps", "batch_size": "--batch-size", "seq_len": "--seq-len", "seed": "--seed",
+    "data_rows": "--data", "lora_rank": "--lora-rank", "lora_scale": "--lora-alpha", "learning_rate": "--lr",
+    "warmup_steps": "--warmup-steps", "final_lr_ratio": None, "weight_decay": "--weight-decay", "b1": None,
+    "b2": None, "eps": None, "max_grad_norm": "--max-grad-norm", "accum_steps": "--accum-steps",
+    "remat_policy": "--remat", "compute_dtype": "--dtype", "attn_implementation": "--attn-implementation",
+}
+
+
+def _resume_settings(run: RunConfig, data_rows: int) -> dict:
+    """The settings of `_RESUME_OPTIONS` of `run` (JSON values, as a checkpoint's meta stores them)."""
+    t = run.train
+    values = dict(steps=run.steps, batch_size=run.batch_size, seq_len=run.seq_len, seed=run.seed,
+                  data_rows=int(data_rows), lora_rank=run.lora_rank, lora_scale=_lora_scale(run),
+                  learning_rate=t.learning_rate, warmup_steps=t.warmup_steps, final_lr_ratio=t.final_lr_ratio,
+                  weight_decay=t.weight_decay, b1=t.b1, b2=t.b2, eps=t.eps, max_grad_norm=t.max_grad_norm,
+                  accum_steps=t.accum_steps, remat_policy=t.remat_policy, compute_dtype=run.compute_dtype,
+                  attn_implementation=run.attn_implementation)
+    assert values.keys() == _RESUME_OPTIONS.keys()
+    return values
+
+
+def check_resume(saved: dict, settings: dict) -> list[str]:
+    """Raises a one-line ValueError naming the first setting whose value differs from the checkpoint's `saved`
+    meta; returns the settings the checkpoint does not record (written by an older phi_jax: not checked)."""
+    for k, want in settings.items():
+        if k in saved and saved[k] != want:
+            option = f" ({_RESUME_OPTIONS[k]})" if _RESUME_OPTIONS[k] else ""
+            raise ValueError(f"cannot resume: the checkpoint has {k}={saved[k]}, this run {want}{option}; resume "
+                             f"with the checkpoint's value or start a new --output")
+    return [k for k in settings if k not in saved]
+
+
+def _resume_step(run: RunConfig, ckpts: TrainCheckpoints, settings: dict, is_main: bool) -> int:
+    """The step to continue from: 0 for a new run, else the latest checkpoint's, once `check_resume` accepts
+    its settings. Checkpoints without `run.resume` are a FileExistsError."""
+    latest = ckpts.latest_step()
+    if latest is None:
+        return 0
+    if not run.resume:
+        raise FileExistsError(f"{ckpts.directory} holds checkpoints: pass --resume to continue or use a new "
+                              f"--output")
+    unchecked = check_resume(ckpts.meta(latest), settings)
+    if unchecked and is_main:
+        print(f"warning: the checkpoint at step {latest} does not record {', '.join(unchecked)} (an older "
+              f"phi_jax wrote it): resuming without checking them", file=sys.stderr)
+    return latest
 
 
 def _mesh(text: str):
@@ -183,43 +237,36 @@ def finetune(run: RunConfig, model=None, rules=sharding.DEFAULT_RULES) -> dict:
     # the data first: a bad record fails before a large model is read
     config = model.config if model is not None else PhiConfig.from_pretrained(run.model)
     rows = data_lib.load_dataset(run.data, data_lib.load_tokenizer(run.model), config, run.seq_len)
-    if model is None:
-        model = PhiForCausalLM.from_pretrained(run.model, dtype=jnp.dtype(run.compute_dtype),
-                                               param_dtype=jnp.float32, mesh=mesh, rules=rules,
-                                               attn_implementation=run.attn_implementation)
-    if run.lora_rank:
-        add_lora(model, run.lora_rank, alpha=run.lora_alpha, seed=run.seed)
-    split = split_model(model, nnx.LoRAParam if run.lora_rank else nnx.Param,
-                        remat_policy=run.train.remat_policy)
-    tx = make_optimizer(dataclasses.replace(run.train, total_steps=run.steps))
-    state, frozen, step_fn, batch_sh = build(split, tx, mesh, rules, run.train.accum_steps)
-
+    settings = _resume_settings(run, len(rows["input_ids"]))
     ckpts = TrainCheckpoints(os.path.join(out_dir, "checkpoints"), save_every=run.save_every, keep=run.keep)
+    is_main = jax.process_index() == 0
+    try:
+        start = _resume_step(run, ckpts, settings, is_main)  # a refused resume fails before the model is read
+        if model is None:
+            model = PhiForCausalLM.from_pretrained(run.model, dtype=jnp.dtype(run.compute_dtype),
+                                                   param_dtype=jnp.float32, mesh=mesh, rules=rules,
+                                                   attn_implementation=run.attn_implementation)
+        if run.lora_rank:
+            add_lora(model, run.lora_rank, alpha=run.lora_alpha, seed=run.seed)
+        split = split_model(model, nnx.LoRAParam if run.lora_rank else nnx.Param,
+                            remat_policy=run.train.remat_policy)
+        tx = make_optimizer(dataclasses.replace(run.train, total_steps=run.steps))
+        state, frozen, step_fn, batch_sh = build(split, tx, mesh, rules, run.train.accum_steps)
+        if start:
+            state, _ = ckpts.restore(abstract_like(state), start)
+    except BaseException:
+        ckpts.close()
+        raise
     log_path = os.path.join(out_dir, "metrics.jsonl")
-    start = 0
-    if run.resume and ckpts.latest_step() is not None:
-        state, meta = ckpts.restore(abstract_like(state))
-        for k, want in (("batch_size", run.batch_size), ("seed", run.seed), ("seq_len", run.seq_len),
-                        ("data_rows", len(rows["input_ids"])), ("lora_rank", run.lora_rank),
-                        ("lora_scale", _lora_scale(run))):
-            if meta.get(k, want) != want:
-                raise ValueError(f"cannot resume: the checkpoint has {k}={meta[k]}, this run {want}")
-        start = int(meta["step"])
-    elif ckpts.latest_step() is not None:
-        raise FileExistsError(f"{ckpts.directory} holds checkpoints: pass --resume to continue or use a new "
-                              f"--output")
     logged = _read_log(log_path, upto=start)
     losses = {r["step"]: r["loss"] for r in logged}
-    is_main = jax.process_index() == 0
     if is_main:
         with open(log_path + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in logged)
         os.replace(log_path + ".tmp", log_path)
 
     def meta(step):
-        return {"step": step, "rows_seen": step * run.batch_size, "batch_size": run.batch_size, "seed": run.seed,
-                "seq_len": run.seq_len, "data_rows": int(len(rows["input_ids"])), "lora_rank": run.lora_rank,
-                "lora_scale": _lora_scale(run),
+        return {"step": step, "rows_seen": step * run.batch_size, **settings,
                 "rng": np.asarray(jax.random.key_data(step_key(run.seed, step))).tolist()}
 
     stop = {"flag": False}
