@@ -2,20 +2,27 @@
 
 Writes OUTPUT/checkpoints (Orbax, every --save-every steps and at the end), OUTPUT/metrics.jsonl (one JSON line
 per step: loss, grad_norm, lr, targets, tokens_per_s), OUTPUT/loss.png and OUTPUT/model (a Hugging Face
-directory that transformers loads, LoRA adapters merged, tokenizer files copied). SIGTERM saves and exits 0;
-`--resume` continues from the last checkpoint exactly.
+directory that transformers loads, LoRA adapters merged, tokenizer files copied). SIGTERM finishes the current
+step, saves a checkpoint and exits 143 (128 + SIGTERM, a terminated process's status: the run is not complete and
+nothing is exported); `--resume` continues from the last checkpoint exactly, and refuses settings other than the
+checkpoint's that change the steps computed (--steps, --lr, --seed, --dtype, ...: one error line naming both
+values). Compiled programs go to JAX's persistent compilation cache (--compile-cache, phi_jax/cli/common.py).
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 
 HELP = "fine-tune a checkpoint on JSON-lines text or prompt/completion pairs (sharded, resumable)"
+COMPILES = True
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="Hugging Face checkpoint directory (weights and tokenizer.json)")
-    parser.add_argument("--data", required=True, help='JSON lines of {"text": ...} or {"prompt": ..., "completion": ...}')
+    parser.add_argument("--data", required=True,
+                        help='JSON lines of {"text": ...} or {"prompt": ..., "completion": ...}')
     parser.add_argument("--output", required=True, help="run directory: checkpoints, metrics, loss.png, model/")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8, help="rows per step (over all devices)")
@@ -59,8 +66,9 @@ def run(args) -> int:
     result = finetune(run_cfg)  # a user's mistake raises; phi_jax.cli.main maps it to one error line and status
     losses = result["losses"]
     if result["interrupted"]:
-        print(f"interrupted at step {max(losses)}: checkpoint saved; rerun with --resume", file=sys.stderr)
-    elif losses:
+        print(f"terminated at step {max(losses)}: checkpoint saved; rerun with --resume", file=sys.stderr)
+        return EXIT_TERMINATED
+    if losses:
         print(f"step {max(losses)}: loss {losses[max(losses)]:.4f}; model written to {result['export']}",
               file=sys.stderr)
     return 0
