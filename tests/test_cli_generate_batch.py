@@ -145,8 +145,20 @@ def test_resumed_sampled_run_cut_inside_a_batch_equals_the_uninterrupted_run(mod
     assert _read(tmp_path / "c.jsonl") == fresh
 
 
-def test_batch_size_is_a_setting_of_sampled_runs_only(model_dir, tmp_path, monkeypatch, capsys):
+def test_batch_size_may_change_on_resume_sampled_or_greedy(model_dir, tmp_path, monkeypatch, capsys):
+    """Each prompt draws with its own key (--seed + its line number), so a sampled completion does not depend on
+    its batch mates: the same outputs with batches of 1 and of 4, and a run interrupted with --batch-size 2
+    resumes with --batch-size 3 (sampled or greedy) and ends equal to a fresh run."""
     _write_prompts(tmp_path / "p.jsonl", SHORT)
+    alone = _argv(model_dir, tmp_path, "--batch-size", "1", "--max-new-tokens", "6", "--no-progress", "--do-sample",
+                  "--temperature", "1.5")
+    assert main(alone) == EXIT_OK
+    by_one = _read(tmp_path / "c.jsonl")
+    os.remove(tmp_path / "c.jsonl")
+    assert main([a if a != "1" else "4" for a in alone]) == EXIT_OK
+    assert _read(tmp_path / "c.jsonl") == by_one
+    assert len({r["completion"] for r in by_one}) > 1
+    os.remove(tmp_path / "c.jsonl")
     for mode in (["--do-sample"], []):
         argv = _argv(model_dir, tmp_path, "--batch-size", "2", "--max-new-tokens", "3", "--no-progress", *mode)
         assert main(argv) == EXIT_OK
@@ -156,15 +168,8 @@ def test_batch_size_is_a_setting_of_sampled_runs_only(model_dir, tmp_path, monke
         assert main(argv) == 130
         capsys.readouterr()
         batches = _spy_batches(monkeypatch)
-        other = [a if a != "2" else "3" for a in argv]  # --batch-size 3
-        if mode:  # sampled completions depend on their batch: refused, nothing decoded
-            assert main(other) == EXIT_USAGE
-            _one_error_line(capsys.readouterr().err, "c.jsonl.partial", "batch_size")
-            assert batches == []
-            assert main(argv) == EXIT_OK
-        else:  # greedy ones do not: resumed with the new size
-            assert main(other) == EXIT_OK
-            assert batches == [[1, 2, 3], [4]]  # batches of 3 over the input; [1, 2, 3] holds unfinished 3
+        assert main([a if a != "2" else "3" for a in argv]) == EXIT_OK  # --batch-size 3
+        assert batches == [[1, 2, 3], [4]]  # batches of 3 over the input; [1, 2, 3] holds unfinished 3
         capsys.readouterr()
         assert _read(tmp_path / "c.jsonl") == fresh
         os.remove(tmp_path / "c.jsonl")

@@ -16,12 +16,11 @@ result found there with the same line number and prompt text; other settings are
 so are results without a readable settings line (they cannot be matched to the options: delete the file to
 start over). Batches are formed from the whole input, never from the unfinished prompts alone, and a batch
 with any unfinished prompt is decoded whole again, so a resumed run decodes exactly the batches of an
-uninterrupted one. Sampling draws one key per batch, `--seed` + the batch's first line number: a sampled
-completion depends on its batch mates and its row, hence --batch-size is one of a sampled run's settings
-(greedy completions do not depend on it, and a greedy run may resume with another batch size). What a
-resumed sampled run guarantees: the same OUTPUT as an uninterrupted run with the same input file and options,
-on the same machine and software. If the input was edited in between, a reused completion whose batch the edit
-changed differs from what a fresh run on the edited file would draw (it stays a valid sample).
+uninterrupted one. Sampling draws each prompt with its own key, `--seed` + its line number (per-row seeds of
+`generate`): a completion depends on its prompt and line number, not on its batch mates, so --batch-size may
+change on a resume, sampled or greedy (up to rounding differences between batch shapes in the logits, which can
+flip a draw or an argmax at a near tie; the same --batch-size reproduces the uninterrupted run exactly, on the
+same machine and software).
 
 The tokenizer is `tokenizer.json` of the model directory (or of --tokenizer), read by `tokenizers`. Without
 --model, the tiny code model that ships inside the package is used (`phi_jax.shipped_model_path()`).
@@ -199,11 +198,9 @@ def _read_prompts(path: str, tokenizer) -> list[dict]:
 
 
 def _settings(args) -> dict:
-    """What the completions depend on; --batch-size only when sampling (greedy results do not depend on it)."""
-    sampling = _sampling(args)
-    batch = {"batch_size": args.batch_size} if sampling["do_sample"] else {}
+    """What the completions depend on (not --batch-size: each prompt draws with its own key)."""
     return {"model": os.path.abspath(args.model), "tokenizer": args.tokenizer and os.path.abspath(args.tokenizer),
-            "dtype": args.dtype, "seed": args.seed, **sampling, **batch}
+            "dtype": args.dtype, "seed": args.seed, **_sampling(args)}
 
 
 RESULT_KEYS = ("completion", "new_tokens", "stopped")
@@ -256,7 +253,7 @@ def _batches(prompts: list[dict], batch_size: int, done) -> list[list[dict]]:
 
 
 def _generate_batch(model, batch: list[dict], batch_size: int, sampling: dict, seed: int, eos: set[int]):
-    """New tokens of each prompt (cut before its eos) and whether an eos came."""
+    """New tokens of each prompt (cut before its eos) and whether an eos came. Row keys: `seed` + line number."""
     import numpy as np
     rows = 1
     while rows < len(batch):
@@ -265,11 +262,13 @@ def _generate_batch(model, batch: list[dict], batch_size: int, sampling: dict, s
     width = max(len(p["ids"]) for p in batch)
     ids = np.zeros((rows, width), np.int32)
     mask = np.zeros((rows, width), np.int32)
+    seeds = np.zeros(rows, np.int64)
     for r in range(rows):
-        p = batch[min(r, len(batch) - 1)]
+        p = batch[min(r, len(batch) - 1)]  # padding rows repeat the last prompt
         ids[r, width - len(p["ids"]):] = p["ids"]  # left padding
         mask[r, width - len(p["ids"]):] = 1
-    out = model.generate(ids, mask, seed=seed % 2 ** 32, **sampling)[:len(batch), width:]
+        seeds[r] = (seed + p["line"]) % 2 ** 32
+    out = model.generate(ids, mask, seed=seeds, **sampling)[:len(batch), width:]
     results = []
     for row in out.tolist():
         cut = next((i for i, t in enumerate(row) if t in eos), None)
@@ -312,7 +311,7 @@ def _run_file(args, model, tokenizer, prompts: list[dict], done: dict[int, dict]
     bar = tqdm(total=len(prompts), initial=earlier, unit="prompt", disable=args.no_progress, file=sys.stderr)
     with compile_events() as events, bar, open(partial, "a", encoding="utf-8") as log:
         for batch in _batches(prompts, args.batch_size, done):
-            results = _generate_batch(model, batch, args.batch_size, sampling, args.seed + batch[0]["line"], eos)
+            results = _generate_batch(model, batch, args.batch_size, sampling, args.seed, eos)
             fresh = [(p, r) for p, r in zip(batch, results) if p["line"] not in done]
             for p, (tokens, at_eos) in fresh:
                 done[p["line"]] = {"line": p["line"], **p["record"],
