@@ -87,7 +87,8 @@ step generate 150 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 python3 benchmarks/gene
 step decode 100 python3 benchmarks/gpu_decode.py --steps 30 --repeats 3
 # issue 10: the model's attention implementations agree with xla on the GPU (PASS in the third run)
 step impls 90 python3 benchmarks/gpu_attn_impls.py
-# issue 10: the kernel tests that need a GPU
-step pytest 60 env JAX_PLATFORMS=cuda,cpu python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py tests/test_decode_attention_gpu.py -k "TestGpu"
+# issue 10: the tests that need a GPU (the model's cudnn/pallas/auto against xla first, then the kernels)
+step pytest 90 env JAX_PLATFORMS=cuda,cpu python3 -m pytest -q -p no:cacheprovider tests/test_attn_implementations.py \
+    tests/test_kernels_gpu.py tests/test_decode_attention_gpu.py -k "on_gpu or TestGpu"
 echo "total $(($(date +%s) - START)) s" >> "$OUTDIR/summary.txt"
 cat "$OUTDIR/summary.txt"
