@@ -133,7 +133,8 @@ def test_step_is_adamw_with_clipping(make_checkpoint):
     w = np.asarray(split.trainable[k])
     # AdamW's first step: m/(sqrt(v)+eps) = g/(|g|+eps) with bias correction; lr at step 0 of cosine = peak
     want = w - 1e-2 * (g / (np.abs(g) + 1e-8) + 0.1 * w)
-    np.testing.assert_allclose(np.asarray(new["params"][k]), want, rtol=1e-5, atol=2e-5)  # tiny gradients: sign-like steps
+    # tiny gradients: sign-like steps
+    np.testing.assert_allclose(np.asarray(new["params"][k]), want, rtol=1e-5, atol=2e-5)
     assert int(new["step"]) == 1
     _, loss2, _ = grads_fn(new["params"])
     assert float(loss2) < float(loss)
