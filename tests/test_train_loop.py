@@ -26,6 +26,11 @@ from train_fixtures import DROPOUT, checkpoint_steps, metrics, tiny_run, write_j
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(autouse=True)
+def _no_user_compile_cache(monkeypatch):
+    monkeypatch.setenv("PHI_JAX_COMPILE_CACHE", "off")  # `phi-jax finetune` compiles: never into ~/.cache here
+
+
 @pytest.fixture
 def tiny(make_checkpoint, tmp_path):
     return tiny_run(make_checkpoint, tmp_path)
