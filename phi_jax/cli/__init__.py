@@ -13,6 +13,7 @@ user's mistake raises to one `error: ...` line on stderr and an exit status shar
   5    another operating-system error (permission denied, disk full: OSError)
   6    an optional dependency is missing (torch / transformers: the message names the extra to install)
   130  interrupted (Ctrl-C)
+  143  terminated (SIGTERM): finetune saved a checkpoint; rerun with --resume
   70   a bug in phi_jax: the traceback is printed; please report it
 """
 

@@ -1,6 +1,6 @@
 """Pieces every `phi-jax` command shares: JAX's persistent compilation cache and the tokenizer.
 
-Compilation cache: commands that compile (generate, check, parity) store XLA programs in a directory, so a
+Compilation cache: commands that compile (generate, check, parity, finetune) store XLA programs in a directory, so a
 second run of the same command on the same machine compiles nothing. The directory is `--compile-cache DIR`,
 else $PHI_JAX_COMPILE_CACHE (`off` or `0` disables it), else JAX's own $JAX_COMPILATION_CACHE_DIR, else
 `$XDG_CACHE_HOME/phi_jax/jax-compilation-cache` (`~/.cache/...`); `--no-compile-cache` disables it. Every program is cached, however small or quick to compile.
