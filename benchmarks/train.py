@@ -12,7 +12,7 @@ FLOPs utilisation against the chip's dense bf16 peak (H100/H200: 989 TFLOP/s) an
 temporaries (parameters and optimizer state fixed), and runs the step at it. Attention: cuDNN flash attention
 (`--attn xla` for the plain path). One policy finishes in under 3 minutes on an H100/H200.
 
-    python benchmarks/train.py [--threads 2] [--repeats 15] [--profile TOP]
+    python benchmarks/train.py [--threads 2] [--repeats 15] [--profile TOP] [--phases]
     python benchmarks/train.py --gpu [--batch 8] [--remat nothing_saveable[,POLICY...]] [--attn cudnn] [--find-max]
 """
 
@@ -135,11 +135,67 @@ def cpu(args) -> None:
           f"interleaved rounds (range {ratios[0]:.2f}-{ratios[-1]:.2f}x)")
     print(f"first-step loss: phi_jax {jax_loss:.6f}, transformers {torch_loss:.6f}")
     matmul_ceiling(tokens, CPU_GEOMETRY, args.repeats)
+    if args.phases:
+        phases(model, tmodel, batch, ids, args.repeats, (state, frozen, step_fn))
     if args.profile:  # where the phi_jax step's time goes: per op category, phase and matmul form
         from device_profile import hlo_report, profile_calls
         summary = profile_calls(run_jax, calls=3, top=args.profile, label="cpu train step")
         text = step_fn.lower(state, frozen, batch, None).compile().as_text()
         print(hlo_report(summary, text, top=args.profile, label="cpu train step"))
+
+
+def phases(model, tmodel, batch, ids, repeats: int, step) -> None:
+    """Where the two steps differ: the forward (loss only), forward + backward (gradients) and the whole step
+    (with clipping and AdamW) of each library, timed in interleaved rounds; the optimizer is the step minus the
+    gradients, the backward the gradients minus the forward."""
+    import torch
+
+    from phi_jax.train.step import make_loss_fn, split_model
+    state, frozen, step_fn = step
+    loss_fn = make_loss_fn(split_model(model))  # (the structure; the values are the step's current parameters)
+    params = jax.tree.map(jnp.copy, state["params"])  # the step donates its state; these copies stay
+    fwd = jax.jit(lambda p, b: loss_fn(p, {}, b, None)[0])
+    grad = jax.jit(jax.grad(lambda p, b: loss_fn(p, {}, b, None)[0]))
+    opt = torch.optim.AdamW(tmodel.parameters(), lr=1e-4, weight_decay=0.0)
+
+    def t_fwd():
+        with torch.no_grad():
+            tmodel(ids, labels=ids).loss.item()
+
+    def t_grad():
+        tmodel.zero_grad(set_to_none=True)
+        tmodel(ids, labels=ids).loss.backward()
+
+    def t_step():
+        t_grad()
+        torch.nn.utils.clip_grad_norm_(tmodel.parameters(), 1.0)
+        opt.step()
+
+    def j_step():
+        nonlocal state
+        state, m = step_fn(state, frozen, batch, None)
+        jax.block_until_ready(m["loss"])
+    runs = {"phi_jax forward": lambda: jax.block_until_ready(fwd(params, batch)),
+            "phi_jax fwd+bwd": lambda: jax.block_until_ready(grad(params, batch)), "phi_jax step": j_step,
+            "torch forward": t_fwd, "torch fwd+bwd": t_grad, "torch step": t_step}
+    times = {k: [] for k in runs}
+    for fn in runs.values():
+        fn()
+    for _ in range(repeats):
+        for k, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    ms = {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+    for lib in ("phi_jax", "torch"):
+        f, fb, st = ms[f"{lib} forward"], ms[f"{lib} fwd+bwd"], ms[f"{lib} step"]
+        print(f"phases {lib:<8}: forward {f:6.1f} ms, backward {fb - f:6.1f} ms, optimizer {st - fb:6.1f} ms "
+              f"(step {st:6.1f} ms; medians of {repeats} interleaved rounds)")
+    for name, a, b in (("forward", "forward", None), ("backward", "fwd+bwd", "forward"), ("optimizer", "step",
+                                                                                          "fwd+bwd")):
+        j = ms[f"phi_jax {a}"] - (ms[f"phi_jax {b}"] if b else 0.0)
+        t = ms[f"torch {a}"] - (ms[f"torch {b}"] if b else 0.0)
+        print(f"phases {name:<9}: torch / phi_jax = {t / j:.2f}x")
 
 
 def matmul_ceiling(tokens: int, geometry: dict, repeats: int) -> None:
@@ -293,6 +349,8 @@ def main() -> None:
                    "cores this process may run on; under `taskset -c 0` one)")
     p.add_argument("--profile", type=int, default=0, metavar="TOP", help="CPU: also profile the phi_jax step (per "
                    "op category, phase, matmul form) and list its TOP slowest ops")
+    p.add_argument("--phases", action="store_true", help="CPU: also time forward, forward + backward and the "
+                   "whole step of both libraries (where the steps differ)")
     p.add_argument("--remat", default=None, help="jax.checkpoint_policies name or phi_jax's "
                    "dots_and_attention_saveable; --gpu default nothing_saveable (--gpu: a comma list measures each, "
                    "e.g. dots_with_no_batch_dims_saveable,dots_and_attention_saveable)")
