@@ -79,7 +79,10 @@ def test_peak_memory_is_bounded(big_checkpoint):
 
 
 _SLOW = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
+    # SIGINT raises KeyboardInterrupt even when the runner started in the background (nohup, `&`), which
+    # hands its children SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from phi_jax import convert
     get = convert.HFSource.get
     def slow_get(self, key, rows=None):

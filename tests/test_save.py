@@ -97,7 +97,10 @@ def test_failed_save_leaves_the_old_checkpoint(old_and_new, monkeypatch):
 
 
 _KILLED = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
+    # SIGINT raises KeyboardInterrupt even when the runner started in the background (nohup, `&`), which
+    # hands its children SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import phi_jax
     from phi_jax.io.safetensors import ShardedSafetensorsWriter
     put = ShardedSafetensorsWriter.put
