@@ -174,6 +174,9 @@ def test_generate_jsonl_batches_in_input_order(model_dir, tmp_path, capsys):
         assert r["completion"] == tok.decode(alone[:cut]) and r["new_tokens"] == cut
         assert r["stopped"] == ("eos" if cut < 4 else "length")
     assert not os.path.exists(str(out) + ".partial")
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert os.stat(out).st_mode & 0o777 == 0o666 & ~mask  # as `open` would create it (not mkstemp's 0o600)
 
 
 def test_generate_jsonl_resumes_without_redoing_finished_prompts(model_dir, tmp_path, monkeypatch, capsys):

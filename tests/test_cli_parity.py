@@ -43,6 +43,9 @@ def _readme_python_example() -> str:
 def test_readme_usage_example_runs_on_parity_save(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # relative paths, as a user types them
     assert main([*SMALL, "--save", "random-phi"]) == EXIT_OK
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert os.stat("random-phi").st_mode & 0o777 == 0o777 & ~mask  # as `mkdir` would create it (not mkdtemp's)
     assert "kept the checkpoint in random-phi" in capsys.readouterr().out
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir("random-phi"))
     assert not [n for n in os.listdir(".") if n.startswith(".random-phi.partial")]

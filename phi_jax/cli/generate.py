@@ -277,9 +277,11 @@ def _generate_batch(model, batch: list[dict], batch_size: int, sampling: dict, s
 
 
 def _write_atomic(path: str, lines: list[str]) -> None:
+    from phi_jax.io.atomic import umask_mode
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
+        os.fchmod(fd, umask_mode())  # mkstemp's file is owner-only; the output gets what `open` would give it
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.writelines(lines)
             f.flush()

@@ -59,6 +59,7 @@ def run(args) -> int:
     _check(args)
     torch, _ = require_reference("phi-jax parity")
     from phi_jax.modeling.model import PhiForCausalLM
+    from phi_jax.io.atomic import umask_mode
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -71,6 +72,8 @@ def run(args) -> int:
     parent = os.path.dirname(os.path.abspath(args.save)) if args.save else None
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(args.save)}.partial-" if args.save else "phi-")
     try:
+        if args.save:  # mkdtemp's directory is owner-only; the saved one gets what `mkdir` would give it
+            os.chmod(tmp, umask_mode(directory=True))
         where = args.save or tmp
         print(f"writing a random {args.geometry} Phi ({args.layers} layers, vocab {args.vocab_size}) with "
               f"transformers to {where}", flush=True)

@@ -22,6 +22,14 @@ _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
+def umask_mode(directory: bool = False) -> int:
+    """The mode `open` / `os.mkdir` would give a new file (0o666) or directory (0o777) under the process's umask:
+    for what `tempfile.mkstemp` / `mkdtemp` create owner-only, before it is renamed into a user's path."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
