@@ -202,6 +202,8 @@ def test_dropout_follows_the_step_key(pdrop):
     l_off = float(jax.jit(lambda p, b: make_loss_fn(off)(p, {}, b, None)[0])(off.trainable, batch))
     assert l0 == l0b
     assert min(abs(l0 - l1), abs(l0 - l_off), abs(l1 - l_off)) > 1e-3 * l_off, (l0, l1, l_off)
+    with pytest.raises(ValueError, match="dropout is on .* but the step got no key"):
+        loss(on.trainable, batch, None)  # the same masks every step otherwise
 
 
 def test_accumulation_with_dropout_draws_other_masks():

@@ -112,13 +112,18 @@ def token_losses(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.A
 
 
 def make_loss_fn(split: SplitModel) -> Callable:
-    """`loss_fn(trainable, frozen, batch, key) -> (nll_sum, count)`; `key` reseeds dropout (None: leave it)."""
+    """`loss_fn(trainable, frozen, batch, key) -> (nll_sum, count)`; `key` reseeds dropout. Without a key, a model
+    whose dropout is on is a ValueError: its stored RNG state would give every step the same masks."""
 
     def loss_fn(trainable, frozen, batch, key):
         model = split.merge(trainable, frozen)
         if key is not None:
             # a model built with `nnx.Rngs(seed)` gives its Dropout layers forks of the "default" stream
             nnx.reseed(model, dropout=key, default=key)
+        elif any(isinstance(m, nnx.Dropout) and m.rate > 0 and not m.deterministic for _, m in nnx.iter_graph(model)):
+            raise ValueError("dropout is on (a rate > 0 in training mode) but the step got no key: pass a dropout "
+                             "key per step (phi_jax.train.step.step_key(seed, step)), or build the model with "
+                             "dropout 0 / split it with train=False")
         out = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
         return token_losses(out.logits, batch["labels"])
 
