@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("PHI_JAX_COMPILE_CACHE", "off")  # in-process CLI tests must not write to ~/.cache
@@ -88,3 +90,14 @@ def rel_err(out, ref) -> float:
     """max |out - ref| / std(ref)."""
     out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
     return float(np.max(np.abs(out - ref)) / np.std(ref))
+
+
+def run_on_cpu_devices(args: list[str], devices: int = 8, timeout: int = 900) -> subprocess.CompletedProcess:
+    """`python ARGS...` in a process with `devices` simulated CPU devices (the pytest process has one), phi_jax
+    and tests/ importable; asserts it exits 0 and returns it (stdout captured)."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(tests), tests])}
+    proc = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc

@@ -7,34 +7,11 @@ import json
 import os
 import re
 
-import pytest
-
 from phi_jax.cli import EXIT_OK, EXIT_USAGE, main
-from phi_jax.parity import write_tokenizer
-
-VOCAB = 320  # byte-level BPE: 256 bytes + merges
+from test_cli import _no_user_compile_cache, _one_error_line, model_dir  # noqa: F401  (fixtures)
 
 SHORT = ["def f(x):", "x = 1", "print(2)", "import os"]  # bucket 16
 LONG = ["The quick brown fox jumps over the lazy dog, again and again. " * 2 + str(i) for i in range(3)]  # > 16
-
-
-@pytest.fixture(autouse=True)
-def _no_user_compile_cache(monkeypatch):
-    monkeypatch.setenv("PHI_JAX_COMPILE_CACHE", "off")  # tests never write to ~/.cache
-
-
-@pytest.fixture
-def model_dir(make_checkpoint):
-    d, _ = make_checkpoint("phi1", vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
-    write_tokenizer(d, VOCAB)
-    return d
-
-
-def _one_error_line(err: str, *needles: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 def _write_prompts(path, prompts) -> None:

@@ -4,9 +4,7 @@ gradients equal the reference; a sharded train step with "pallas" equals the sin
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -78,11 +76,8 @@ def worker(path: str, out: str) -> None:
 def test_pallas_runs_per_shard(make_checkpoint, tmp_path):
     path, _ = make_checkpoint("phi1", num_key_value_heads=2)
     out = tmp_path / "out.npz"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(__file__)), os.path.dirname(__file__)])}
-    proc = subprocess.run([sys.executable, __file__, path, str(out)], env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    from conftest import run_on_cpu_devices  # (not at the top: the worker process skips conftest's imports)
+    run_on_cpu_devices([__file__, path, str(out)])
     r = np.load(out)
     for shape in ((2, 2, 2), (1, 2, 4)):
         assert r[f"{shape}/fwd_gathers"] == 0 and r[f"{shape}/grad_gathers"] == 0, shape

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -145,11 +144,8 @@ def test_sharded_load_forward_and_step(make_checkpoint, tmp_path):
     from conftest import rel_err
     path, tmodel = make_checkpoint("phi1", num_key_value_heads=2, qk_layernorm=True)
     out = tmp_path / "out.npz"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(__file__)), os.path.dirname(__file__)])}
-    proc = subprocess.run([sys.executable, __file__, path, str(out)], env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    from conftest import run_on_cpu_devices  # (not at the top: the worker process skips conftest's imports)
+    run_on_cpu_devices([__file__, path, str(out)])
     specs = json.loads((tmp_path / "out.npz.specs.json").read_text())
     for shape in MESHES:  # every parameter's PartitionSpec, from its logical axes and the rules
         mesh_shape = dict(zip(("data", "fsdp", "tensor"), shape))
@@ -226,10 +222,7 @@ def test_sharded_load_holds_one_copy(tmp_path):
                                                                      intermediate_size=64, num_hidden_layers=1))
     size = sum(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src))
     largest = 8192 * 512 * 4
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
-    r = subprocess.run([sys.executable, "-c", _LOAD, str(src), str(small)], env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    from conftest import run_on_cpu_devices
+    r = run_on_cpu_devices(["-c", _LOAD, str(src), str(small)], timeout=600)
     grow = json.loads(r.stdout.strip().splitlines()[-1])["grow"]
     assert 0.9 * size <= grow <= size + 2 * largest, (grow, size)
