@@ -69,7 +69,7 @@ def _grouped_products(heads_major: bool):
     `[B, K, G, T, S]`; the weighted sum is `[B, T, K, G, H]`. Both forms compute the same products. `heads_major`
     moves the heads before the positions first (transposed copies of q, k, v and the output): XLA's CPU backend
     then runs plain batched matrix products, where with the positions in the middle it runs them on strided
-    operands and results, about 1.4x slower for the whole forward (benchmarks/cpu_attention.py). Elsewhere the
+    operands and results, 1.15-1.3x slower for the forward in most runs (benchmarks/cpu_attention.py). Elsewhere the
     products keep the layout they were measured with on the GPU."""
 
     def scores(q, k):
