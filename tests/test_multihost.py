@@ -1,6 +1,6 @@
 """Multi-host for real on one machine: two processes joined by `jax.distributed.initialize` (gloo CPU
 collectives), 4 simulated devices each, run sharded training with a checkpoint save and restore; the losses
-equal the single-process run on 8 devices."""
+equal the single-process run on 8 devices, with the xla attention and with the pallas kernels run per shard."""
 
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from train_fixtures import TEXT, write_char_tokenizer, write_jsonl
 
 STEPS = 4
 
 
-def worker(model: str, data: str, output: str, coordinator: str | None, process_id: int) -> None:
+def worker(model: str, data: str, output: str, coordinator: str | None, process_id: int, attn: str) -> None:
     import jax
     if coordinator:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -29,7 +30,8 @@ def worker(model: str, data: str, output: str, coordinator: str | None, process_
     from phi_jax.train.loop import RunConfig, finetune
     from phi_jax.train.step import TrainConfig
     run = dict(model=model, data=data, output=output, steps=STEPS, batch_size=4, seq_len=16, save_every=2, keep=5,
-               mesh="data=2,fsdp=2,tensor=2", progress=False, train=TrainConfig(learning_rate=1e-2, warmup_steps=1))
+               mesh="data=2,fsdp=2,tensor=2", progress=False, attn_implementation=attn,
+               train=TrainConfig(learning_rate=1e-2, warmup_steps=1))
     losses = finetune(RunConfig(**run))["losses"]  # exports OUTPUT/model (gathered across processes)
     # restore: drop the final checkpoint, resume from step 2 and recompute steps 3 and 4
     multihost_utils.sync_global_devices("before delete")
@@ -46,7 +48,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(make_checkpoint, tmp_path):
+@pytest.mark.parametrize("attn", ["xla", "pallas"])  # pallas: the kernels per shard (shard_map) across processes
+def test_two_processes_match_one(make_checkpoint, tmp_path, attn):
     path, _ = make_checkpoint("phi1", num_hidden_layers=1, intermediate_size=128)
     write_char_tokenizer(path, 96)
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": TEXT * 2}] * 6)
@@ -55,7 +58,7 @@ def test_two_processes_match_one(make_checkpoint, tmp_path):
 
     def launch(devices, output, coordinator="", pid=0):
         e = {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-        return subprocess.Popen([sys.executable, __file__, path, data, str(output), coordinator, str(pid)], env=e,
+        return subprocess.Popen([sys.executable, __file__, path, data, str(output), coordinator, str(pid), attn], env=e,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def result(proc):
@@ -84,4 +87,4 @@ def test_two_processes_match_one(make_checkpoint, tmp_path):
     assert rel_err(multi_logits, single_logits) <= 1e-4
 
 if __name__ == "__main__":
-    worker(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] or None, int(sys.argv[5]))
+    worker(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] or None, int(sys.argv[5]), sys.argv[6])
