@@ -6,7 +6,9 @@ arrays and checks every graph node's attributes (by identity) and every Variable
 split, so weight updates (`var[...] = ...`, `nnx.update`, optimizers), `model.train()`/`model.eval()` and
 replaced or added submodules are seen, for a few tenths of a millisecond of host time on a 32-layer model
 instead of a full `nnx.split` (20-50 ms for phi-2). XLA compiles once per input shape (and per set of optional
-arguments). Token ids are checked on the host before the jitted call.
+arguments). Token ids are checked on the host before the jitted call. A model whose parameters live on a mesh of
+several devices (`from_pretrained(path, mesh=mesh)`) is traced under `phi_jax.sharding.layout_of`: its rows split
+over the batch axes, its fused attention runs per shard.
 """
 
 from __future__ import annotations
@@ -17,15 +19,18 @@ import jax
 from flax import nnx
 
 from phi_jax.compilation import SplitCache, StaticGraph
+from phi_jax.sharding import layout_of, traced_under
 from phi_jax.modeling.inputs import check_input_ids
 from phi_jax.modeling.model import PhiOutput
 
 
-@functools.partial(jax.jit, static_argnames=("static", "output_hidden_states"))
-def _apply(static: StaticGraph, leaves, input_ids, attention_mask, position_ids, labels, output_hidden_states):
+@functools.partial(jax.jit, static_argnames=("static", "output_hidden_states", "layout"))
+def _apply(static: StaticGraph, leaves, input_ids, attention_mask, position_ids, labels, output_hidden_states,
+           layout=None):
     model = static.merge(leaves)
     kwargs = {} if labels is None else {"labels": labels}
-    return model(input_ids, attention_mask, position_ids, output_hidden_states=output_hidden_states, **kwargs)
+    with traced_under(layout):
+        return model(input_ids, attention_mask, position_ids, output_hidden_states=output_hidden_states, **kwargs)
 
 
 class CompiledForward:
@@ -42,7 +47,8 @@ class CompiledForward:
             ids_mask = attention_mask
         check_input_ids(input_ids, self.model.config.vocab_size, mask=ids_mask)
         static, leaves = self._split.split(self.model)
-        return _apply(static, leaves, input_ids, attention_mask, position_ids, labels, output_hidden_states)
+        return _apply(static, leaves, input_ids, attention_mask, position_ids, labels, output_hidden_states,
+                      layout=layout_of(leaves))  # a model on a mesh: rows data-parallel, attention per shard
 
 
 def compiled(model: nnx.Module) -> CompiledForward:

@@ -18,6 +18,7 @@ from typing import Mapping
 import jax
 import numpy as np
 from flax import nnx
+from flax.core import spmd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from phi_jax.modeling.partitioning import logical_spec
@@ -70,9 +71,30 @@ def spec_for(names, shape, mesh: Mesh, rules: Mapping = DEFAULT_RULES) -> P:
 def rules_in_force(mesh: Mesh, rules: Mapping = DEFAULT_RULES):
     """A context (enter it while tracing) in which the model's activation constraints apply: the abstract mesh
     and the logical rules, as `modeling.partitioning.constrain` reads them."""
+    return traced_under((mesh.abstract_mesh, tuple(rules.items())))
+
+
+def layout_of(arrays) -> tuple | None:
+    """How to trace a model whose parameter arrays are `arrays` (the first is looked at), as a hashable value for a
+    jit static argument: `(abstract mesh, rules)` when they live on a mesh of several devices, else None. The rules
+    are those in force (`rules_in_force(mesh, your_rules)` around the call), else `DEFAULT_RULES`. `phi_jax.compiled`
+    and `generate` trace under it (`traced_under`), so that a model loaded with `from_pretrained(path, mesh=mesh)`
+    runs its rows data-parallel and its fused attention per shard. (A static argument, not only a context: jit's
+    cache does not see the logical rules, so a program traced under other rules would be reused.)"""
+    first = next(iter(arrays), None)
+    mesh = getattr(getattr(first, "sharding", None), "mesh", None)
+    if not isinstance(mesh, Mesh) or mesh.size == 1:
+        return None
+    rules = spmd.get_logical_axis_rules() or tuple(DEFAULT_RULES.items())
+    return mesh.abstract_mesh, tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in rules)
+
+
+def traced_under(layout: tuple | None):
+    """The context `layout_of` described (enter it inside the traced function); for None, one that does nothing."""
     stack = contextlib.ExitStack()
-    stack.enter_context(jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
-    stack.enter_context(nnx.logical_axis_rules(tuple(rules.items())))
+    if layout is not None:
+        stack.enter_context(jax.sharding.use_abstract_mesh(layout[0]))
+        stack.enter_context(nnx.logical_axis_rules(layout[1]))
     return stack
 
 

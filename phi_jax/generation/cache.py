@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from phi_jax.config import PhiConfig
+from phi_jax.modeling.partitioning import constrain
 
 
 @struct.dataclass
@@ -27,9 +28,13 @@ class KVCache:
 
     @classmethod
     def init(cls, config: PhiConfig, batch: int, length: int, dtype) -> "KVCache":
-        """Zeros for `length` slots, no slot real yet."""
+        """Zeros for `length` slots, no slot real yet. On a mesh with logical rules in force, rows split over the
+        batch axes and key heads over the "kv_heads" rule's, as the attention reads them."""
         shape = (batch, length, config.num_key_value_heads, config.head_dim)  # [B, S, K, H]
-        layers = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_hidden_layers))
+
+        def zeros():
+            return constrain(jnp.zeros(shape, dtype), ("batch", None, "kv_heads", None))
+        layers = tuple((zeros(), zeros()) for _ in range(config.num_hidden_layers))
         return cls(layers=layers, mask=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32),
                    positions=jnp.zeros((batch,), jnp.int32))
 

@@ -15,7 +15,8 @@ the arguments or the config) are checked against `[0, vocab_size)` before anythi
 Host cost per call: the model's split is cached (`phi_jax.compilation.split_cached`: the Variables'
 current arrays are read, the graph's attributes compared by identity), so a call adds well under a
 millisecond of Python to the compiled program whatever the depth, and still sees weight updates and
-`train()`/`eval()`.
+`train()`/`eval()`. A model on a mesh of several devices is traced under `phi_jax.sharding.layout_of` (rows split
+over the batch axes where they divide, fused attention per shard).
 
 What compiles: the model weights and the sampler's float settings (temperature, top_p), the
 seed, `max_new_tokens`, `eos_token_id` and `pad_token_id` are traced. A compilation happens on
@@ -43,6 +44,7 @@ from phi_jax.generation.cache import KVCache
 from phi_jax.compilation import Compilations, StaticGraph, count_compilations, split_cached  # noqa: F401
 from phi_jax.modeling.inputs import check_input_ids
 from phi_jax.generation.sampling import Greedy, Sampling, make_sampler
+from phi_jax.sharding import layout_of, traced_under
 
 Sampler = Greedy | Sampling
 
@@ -136,10 +138,16 @@ def decode_step(model, s: DecodeState, sampler: Sampler, eos, pad) -> DecodeStat
 
 # ---- compiled programs (split state in, so the HLO holds no Python objects) ---------------------
 
-@functools.partial(jax.jit, static_argnames=("static", "cache_length", "out_length"))
+@functools.partial(jax.jit, static_argnames=("static", "cache_length", "out_length", "layout"))
 def _generate_program(static: StaticGraph, params, ids, mask, max_new_tokens, sampler, seed, eos, pad, *,
-                      cache_length, out_length):
+                      cache_length, out_length, layout=None):
     """Prefill + the whole decode loop; returns (new tokens `[B, N]`, tokens produced)."""
+    with traced_under(layout):
+        return _generate_loop(static, params, ids, mask, max_new_tokens, sampler, seed, eos, pad,
+                              cache_length=cache_length, out_length=out_length)
+
+
+def _generate_loop(static, params, ids, mask, max_new_tokens, sampler, seed, eos, pad, *, cache_length, out_length):
     s = prefill(static.merge(params), ids, mask, sampler, seed, eos,
                 cache_length=cache_length, out_length=out_length)
 
@@ -154,16 +162,19 @@ def _generate_program(static: StaticGraph, params, ids, mask, max_new_tokens, sa
     return tokens, s.step
 
 
-@functools.partial(jax.jit, static_argnames=("static", "cache_length", "out_length"))
-def _prefill_program(static: StaticGraph, params, ids, mask, sampler, seed, eos, *, cache_length, out_length):
-    s = prefill(static.merge(params), ids, mask, sampler, seed, eos,
-                cache_length=cache_length, out_length=out_length)
+@functools.partial(jax.jit, static_argnames=("static", "cache_length", "out_length", "layout"))
+def _prefill_program(static: StaticGraph, params, ids, mask, sampler, seed, eos, *, cache_length, out_length,
+                     layout=None):
+    with traced_under(layout):
+        s = prefill(static.merge(params), ids, mask, sampler, seed, eos,
+                    cache_length=cache_length, out_length=out_length)
     return s, s.tokens[:, 0], jnp.all(s.done)
 
 
-@functools.partial(jax.jit, static_argnames=("static",), donate_argnames=("s",))
-def _step_program(static: StaticGraph, params, s, sampler, eos, pad):
-    new = decode_step(static.merge(params), s, sampler, eos, pad)
+@functools.partial(jax.jit, static_argnames=("static", "layout"), donate_argnames=("s",))
+def _step_program(static: StaticGraph, params, s, sampler, eos, pad, layout=None):
+    with traced_under(layout):
+        new = decode_step(static.merge(params), s, sampler, eos, pad)
     return new, jax.lax.dynamic_index_in_dim(new.tokens, s.step, axis=1, keepdims=False), jnp.all(new.done)
 
 
@@ -291,7 +302,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 20,
     static, params = split_cached(model)
     tokens, _ = _generate_program(static, params, p.ids, p.mask, np.int32(max_new_tokens), sampler,
                                   seed, p.eos, np.int32(p.pad), cache_length=p.cache_length,
-                                  out_length=p.out_length)
+                                  out_length=p.out_length, layout=layout_of(params))
     prompt = np.asarray(input_ids).astype(np.int32)
     new = np.asarray(tokens)[:, :max_new_tokens]
     return np.concatenate([prompt, new], axis=1)
@@ -312,11 +323,12 @@ def generate_stream(model, input_ids, attention_mask=None, *, max_new_tokens: in
     p = _prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, cache_length)
     static, params = split_cached(model)
     eos, pad = p.eos, np.int32(p.pad)
+    layout = layout_of(params)
     s, tok, all_done = _prefill_program(static, params, p.ids, p.mask, sampler, seed, eos,
-                                        cache_length=p.cache_length, out_length=p.out_length)
+                                        cache_length=p.cache_length, out_length=p.out_length, layout=layout)
     for step in range(1, max_new_tokens + 1):
         if step < max_new_tokens:
-            s, next_tok, next_done = _step_program(static, params, s, sampler, eos, pad)  # dispatched, not awaited
+            s, next_tok, next_done = _step_program(static, params, s, sampler, eos, pad, layout)  # not awaited
         yield np.asarray(tok)
         if step == max_new_tokens or bool(all_done):
             return

@@ -27,6 +27,15 @@ from phi_jax.generation.mixin import GenerationMixin
 from phi_jax.loading import PretrainedMixin
 
 
+def _embed(embed: nnx.Embed, input_ids: jax.Array) -> jax.Array:
+    """`nnx.Embed`'s lookup, in its compute dtype. On a mesh (logical rules in force) the table is gathered whole,
+    as FSDP gathers every weight before use, and each device looks up its own rows: left to itself, XLA's SPMD
+    partitioner replicated the lookup of the whole batch on every device ("involuntary full rematerialization")."""
+    table = constrain(embed.embedding[...], (None, None))  # [V, D]
+    ids = constrain(input_ids, ("batch", None))  # [B, T]
+    return jnp.take(table, ids, axis=0).astype(embed.dtype or table.dtype)  # [B, T, D]
+
+
 @struct.dataclass
 class PhiOutput:
     """What every model call returns.
@@ -125,7 +134,7 @@ class PhiModel(PhiPreTrainedModel):
             # A masked position can never poison a real one: whatever id sits there (out of range included: the
             # gather would give NaN) is looked up as id 0. Attention also keeps masked keys out of real queries.
             input_ids = jnp.where(ids_mask, input_ids, 0)  # [B, T]
-        x = self.embed_tokens(input_ids)  # [B, T, D]
+        x = _embed(self.embed_tokens, input_ids)  # [B, T, D]
         if self.config.pad_token_id is not None:
             # transformers' `nn.Embedding(..., padding_idx=pad_token_id)`: the pad id's row learns nothing from
             # the lookup (a tied lm_head still trains it); the forward is unchanged
