@@ -25,7 +25,7 @@ def worker(path: str, out: str) -> None:
 
     from phi_jax import sharding
     from phi_jax.compilation import split_cached
-    from phi_jax.modeling.model import PhiForCausalLM
+    from phi_jax.modeling.model import PhiForCausalLM, PhiForSequenceClassification
 
     compiled_module = importlib.import_module("phi_jax.compiled")  # (the package rebinds `phi_jax.compiled`)
     assert jax.device_count() == 8
@@ -48,6 +48,9 @@ def worker(path: str, out: str) -> None:
                                             layout=layout).compile().as_text()
     results["gathers"] = len(_gathered_activations(program_text(sharding.layout_of(leaves)), 8))
     results["gathers_without_rules"] = len(_gathered_activations(program_text(None), 8))
+    # a classifier's state begins with RNG counts and keys, which stay on one device: its weights are looked at
+    classifier = PhiForSequenceClassification.from_pretrained(path, mesh=mesh, allow_new_head=True)
+    results["classifier_layout"] = sharding.layout_of(split_cached(classifier)[1]) is not None
     with sharding.rules_in_force(mesh, {**sharding.DEFAULT_RULES, "batch": None}):  # the caller's rules win
         results["caller_rules_rows"] = str(compiled_module.compiled(model)(ids, mask).logits.sharding.spec[0])
     for name, m in (("single", single), ("mesh", model)):
@@ -68,6 +71,7 @@ def test_inference_on_a_mesh(make_checkpoint, tmp_path):
     assert r["gathers"] == 0
     assert r["gathers_without_rules"] > 0  # what the rules prevent: the batch's activations gathered whole
     assert str(r["caller_rules_rows"]) == "None"
+    assert r["classifier_layout"]
     for kind in ("gen", "sample", "stream"):
         np.testing.assert_array_equal(r[f"{kind}_mesh"], r[f"{kind}_single"], err_msg=kind)
 
