@@ -178,6 +178,15 @@ def _step_program(static: StaticGraph, params, s, sampler, eos, pad, layout=None
     return new, jax.lax.dynamic_index_in_dim(new.tokens, s.step, axis=1, keepdims=False), jnp.all(new.done)
 
 
+def _to_host(x: jax.Array) -> np.ndarray:
+    """`x` as a numpy array in every process: a model on a mesh spanning several processes (multi-host) leaves the
+    tokens' rows on other processes' devices, which `np.asarray` cannot read; they are all-gathered."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 # ---- public API -----------------------------------------------------------------------------------
 
 @struct.dataclass
@@ -304,7 +313,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 20,
                                   seed, p.eos, np.int32(p.pad), cache_length=p.cache_length,
                                   out_length=p.out_length, layout=layout_of(params))
     prompt = np.asarray(input_ids).astype(np.int32)
-    new = np.asarray(tokens)[:, :max_new_tokens]
+    new = _to_host(tokens)[:, :max_new_tokens]
     return np.concatenate([prompt, new], axis=1)
 
 
@@ -329,7 +338,7 @@ def generate_stream(model, input_ids, attention_mask=None, *, max_new_tokens: in
     for step in range(1, max_new_tokens + 1):
         if step < max_new_tokens:
             s, next_tok, next_done = _step_program(static, params, s, sampler, eos, pad, layout)  # not awaited
-        yield np.asarray(tok)
-        if step == max_new_tokens or bool(all_done):
+        yield _to_host(tok)
+        if step == max_new_tokens or bool(_to_host(all_done)):
             return
         tok, all_done = next_tok, next_done
