@@ -292,11 +292,13 @@ class PhiConfig:
         file = os.path.join(path, "config.json") if os.path.isdir(path) else path
         if not os.path.exists(file):
             raise FileNotFoundError(f"no config.json at {file}")
-        with open(file) as f:
+        with open(file, encoding="utf-8") as f:
             try:
                 d = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{file} is not valid JSON: {e}") from None
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{file} is not UTF-8 text ({e.reason})") from None
         if not isinstance(d, dict):
             raise ValueError(f"{file} does not hold a JSON object")
         try:

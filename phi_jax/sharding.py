@@ -76,12 +76,13 @@ def rules_in_force(mesh: Mesh, rules: Mapping = DEFAULT_RULES):
 
 
 def layout_of(arrays) -> tuple | None:
-    """How to trace a model whose arrays are `arrays` (the first floating-point one is looked at), as a hashable value for a
-    jit static argument: `(abstract mesh, rules)` when they live on a mesh of several devices, else None. The rules
-    are those in force (`rules_in_force(mesh, your_rules)` around the call), else `DEFAULT_RULES`. `phi_jax.compiled`
-    and `generate` trace under it (`traced_under`), so that a model loaded with `from_pretrained(path, mesh=mesh)`
-    runs its rows data-parallel and its fused attention per shard. (A static argument, not only a context: jit's
-    cache does not see the logical rules, so a program traced under other rules would be reused.)"""
+    """How to trace a model whose arrays are `arrays` (the first floating-point one is looked at), as a hashable
+    value for a jit static argument: `(abstract mesh, rules)` when they live on a mesh of several devices, else
+    None. The rules are those in force (`rules_in_force(mesh, your_rules)` around the call), else `DEFAULT_RULES`.
+    `phi_jax.compiled` and `generate` trace under it (`traced_under`), so that a model loaded with
+    `from_pretrained(path, mesh=mesh)` runs its rows data-parallel and its fused attention per shard. (A static
+    argument, not only a context: jit's cache does not see the logical rules, so a program traced under other rules
+    would be reused.)"""
     # the first parameter-like array (RNG keys and counts stay on one device, and may come first)
     first = next((a for a in arrays if getattr(a, "ndim", 0) and jnp.issubdtype(a.dtype, jnp.floating)), None)
     mesh = getattr(getattr(first, "sharding", None), "mesh", None)

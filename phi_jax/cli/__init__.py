@@ -10,7 +10,8 @@ user's mistake raises to one `error: ...` line on stderr and an exit status shar
        JSONL line (ValueError)
   3    a path that does not exist (FileNotFoundError, NotADirectoryError)
   4    the output exists (FileExistsError: pass --overwrite or choose another path)
-  5    another operating-system error (permission denied, disk full: OSError)
+  5    another operating-system error (permission denied, disk full: OSError), or out of memory (XLA's
+       RESOURCE_EXHAUSTED)
   6    an optional dependency is missing (torch / transformers: the message names the extra to install)
   130  interrupted (Ctrl-C)
   143  terminated (SIGTERM): finetune saved a checkpoint; rerun with --resume
@@ -49,6 +50,9 @@ def exit_code(exc: BaseException) -> tuple[int, str] | None:
         return EXIT_EXISTS, _message(exc)
     if isinstance(exc, OSError):
         return EXIT_OS, _message(exc)
+    if isinstance(exc, RuntimeError) and str(exc).startswith("RESOURCE_EXHAUSTED"):  # jax.errors.JaxRuntimeError
+        return EXIT_OS, (f"out of memory ({str(exc).splitlines()[0].strip()}); try a smaller batch or sequence "
+                         f"length")
     if isinstance(exc, ValueError):
         return EXIT_USAGE, _message(exc)
     return None

@@ -21,6 +21,8 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from phi_jax.parity import check_parity
+    if args.seed < 0:  # numpy's generator refuses it after the model is loaded, without naming the option
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
     report = check_parity(args.model, dtype=args.dtype, batch=args.batch, seq_len=args.seq_len,
                           new_tokens=args.new_tokens, seed=args.seed)
     print(report.format())

@@ -47,8 +47,13 @@ def run(args) -> int:
     layout, to = MODES[args.mode]
     kw = {}
     if getattr(args, "config", None):
-        with open(args.config) as f:
-            d = json.load(f)
+        try:
+            with open(args.config, encoding="utf-8") as f:
+                d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config {args.config} is not valid JSON: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--config {args.config} is not UTF-8 text ({e.reason})") from None
         if not isinstance(d, dict):
             raise ValueError(f"{args.config}: expected a JSON object, got {type(d).__name__}")
         kw["config"] = (PhiConfig.from_dict(d) if d.get("model_type", "phi") == "phi"
@@ -57,6 +62,9 @@ def run(args) -> int:
         kw["shard_size"] = args.shard_size
     else:
         kw["chunk_size"] = args.chunk_size
+    src, dst = os.path.realpath(args.src), os.path.realpath(args.dst)
+    if args.overwrite and src != dst and os.path.commonpath([src, dst]) == dst:
+        raise ValueError(f"{args.src} is inside {args.dst}, which --overwrite would replace; choose another DST")
     previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
         summary = convert.convert(os.path.abspath(args.src), os.path.abspath(args.dst), to=to, layout=layout, dtype=args.dtype,

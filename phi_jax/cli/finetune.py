@@ -11,6 +11,8 @@ values). Compiled programs go to JAX's persistent compilation cache (--compile-c
 
 from __future__ import annotations
 
+import math
+import os
 import signal
 import sys
 
@@ -51,10 +53,40 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _check_args(args) -> None:
+    """Option values the run cannot use: one error line naming the option, before anything is read or written."""
+    for name, low in (("steps", 1), ("batch_size", 1), ("seq_len", 2), ("accum_steps", 1), ("warmup_steps", 0),
+                      ("save_every", 1), ("keep", 1), ("lora_rank", 0)):
+        value = getattr(args, name)
+        if value < low:
+            why = " (a row needs a token and the next one it predicts)" if name == "seq_len" else ""
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}{why}, got {value}")
+    for name in ("lr", "weight_decay", "max_grad_norm"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if not 0 <= args.seed < 2 ** 63:
+        raise ValueError(f"--seed must be an integer in [0, 2**63), got {args.seed}")
+    if not os.path.isdir(args.model):
+        raise FileNotFoundError(f"model directory not found: {args.model}")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise FileExistsError(f"--output {args.output} is a file; the run directory must be a directory")
+
+
+def _new_directories(path: str) -> list[str]:
+    """The directories `os.makedirs(path)` would create, innermost first."""
+    path, new = os.path.abspath(path), []
+    while not os.path.lexists(path):
+        new.append(path)
+        path = os.path.dirname(path)
+    return new
+
+
 def run(args) -> int:
     from phi_jax.train.loop import RunConfig, finetune
     from phi_jax.train.step import TrainConfig
 
+    _check_args(args)
     train = TrainConfig(learning_rate=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
                         max_grad_norm=args.max_grad_norm or None, accum_steps=args.accum_steps,
                         remat_policy=args.remat)
@@ -63,7 +95,18 @@ def run(args) -> int:
                         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, compute_dtype=args.dtype,
                         attn_implementation=args.attn_implementation, save_every=args.save_every,
                         keep=args.keep, resume=args.resume, progress=not args.no_progress, train=train)
-    result = finetune(run_cfg)  # a user's mistake raises; phi_jax.cli.main maps it to one error line and status
+    created = _new_directories(args.output)
+    try:
+        result = finetune(run_cfg)  # a user's mistake raises; phi_jax.cli.main maps it to one error line and status
+    except BaseException:
+        if created:  # a run that failed before writing anything leaves no empty directories behind
+            inner = [root for root, _, _ in os.walk(created[0], topdown=False)]  # checkpoints/, innermost first
+            for directory in inner[:-1] + created:
+                try:
+                    os.rmdir(directory)
+                except OSError:
+                    break
+        raise
     losses = result["losses"]
     if result["interrupted"]:
         print(f"terminated at step {max(losses)}: checkpoint saved; rerun with --resume", file=sys.stderr)

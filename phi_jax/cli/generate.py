@@ -4,9 +4,10 @@ One prompt: `phi-jax generate [--model DIR] "prompt"` writes the completion to s
 a stats line to stderr (prefill and decode speed, compilation timed apart, why it stopped).
 
 A file: `phi-jax generate --model DIR --input prompts.jsonl --output completions.jsonl [--batch-size N]`.
-Each input line is a JSON object with a string "prompt" (other keys are copied to the output) or a JSON
-string. Prompts are grouped by length bucket (`bucket_length`), decoded `--batch-size` at a time through
-`model.generate`, and written to --output as one JSON line per prompt, in input order:
+Each input line is a JSON object with a string "prompt" (other keys are copied to the output, but not the
+output's own: "line", "completion", "new_tokens", "stopped") or a JSON string. Prompts are grouped by length
+bucket (`bucket_length`), decoded `--batch-size` at a time through `model.generate`, and written to --output
+as one JSON line per prompt, in input order:
 `{"line": n, ...input keys, "prompt": ..., "completion": ..., "new_tokens": k, "stopped": "eos"|"length"}`.
 A progress bar on stderr counts prompts and shows new tokens/s (unless --no-progress, as in `finetune`).
 
@@ -86,6 +87,11 @@ def _check_args(args) -> None:
         raise ValueError(f"max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"model directory not found: {args.model}")
+    if args.output is not None:
+        if os.path.isdir(args.output):
+            raise ValueError(f"--output {args.output} is a directory; give the path of a JSONL file")
+        if os.path.isfile(args.input) and os.path.exists(args.output) and os.path.samefile(args.input, args.output):
+            raise ValueError(f"--output {args.output} is the --input file; give another path")
 
 
 def run(args) -> int:
@@ -185,8 +191,9 @@ def _read_prompts(path: str, tokenizer) -> list[dict]:
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
             raise ValueError(f"{path} line {n}: expected a JSON object with a string \"prompt\" "
                              f"(or a JSON string), got {line.strip()[:80]}")
-        if "line" in record:
-            raise ValueError(f"{path} line {n}: the key \"line\" is reserved for the output")
+        reserved = [k for k in ("line", *RESULT_KEYS) if k in record]
+        if reserved:  # the output's keys: an input value would be lost in it
+            raise ValueError(f"{path} line {n}: the key \"{reserved[0]}\" is reserved for the output")
         prompts.append({"line": n, "record": record})
     if not prompts:
         raise ValueError(f"{path} holds no prompts")

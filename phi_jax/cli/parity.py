@@ -40,6 +40,10 @@ def _check(args) -> None:
     for name in ("layers", "batch", "seq", "repeats", "vocab_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.threads is not None and args.threads < 0:
+        raise ValueError(f"--threads must be >= 1 (or 0: torch's own), got {args.threads}")
+    if args.tolerance is not None and not args.tolerance >= 0:
+        raise ValueError(f"--tolerance must be >= 0, got {args.tolerance}")
     if args.new_tokens < 0:
         raise ValueError(f"--new-tokens must be >= 0, got {args.new_tokens}")
     if args.save is not None:

@@ -10,6 +10,7 @@ never holds more than one chunk, and read one tensor at a time (`OrbaxReader`, b
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import numpy as np
 from flax import traverse_util
@@ -86,6 +87,8 @@ class OrbaxReader:
             meta = v1.metadata(os.path.join(self.directory, PARAMS)).metadata
         except Exception as e:  # Orbax raises several types for unreadable metadata
             raise ValueError(f"cannot read Orbax metadata in {self.state_dir} (incomplete or corrupt?): {e}") from None
+        if not isinstance(meta, Mapping) or not meta:  # Orbax logs some unreadable metadata and returns None
+            raise ValueError(f"cannot read Orbax metadata in {self.state_dir} (incomplete or corrupt?)")
         self.shapes, self.dtypes = {}, {}
         for path, m in traverse_util.flatten_dict(meta).items():
             self.shapes[path], self.dtypes[path] = tuple(m.shape), np.dtype(m.dtype)

@@ -130,6 +130,8 @@ def read_config(path) -> PhiConfig:
             d = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{file} is not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file} is not UTF-8 text ({e.reason})") from None
     if isinstance(d, dict) and d.get("model_type") in legacy.LEGACY_MODEL_TYPES:
         return legacy.legacy_config(d, file)
     return PhiConfig.from_pretrained(file)
@@ -187,7 +189,7 @@ def is_legacy_dir(directory) -> bool:
     try:
         with open(file) as f:
             return json.load(f).get("model_type") in legacy.LEGACY_MODEL_TYPES
-    except (OSError, json.JSONDecodeError, AttributeError):
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON or not text: the source says which
         return False
 
 

@@ -69,7 +69,11 @@ def load_tokenizer(model_dir: str | os.PathLike):
     path = os.path.join(os.fspath(model_dir), "tokenizer.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no tokenizer.json in {os.fspath(model_dir)} (fine-tuning tokenizes with it)")
-    return Tokenizer.from_file(path)
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception for unreadable files)
+        raise ValueError(f"{path} is not a tokenizer.json the tokenizers library reads "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
 def eos_id(tokenizer, config) -> int:
