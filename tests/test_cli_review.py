@@ -33,6 +33,7 @@ def test_jsonl_reader_skips_a_byte_order_mark(tmp_path):
 
 
 @pytest.mark.parametrize("line, needle", [('{"prompt": "a", "n": 1' + "0" * 5000 + "}", "digits"),
+                                          ('{"prompt": "a", "score": NaN}', "NaN is not a JSON value"),
                                           ('{"prompt": "\\ud800"}', "surrogate"),
                                           ('{"prompt": "a", "x": ["\\udc00"]}', "surrogate")])
 def test_generate_jsonl_unreadable_values_name_the_line(model_dir, tmp_path, capsys, line, needle):
