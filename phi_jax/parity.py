@@ -25,6 +25,8 @@ import time
 
 import numpy as np
 
+from phi_jax.errors import MissingExtraError  # (raised here; importable from here as before)
+
 
 @dataclasses.dataclass(frozen=True)
 class Tolerance:
@@ -44,10 +46,6 @@ class Tolerance:
 TOLERANCES = {"float32": Tolerance(1e-4, 1.0, True), "bfloat16": Tolerance(5e-2, 0.95, False)}
 
 EXTRA = "parity"
-
-
-class MissingExtraError(ImportError):
-    """torch / transformers are not installed; the message names the extra to install."""
 
 
 def require_reference(what: str = "this command"):

@@ -35,7 +35,7 @@ _EXTRAS = {"torch": "torch", "transformers": "parity"}  # module -> the extra th
 
 def exit_code(exc: BaseException) -> tuple[int, str] | None:
     """(exit status, message) for an exception caused by the user's input; None for a bug."""
-    from phi_jax.parity import MissingExtraError
+    from phi_jax.errors import MissingExtraError
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED, "interrupted"
     if isinstance(exc, MissingExtraError):

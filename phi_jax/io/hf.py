@@ -121,7 +121,7 @@ def _load_bin_state(path: str) -> dict:
     try:
         import torch
     except ImportError:
-        from phi_jax.parity import MissingExtraError  # the command line's exit 6, not a bug report
+        from phi_jax.errors import MissingExtraError  # the command line's exit 6, not a bug report
         raise MissingExtraError(f"loading {path} needs torch: pip install 'phi_jax[torch]'") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
