@@ -150,3 +150,20 @@ def test_batch_size_may_change_on_resume_sampled_or_greedy(model_dir, tmp_path, 
         capsys.readouterr()
         assert _read(tmp_path / "c.jsonl") == fresh
         os.remove(tmp_path / "c.jsonl")
+
+
+def test_mesh_gives_the_completions_of_one_device(model_dir, tmp_path, capsys):
+    """`--mesh` loads the model onto 8 (simulated) devices in a subprocess: the same completions, sampled, as one
+    device; a mesh the devices cannot make, or a bad entry, is one error line before anything is read."""
+    from conftest import run_on_cpu_devices
+    _write_prompts(tmp_path / "p.jsonl", SHORT + LONG)
+    sampled = ("--max-new-tokens", "4", "--do-sample", "--seed", "3", "--no-progress")
+    assert main(_argv(model_dir, tmp_path, *sampled)) == EXIT_OK
+    one = _read(tmp_path / "c.jsonl")
+    os.rename(tmp_path / "c.jsonl", tmp_path / "one.jsonl")
+    run_on_cpu_devices(["-m", "phi_jax.cli", *_argv(model_dir, tmp_path, *sampled, "--mesh", "data=2,fsdp=2,tensor=2")])
+    assert _read(tmp_path / "c.jsonl") == one
+    capsys.readouterr()
+    for mesh, needle in (("data=2,fsdp=2,tensor=2", "needs 8 devices, have 1"), ("model=2", "bad mesh entry")):
+        assert main(_argv(model_dir, tmp_path, "--mesh", mesh)) == EXIT_USAGE
+        _one_error_line(capsys.readouterr().err, needle)

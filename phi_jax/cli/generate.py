@@ -10,6 +10,7 @@ bucket (`bucket_length`), decoded `--batch-size` at a time through `model.genera
 as one JSON line per prompt, in input order:
 `{"line": n, ...input keys, "prompt": ..., "completion": ..., "new_tokens": k, "stopped": "eos"|"length"}`.
 A progress bar on stderr counts prompts and shows new tokens/s (unless --no-progress, as in `finetune`).
+`--mesh data=2,fsdp=2,tensor=2` loads the model onto a device mesh (the completions are those of one device).
 
 Resuming: finished prompts are appended to `OUTPUT.partial` (its first line: the settings) after each batch,
 and the complete OUTPUT is written in one rename at the end. A rerun of an interrupted command reuses every
@@ -59,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", metavar="JSONL", help="completions, one JSON line per prompt (with --input)")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (with --input)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (with --input)")
+    parser.add_argument("--mesh", default="", metavar="data=N,fsdp=N,tensor=N",
+                        help="load the model onto a device mesh (as finetune's --mesh; default: one device): rows of "
+                             "a batch split over data and fsdp, heads and the MLP over tensor")
 
 
 def _sampling(args) -> dict:
@@ -79,6 +83,8 @@ def _check_args(args) -> None:
         raise ValueError("give PROMPT or --input JSONL, not both")
     if args.input is None and (args.output is not None):
         raise ValueError("--output goes with --input")
+    if args.mesh:
+        _mesh(args.mesh)  # a bad entry or too few devices: an error before anything is read
     if args.input is not None and args.output is None:
         raise ValueError("--input needs --output JSONL")
     if args.batch_size < 1:
@@ -107,7 +113,8 @@ def run(args) -> int:
     import jax.numpy as jnp
 
     from phi_jax.modeling.model import PhiForCausalLM
-    model = PhiForCausalLM.from_pretrained(os.path.abspath(args.model), dtype=getattr(jnp, args.dtype))
+    model = PhiForCausalLM.from_pretrained(os.path.abspath(args.model), dtype=getattr(jnp, args.dtype),
+                                           mesh=_mesh(args.mesh))
     if prompts is not None:
         return _run_file(args, model, tokenizer, prompts, done)
     ids = tokenizer.encode(args.prompt).ids
@@ -115,6 +122,14 @@ def run(args) -> int:
         raise ValueError("the prompt encodes to no tokens")
     _check_vocab(ids, model.config.vocab_size, "the prompt")
     return _run_prompt(args, model, tokenizer, ids)
+
+
+def _mesh(text: str):
+    """`--mesh` as a device mesh, or None (one device) when not given."""
+    if not text:
+        return None
+    from phi_jax import sharding
+    return sharding.make_mesh(**sharding.parse_mesh(text))
 
 
 def _check_vocab(ids, vocab_size: int, where: str) -> None:
