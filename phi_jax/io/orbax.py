@@ -9,6 +9,8 @@ never holds more than one chunk, and read one tensor at a time (`OrbaxReader`, b
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from collections.abc import Mapping
 
@@ -71,6 +73,26 @@ class OrbaxWriter:
             self._partial.finalize(self.path)
 
 
+@contextlib.contextmanager
+def _orbax_warnings():
+    """Collects (instead of printing) the warnings Orbax logs through absl while reading metadata: for a corrupt
+    checkpoint it logs one and returns None, and the caller's error then says what it said, in one line."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    logger, handler = logging.getLogger("absl"), Collect(logging.WARNING)
+    logger.addHandler(handler)
+    propagate, logger.propagate = logger.propagate, False
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
 class OrbaxReader:
     """Shapes and dtypes of every tensor of `DIR/params`, and each tensor on demand as numpy (our layout)."""
 
@@ -82,13 +104,20 @@ class OrbaxReader:
             raise FileNotFoundError(f"{self.directory} is not a phi_jax Orbax checkpoint (no {PARAMS}/{_STATE})")
         self._ckpt = ocp.PyTreeCheckpointer()
         self._ocp = ocp
-        try:
-            from orbax.checkpoint.experimental import v1
-            meta = v1.metadata(os.path.join(self.directory, PARAMS)).metadata
-        except Exception as e:  # Orbax raises several types for unreadable metadata
-            raise ValueError(f"cannot read Orbax metadata in {self.state_dir} (incomplete or corrupt?): {e}") from None
+        from orbax.checkpoint.experimental import v1
+        with _orbax_warnings() as warned:
+            try:
+                meta = v1.metadata(os.path.join(self.directory, PARAMS)).metadata
+            except Exception as e:  # Orbax raises several types for unreadable metadata
+                raise ValueError(f"cannot read Orbax metadata in {self.state_dir} (incomplete or corrupt?): "
+                                 f"{e}") from None
         if not isinstance(meta, Mapping) or not meta:  # Orbax logs some unreadable metadata and returns None
-            raise ValueError(f"cannot read Orbax metadata in {self.state_dir} (incomplete or corrupt?)")
+            details = [ln.split(":", 1)[1].strip() for w in warned for ln in w.splitlines()
+                       if ln.startswith("Error details:")]
+            raise ValueError(f"cannot read Orbax metadata in {self.state_dir} (incomplete or corrupt?)"
+                             + (f": {details[0]}" if details else ""))
+        for message in warned:  # metadata read after all: what Orbax had to say goes out as it would have
+            logging.getLogger("absl").warning(message)
         self.shapes, self.dtypes = {}, {}
         for path, m in traverse_util.flatten_dict(meta).items():
             self.shapes[path], self.dtypes[path] = tuple(m.shape), np.dtype(m.dtype)
