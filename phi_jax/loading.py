@@ -25,6 +25,20 @@ from phi_jax.io.safetensors import ShardedSafetensorsWriter
 from phi_jax.io.sources import open_source
 
 
+def _check_dtype(name: str, value) -> None:
+    """ValueError unless `value` is a floating dtype JAX computes in (float32, bfloat16, float16; float64 only under
+    jax_enable_x64): anything else failed deep inside Flax's initialisers."""
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        raise ValueError(f"{name}={value!r} is not a dtype; pass e.g. jnp.float32, jnp.bfloat16 or "
+                         f"'bfloat16'") from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{name}={dtype} is not a floating dtype; pass e.g. jnp.float32 or jnp.bfloat16")
+    if jax.dtypes.canonicalize_dtype(dtype) != dtype:
+        raise ValueError(f"{name}={dtype} needs jax_enable_x64 (JAX computes in "
+                         f"{jax.dtypes.canonicalize_dtype(dtype)})")
+
 
 class PretrainedMixin:
     """`from_pretrained` / `save_pretrained` for the model classes, which inherit this (no model import here)."""
@@ -63,6 +77,13 @@ def load_pretrained(cls, path, *, dtype=jnp.float32, param_dtype=None, attn_impl
         is read (every device receives only its slice), by the parameters' logical axes through `rules`
         (default `phi_jax.sharding.DEFAULT_RULES`).
     """
+    _check_dtype("dtype", dtype)
+    if param_dtype is not None:
+        _check_dtype("param_dtype", param_dtype)
+    if config is not None and not isinstance(config, PhiConfig):
+        raise TypeError(f"config must be a phi_jax.PhiConfig, got {type(config).__name__}")
+    if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh (phi_jax.sharding.make_mesh), got {type(mesh).__name__}")
     source = open_source(path, config=config)
     try:
         param_dtype = param_dtype or dtype

@@ -214,6 +214,8 @@ def _as_id_list(value, name: str, vocab_size: int, source: str) -> list[int]:
 
 def _check_seed(seed, batch: int) -> np.ndarray:
     """`seed` as uint32: a scalar (one key for the batch) or `[batch]` (one key per row)."""
+    if isinstance(seed, (np.ndarray, jax.Array)) and seed.ndim == 0:
+        seed = np.asarray(seed)[()]  # a 0-d array is a scalar seed
     if isinstance(seed, (int, np.integer)) and not isinstance(seed, (bool, np.bool_)):
         if not 0 <= seed < 2 ** 32:
             raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
@@ -231,8 +233,12 @@ def _check_seed(seed, batch: int) -> np.ndarray:
 
 def _prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, cache_length):
     """Checks every input on the host and left-pads the prompt to its bucket."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer))
+            or not 1 <= max_new_tokens < 2 ** 31):
+        raise ValueError(f"max_new_tokens must be an int in [1, 2**31), got {max_new_tokens!r}")
+    if cache_length is not None and (isinstance(cache_length, bool) or not isinstance(cache_length, (int, np.integer))
+                                     or not 1 <= cache_length < 2 ** 31):
+        raise ValueError(f"cache_length must be an int in [1, 2**31) or None, got {cache_length!r}")
     ids = np.asarray(input_ids)
     if ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {ids.shape}")
@@ -251,6 +257,10 @@ def _prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad
         empty = np.flatnonzero(~mask.any(axis=1))
         if empty.size:
             raise ValueError(f"attention_mask row {int(empty[0])} has no real token")
+        right = np.flatnonzero(~mask[:, -1])
+        if right.size:  # its first new token would be predicted from a padding column
+            raise ValueError(f"attention_mask row {int(right[0])} ends in padding: generate continues each row "
+                             f"from its last column; left-pad the prompts")
     check_input_ids(ids, model.config.vocab_size, mask)  # ids at masked positions never reach the model
     need = t + int(max_new_tokens)
     if cache_length is None:

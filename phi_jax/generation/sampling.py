@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 
@@ -118,6 +119,16 @@ def _ordered_bits(x: jax.Array) -> jax.Array:
 def make_sampler(do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None) -> Greedy | Sampling:
     """Checks the options and builds a sampler; `do_sample=False` is greedy (the other options must be unset)."""
+    if not isinstance(do_sample, (bool, np.bool_)):
+        raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
+    for name, value in (("temperature", temperature), ("top_p", 1.0 if top_p is None else top_p)):
+        if type(value) in (float, int):
+            continue
+        kind = np.asarray(value).dtype.kind if np.ndim(value) == 0 else None  # a str, None or an array: not a number
+        if kind not in ("f", "i", "u") and not (kind == "V" and np.asarray(value).dtype == jnp.bfloat16):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+    if isinstance(top_k, np.integer):
+        top_k = int(top_k)
     if not do_sample:
         if temperature != 1.0 or top_k is not None or top_p is not None:
             raise ValueError("temperature, top_k and top_p apply only with do_sample=True "

@@ -19,7 +19,7 @@ from phi_jax.modeling.partitioning import axes, constrain
 from phi_jax.modeling.layernorm import layer_norm, make_layer_norm, matmul_precision
 from phi_jax.modeling.matmul import dot_general
 from phi_jax.modeling.losses import causal_lm_loss, cross_entropy, sequence_classification_loss
-from phi_jax.modeling.inputs import check_input_ids
+from phi_jax.modeling.inputs import check_array, check_attention_mask, check_input_ids, check_labels
 from phi_jax.modeling.mask import make_attention_mask
 from phi_jax.modeling.remat import remat_policy
 from phi_jax.modeling.rotary import cos_sin
@@ -54,8 +54,20 @@ class PhiOutput:
 
 
 def _check_mask(name: str, mask, shape) -> None:
-    if mask is not None and tuple(mask.shape) != tuple(shape):
+    if mask is None:
+        return
+    check_array(name, mask)
+    if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {tuple(shape)}")
+
+
+def _check_class_labels(labels, shape, num_classes: int) -> None:
+    """Labels of the causal-LM and token-classification losses: `shape` ints, each in [0, num_classes) or -100
+    (values checked on the host when concrete; shape and dtype also under jit)."""
+    _check_mask("labels", labels, shape)
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"labels must be integers (class ids, -100 ignored), got dtype {labels.dtype}")
+    check_labels(labels, num_classes)
 
 
 def build_mask(attention_mask: jax.Array | None, batch: int, q_len: int, kv_len: int, q_offset) -> jax.Array:
@@ -117,12 +129,16 @@ class PhiModel(PhiPreTrainedModel):
         Returns:
           PhiOutput with `last_hidden_state: [B, T, D]`.
         """
+        check_array("input_ids", input_ids)
         if jnp.ndim(input_ids) != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {jnp.shape(input_ids)}")
         b, t = jnp.shape(input_ids)
+        if t == 0:
+            raise ValueError(f"input_ids has shape {(b, t)}; the model needs at least one token per row")
         kv_len = t if cache is None else cache[0][0].shape[1]
         offset = 0 if cache is None else cache_index
         _check_mask("attention_mask", attention_mask, (b, kv_len))
+        check_attention_mask(attention_mask)
         ids_mask = _ids_mask(attention_mask, t, offset)  # [B, T] bool or None
         check_input_ids(input_ids, self.config.vocab_size, mask=ids_mask)
         if position_ids is None:
@@ -204,6 +220,8 @@ class PhiForCausalLM(PhiPreTrainedModel, GenerationMixin):
         """See PhiModel; `labels: [B, T]` (-100 ignored) adds the shifted causal-LM loss."""
         out = self.model(input_ids, attention_mask, position_ids, cache=cache, cache_index=cache_index,
                          output_hidden_states=output_hidden_states)
+        if labels is not None:
+            _check_class_labels(labels, jnp.shape(input_ids), self.config.vocab_size)
         logits = self.logits(out.last_hidden_state)
         loss = None if labels is None else causal_lm_loss(logits, labels)
         return out.replace(logits=logits, loss=loss)
@@ -236,8 +254,30 @@ class PhiForSequenceClassification(PhiPreTrainedModel):
         else:
             last = jnp.argmax(jnp.arange(t) * (input_ids != pad), axis=-1)  # [B]
         pooled = logits[jnp.arange(b), last]  # [B, C]
+        if labels is not None:
+            self._check_labels(labels, b)
         loss = None if labels is None else sequence_classification_loss(pooled, labels, self.config.problem_type)
         return out.replace(logits=pooled, loss=loss)
+
+    def _check_labels(self, labels, batch: int) -> None:
+        """As transformers' ForSequenceClassificationLoss reads them: class ids (`[B]`, in [0, C) or -100) for
+        single-label classification, `[B, C]` values for regression and multi-label (`[B]` when C is 1)."""
+        check_array("labels", labels)
+        c, problem = self.config.num_labels, self.config.problem_type
+        if problem is None:
+            integer = jnp.issubdtype(labels.dtype, jnp.integer)
+            problem = ("regression" if c == 1 else "single_label_classification" if integer
+                       else "multi_label_classification")
+        if problem == "single_label_classification":
+            if jnp.size(labels) != batch:
+                raise ValueError(f"labels has shape {tuple(labels.shape)}; single-label classification takes one "
+                                 f"class id per row: ({batch},)")
+            if not jnp.issubdtype(labels.dtype, jnp.integer):
+                raise ValueError(f"labels must be integer class ids for {problem}, got dtype {labels.dtype}")
+            check_labels(labels, c)
+        elif jnp.size(labels) != batch * c:
+            want = (batch,) if c == 1 else (batch, c)
+            raise ValueError(f"labels has shape {tuple(labels.shape)}; {problem} takes {want}")
 
 
 class PhiForTokenClassification(PhiPreTrainedModel):
@@ -257,6 +297,8 @@ class PhiForTokenClassification(PhiPreTrainedModel):
                  output_hidden_states: bool = False) -> PhiOutput:
         """`logits: [B, T, C]`; `labels: [B, T]` (-100 ignored)."""
         out = self.model(input_ids, attention_mask, position_ids, output_hidden_states=output_hidden_states)
+        if labels is not None:
+            _check_class_labels(labels, jnp.shape(input_ids), self.config.num_labels)
         logits = self.score(self.dropout(out.last_hidden_state))
         loss = None if labels is None else cross_entropy(logits, labels)
         return out.replace(logits=logits, loss=loss)

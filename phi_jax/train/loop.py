@@ -57,6 +57,27 @@ class RunConfig:
     export: bool = True
     train: TrainConfig = TrainConfig()
 
+    def __post_init__(self):
+        """A value the run cannot use is a ValueError naming the field, before anything is read (as `phi-jax
+        finetune`'s own checks of its options: steps 0 trained nothing, seq_len 1 reported a loss of 0)."""
+        for name, low in (("steps", 1), ("batch_size", 1), ("seq_len", 2), ("save_every", 1), ("keep", 1),
+                          ("lora_rank", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                why = " (a row needs a token and the next one it predicts)" if name == "seq_len" else ""
+                raise ValueError(f"RunConfig.{name} must be an int >= {low}{why}, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"RunConfig.seed must be an int in [0, 2**63), got {self.seed!r}")
+        try:
+            dtype = jnp.dtype(self.compute_dtype)
+        except TypeError:
+            dtype = None
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"RunConfig.compute_dtype must name a floating dtype (e.g. 'float32', 'bfloat16'), got "
+                             f"{self.compute_dtype!r}")
+        if not isinstance(self.train, TrainConfig):
+            raise TypeError(f"RunConfig.train must be a TrainConfig, got {type(self.train).__name__}")
+
 
 def _lora_scale(run: RunConfig) -> float | None:
     """alpha / rank of a LoRA run (None for full fine-tuning)."""

@@ -11,10 +11,12 @@ the mesh shardings of `phi_jax.sharding`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -48,6 +50,25 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     accum_steps: int = 1
     remat_policy: str | None = None
+
+    def __post_init__(self):
+        """A value the step cannot use is a ValueError naming the field (a NaN or negative rate would train
+        silently wrong; accum_steps 0 failed as a ZeroDivisionError)."""
+        for name, low in (("warmup_steps", 0), ("total_steps", 1), ("accum_steps", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"TrainConfig.{name} must be an int >= {low}, got {value!r}")
+        for name in ("learning_rate", "final_lr_ratio", "weight_decay", "b1", "b2", "eps", "max_grad_norm"):
+            value = getattr(self, name)
+            if value is None and name == "max_grad_norm":
+                continue
+            positive = name in ("eps", "max_grad_norm")
+            if (isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating))
+                    or not math.isfinite(value) or value < 0 or (positive and value == 0)
+                    or (name in ("b1", "b2") and value >= 1)):
+                want = ("a finite number > 0" + (" (None: no clipping)" if name == "max_grad_norm" else "")
+                        if positive else "in [0, 1)" if name in ("b1", "b2") else "a finite number >= 0")
+                raise ValueError(f"TrainConfig.{name} must be {want}, got {value!r}")
 
 
 def schedule(cfg: TrainConfig) -> optax.Schedule:
