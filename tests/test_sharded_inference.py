@@ -61,12 +61,20 @@ def worker(path: str, out: str) -> None:
 
 
 def test_inference_on_a_mesh(make_checkpoint, tmp_path):
-    path, _ = make_checkpoint("phi1", num_key_value_heads=2)
+    import torch
+    path, tmodel = make_checkpoint("phi1", num_key_value_heads=2)
     out = tmp_path / "out.npz"
     from conftest import rel_err, run_on_cpu_devices  # (not at the top: the worker process skips conftest's imports)
     run_on_cpu_devices([__file__, path, str(out)])
     r = np.load(out)
     assert rel_err(r["logits_mesh"], r["logits_single"]) <= 1e-5
+    ids, mask = (np.ones((8, 12), np.int64) for _ in range(2))
+    ids[:] = np.random.default_rng(0).integers(0, 96, (8, 12))
+    mask[1, :5] = 0
+    with torch.no_grad():  # transformers' logits at the real positions, on the weights it wrote
+        ref = tmodel(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    real = mask.astype(bool)
+    assert rel_err(r["logits_mesh"][real], ref[real]) <= 1e-4
     assert r["rows_split"]
     assert r["gathers"] == 0
     assert r["gathers_without_rules"] > 0  # what the rules prevent: the batch's activations gathered whole
