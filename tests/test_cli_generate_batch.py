@@ -167,3 +167,18 @@ def test_mesh_gives_the_completions_of_one_device(model_dir, tmp_path, capsys):
     for mesh, needle in (("data=2,fsdp=2,tensor=2", "needs 8 devices, have 1"), ("model=2", "bad mesh entry")):
         assert main(_argv(model_dir, tmp_path, "--mesh", mesh)) == EXIT_USAGE
         _one_error_line(capsys.readouterr().err, needle)
+
+
+def test_an_existing_output_is_replaced_only_with_overwrite(model_dir, tmp_path, capsys):
+    """A finished run's completions are not lost to a rerun: exit 4 naming the file, which is left as it was."""
+    from phi_jax.cli import EXIT_EXISTS
+    _write_prompts(tmp_path / "p.jsonl", SHORT[:1])
+    out = tmp_path / "c.jsonl"
+    out.write_text("KEEP\n")
+    assert main(_argv(model_dir, tmp_path, "--max-new-tokens", "2", "--no-progress")) == EXIT_EXISTS
+    _one_error_line(capsys.readouterr().err, "c.jsonl", "exists", "--overwrite")
+    assert out.read_text() == "KEEP\n"
+    assert main(_argv(model_dir, tmp_path, "--max-new-tokens", "2", "--no-progress", "--overwrite")) == EXIT_OK
+    assert [r["line"] for r in _read(out)] == [1] and "wrote" in capsys.readouterr().err
+    assert main(["generate", "--model", model_dir, "x", "--overwrite"]) == EXIT_USAGE
+    _one_error_line(capsys.readouterr().err, "--overwrite goes with --output")

@@ -7,7 +7,7 @@ A file: `phi-jax generate --model DIR --input prompts.jsonl --output completions
 Each input line is a JSON object with a string "prompt" (other keys are copied to the output, but not the
 output's own: "line", "completion", "new_tokens", "stopped") or a JSON string. Prompts are grouped by length
 bucket (`bucket_length`), decoded `--batch-size` at a time through `model.generate`, and written to --output
-as one JSON line per prompt, in input order:
+as one JSON line per prompt, in input order (an existing OUTPUT is an error unless --overwrite):
 `{"line": n, ...input keys, "prompt": ..., "completion": ..., "new_tokens": k, "stopped": "eos"|"length"}`.
 A progress bar on stderr counts prompts and shows new tokens/s (unless --no-progress, as in `finetune`).
 `--mesh data=2,fsdp=2,tensor=2` loads the model onto a device mesh (the completions are those of one device).
@@ -57,7 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter and compute dtype")
     parser.add_argument("--input", metavar="JSONL", help="prompts, one JSON line each (instead of PROMPT)")
-    parser.add_argument("--output", metavar="JSONL", help="completions, one JSON line per prompt (with --input)")
+    parser.add_argument("--output", metavar="JSONL", help="completions, one JSON line per prompt (with --input); "
+                        "must not exist unless --overwrite")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (with --input)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (with --input)")
     parser.add_argument("--mesh", default="", metavar="data=N,fsdp=N,tensor=N",
@@ -98,6 +100,11 @@ def _check_args(args) -> None:
             raise ValueError(f"--output {args.output} is a directory; give the path of a JSONL file")
         if os.path.isfile(args.input) and os.path.exists(args.output) and os.path.samefile(args.input, args.output):
             raise ValueError(f"--output {args.output} is the --input file; give another path")
+        if os.path.exists(args.output) and not args.overwrite:
+            raise FileExistsError(f"--output {args.output} exists; pass --overwrite to replace it, or choose another "
+                                  f"path")
+    elif args.overwrite:
+        raise ValueError("--overwrite goes with --output")
 
 
 def run(args) -> int:
