@@ -40,25 +40,35 @@ DEFAULT_RULES: Mapping[str, str | tuple[str, ...] | None] = {
 }
 
 
-def parse_mesh(text: str) -> dict[str, int]:
-    """`"data=1,fsdp=8,tensor=1"` -> `{"data": 1, "fsdp": 8, "tensor": 1}` (missing axes are 1)."""
-    sizes = dict.fromkeys(MESH_AXES, 1)
+def parse_mesh(text: str) -> dict[str, int | None]:
+    """`"data=1,fsdp=8,tensor=1"` -> `{"data": 1, "fsdp": 8, "tensor": 1}`: data and tensor default to 1, fsdp to
+    None (`make_mesh` gives it the devices the others leave). Spaces around entries are ignored; an entry that is not
+    NAME=SIZE with SIZE >= 1, or an axis named twice, is a ValueError naming it."""
+    sizes: dict[str, int | None] = {"data": 1, "fsdp": None, "tensor": 1}
+    seen = set()
     for part in filter(None, (p.strip() for p in text.split(","))):
-        name, _, value = part.partition("=")
+        name, _, value = (s.strip() for s in part.partition("="))
         if name not in sizes or not value.isdigit() or int(value) < 1:
-            raise ValueError(f"bad mesh entry {part!r}: expected NAME=SIZE with NAME in {MESH_AXES}")
+            raise ValueError(f"bad mesh entry {part!r}: expected NAME=SIZE with NAME in {MESH_AXES} and SIZE >= 1")
+        if name in seen:
+            raise ValueError(f"mesh axis {name!r} given twice in {text!r}")
+        seen.add(name)
         sizes[name] = int(value)
     return sizes
 
 
 def make_mesh(data: int = 1, fsdp: int | None = None, tensor: int = 1, devices=None) -> Mesh:
-    """A `("data", "fsdp", "tensor")` mesh over `devices` (default: all); `fsdp=None` takes what is left."""
+    """A `("data", "fsdp", "tensor")` mesh over `devices` (default: all); `fsdp=None` takes what is left. The sizes'
+    product must equal the number of devices (a ValueError saying so)."""
     devices = jax.devices() if devices is None else list(devices)
     if fsdp is None:
+        if len(devices) % (data * tensor):
+            raise ValueError(f"mesh data={data} x tensor={tensor} does not divide the {len(devices)} devices (fsdp "
+                             f"takes what they leave)")
         fsdp = len(devices) // (data * tensor)
     if data * fsdp * tensor != len(devices):
-        raise ValueError(f"mesh data={data} fsdp={fsdp} tensor={tensor} needs {data * fsdp * tensor} devices, "
-                         f"have {len(devices)}")
+        raise ValueError(f"mesh data={data} fsdp={fsdp} tensor={tensor} spans {data * fsdp * tensor} devices, but "
+                         f"there are {len(devices)}: the sizes' product must equal the device count")
     arr = np.asarray(devices).reshape(data, fsdp, tensor)
     return Mesh(arr, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 

@@ -164,7 +164,7 @@ def test_mesh_gives_the_completions_of_one_device(model_dir, tmp_path, capsys):
     run_on_cpu_devices(["-m", "phi_jax.cli", *_argv(model_dir, tmp_path, *sampled, "--mesh", "data=2,fsdp=2,tensor=2")])
     assert _read(tmp_path / "c.jsonl") == one
     capsys.readouterr()
-    for mesh, needle in (("data=2,fsdp=2,tensor=2", "needs 8 devices, have 1"), ("model=2", "bad mesh entry")):
+    for mesh, needle in (("data=2,fsdp=2,tensor=2", "spans 8 devices, but there are 1"), ("model=2", "bad mesh entry")):
         assert main(_argv(model_dir, tmp_path, "--mesh", mesh)) == EXIT_USAGE
         _one_error_line(capsys.readouterr().err, needle)
 

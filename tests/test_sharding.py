@@ -69,17 +69,26 @@ def test_logical_rules_and_divisibility():
     import jax
     from phi_jax.sharding import DEFAULT_RULES, make_mesh, parse_mesh, spec_for
     from jax.sharding import PartitionSpec as P
-    assert parse_mesh("data=2,tensor=4") == {"data": 2, "fsdp": 1, "tensor": 4}
+    assert parse_mesh("data=2,tensor=4") == {"data": 2, "fsdp": None, "tensor": 4}  # fsdp: what is left
+    assert parse_mesh(" fsdp = 2 ,data=1") == {"data": 1, "fsdp": 2, "tensor": 1}
     with pytest.raises(ValueError, match="bad mesh entry 'model=2'"):
         parse_mesh("model=2")
+    with pytest.raises(ValueError, match="bad mesh entry 'data=0'"):
+        parse_mesh("data=0")
+    with pytest.raises(ValueError, match="mesh axis 'data' given twice"):
+        parse_mesh("data=2,data=4")
     mesh = jax.sharding.AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"))
     assert spec_for(("embed", "mlp"), (64, 256), mesh) == P("fsdp", "tensor")
     assert spec_for(("embed", "mlp"), (63, 256), mesh) == P(None, "tensor")  # 63 % 2: replicated
     assert spec_for(("norm",), (64,), mesh) == P(None)
     assert spec_for(("embed", "mlp"), (64, 256), mesh, {**DEFAULT_RULES, "mlp": ("tensor", "data")}) == \
         P("fsdp", ("tensor", "data"))
-    with pytest.raises(ValueError, match="needs 8 devices, have 1"):
+    with pytest.raises(ValueError, match="spans 8 devices, but there are 1: the sizes' product must equal"):
         make_mesh(2, 2, 2)
+    with pytest.raises(ValueError, match="data=2 x tensor=1 does not divide the 1 devices"):
+        make_mesh(**parse_mesh("data=2"))
+    four = [jax.devices()[0]] * 4  # the shape check only: make_mesh reshapes the list it is given
+    assert dict(make_mesh(**parse_mesh("data=2"), devices=four).shape) == {"data": 2, "fsdp": 2, "tensor": 1}
 
 
 def worker(path: str, out: str) -> None:

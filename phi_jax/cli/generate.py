@@ -64,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (with --input)")
     parser.add_argument("--mesh", default="", metavar="data=N,fsdp=N,tensor=N",
                         help="load the model onto a device mesh (as finetune's --mesh; default: one device): rows of "
-                             "a batch split over data and fsdp, heads and the MLP over tensor")
+                             "a batch split over data and fsdp, heads and the MLP over tensor; fsdp, if not given, "
+                             "takes the devices data and tensor leave")
 
 
 def _sampling(args) -> dict:
