@@ -43,6 +43,7 @@ def weight_files(directory: str) -> tuple[str, dict[str, str] | None]:
     """
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+    broken = []
     for name, kind in ((SAFE_SINGLE, "safetensors"), (SAFE_INDEX, "safetensors"), (BIN_SINGLE, "bin"),
                        (BIN_INDEX, "bin")):
         p = os.path.join(directory, name)
@@ -50,8 +51,16 @@ def weight_files(directory: str) -> tuple[str, dict[str, str] | None]:
             if name.endswith(".index.json"):
                 return kind, {k: os.path.join(directory, v) for k, v in _load_index(p).items()}
             return kind, None
+        if _is_broken_link(p):
+            broken.append(p)
+    if broken:  # a Hugging Face cache snapshot copied without its blobs: say so, not "no weights"
+        raise FileNotFoundError(f"{broken[0]} is a broken symlink (to {os.readlink(broken[0])})")
     raise FileNotFoundError(f"no weights in {directory}: expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} "
                             f"or {BIN_INDEX}")
+
+
+def _is_broken_link(path: str) -> bool:
+    return os.path.islink(path) and not os.path.exists(path)
 
 
 _WEIGHT_FILE = re.compile(r"^(model(-\d+-of-\d+)?\.safetensors|pytorch_model(-\d+-of-\d+)?\.bin)(\.index\.json)?$")
@@ -79,6 +88,9 @@ class CheckpointReader:
         else:
             paths = sorted(set(weight_map.values()))
         for p in paths:
+            if _is_broken_link(p):
+                raise FileNotFoundError(f"weight file listed in the index is a broken symlink: {p} (to "
+                                        f"{os.readlink(p)})")
             if not os.path.exists(p):
                 raise FileNotFoundError(f"weight file listed in the index is missing: {p}")
         self.shapes, self.dtypes, self.files = {}, {}, {}
@@ -103,7 +115,7 @@ class CheckpointReader:
             state = _load_bin_state(path)
             self._handles[path] = state
             for key, t in state.items():
-                yield key, tuple(t.shape), _numpy_dtype(t.dtype)
+                yield key, tuple(t.shape), _numpy_dtype(t.dtype, f"{path}: tensor {key!r}")
 
     def get(self, key: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         """The tensor `key` (or rows [start, stop) of its first axis) as a numpy array (bf16 as ml_dtypes)."""
@@ -123,21 +135,35 @@ def _load_bin_state(path: str) -> dict:
     except ImportError:
         from phi_jax.errors import MissingExtraError  # the command line's exit 6, not a bug report
         raise MissingExtraError(f"loading {path} needs torch: pip install 'phi_jax[torch]'") from None
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path} is empty (0 bytes)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except OSError:
+        raise  # permission denied, an I/O error: the command line's exit 5, with the operating system's words
     except Exception as e:
         raise ValueError(f"cannot read {path} (truncated, corrupt or not a weights-only checkpoint): {e}") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):  # e.g. {"state_dict": {...}, "step": 3} from a training loop
+            raise ValueError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor; expected a state "
+                             f"dict of tensors (a model's state_dict())")
+        _numpy_dtype(value.dtype, f"{path}: tensor {key!r}")
     return state
 
 
-def _numpy_dtype(torch_dtype) -> np.dtype:
+def _numpy_dtype(torch_dtype, where: str = "tensor") -> np.dtype:
+    """The numpy dtype of a torch dtype; ValueError naming `where` for one numpy cannot hold (float8, complex)."""
+    import ml_dtypes
     import torch
-    if torch_dtype == torch.bfloat16:
-        import ml_dtypes
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(str(torch_dtype).replace("torch.", ""))
+    table = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: ml_dtypes.bfloat16,
+             torch.float64: np.float64, torch.int64: np.int64, torch.int32: np.int32, torch.int16: np.int16,
+             torch.int8: np.int8, torch.uint8: np.uint8, torch.bool: np.bool_}
+    if torch_dtype not in table:
+        raise ValueError(f"{where} has dtype {str(torch_dtype).replace('torch.', '')}, which phi_jax does not read "
+                         f"(weights must be float32, bfloat16, float16 or float64)")
+    return np.dtype(table[torch_dtype])
 
 
 def _torch_to_numpy(t) -> np.ndarray:

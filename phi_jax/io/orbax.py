@@ -110,7 +110,7 @@ class OrbaxReader:
                 meta = v1.metadata(os.path.join(self.directory, PARAMS)).metadata
             except Exception as e:  # Orbax raises several types for unreadable metadata
                 raise ValueError(f"cannot read Orbax metadata in {self.state_dir} (incomplete or corrupt?): "
-                                 f"{e}") from None
+                                 f"{_short(e)}") from None
         if not isinstance(meta, Mapping) or not meta:  # Orbax logs some unreadable metadata and returns None
             details = [ln.split(":", 1)[1].strip() for w in warned for ln in w.splitlines()
                        if ln.startswith("Error details:")]
@@ -134,6 +134,18 @@ class OrbaxReader:
             out = self._ckpt.restore(self.state_dir, args=self._ocp.args.PyTreeRestore(
                 item=item, restore_args=args, partial_restore=True))
         except Exception as e:
-            raise ValueError(f"cannot read tensors {['/'.join(p) for p in paths]} from {self.state_dir}: {e}") from None
+            if len(paths) > 1:  # find the culprit: the error names the one tensor, not the whole chunk
+                for p in paths:
+                    self.get_many([p])
+            raise ValueError(f"cannot read {'tensor ' + '/'.join(paths[0]) if len(paths) == 1 else 'tensors'} from "
+                             f"{self.state_dir} (incomplete or corrupt?): {_short(e)}") from None
         flat = traverse_util.flatten_dict(out)
         return {p: np.asarray(flat[p]) for p in paths}
+
+
+def _short(e: BaseException) -> str:
+    """Orbax's / tensorstore's message without the JSON spec it appends (thousands of characters): one line."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    for tail in (" [tensorstore_spec=", " [source locations="):
+        text = text.split(tail)[0]
+    return text

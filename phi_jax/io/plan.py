@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import re
 
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -22,6 +23,9 @@ from phi_jax.config import PhiConfig
 from phi_jax.io.names import HEAD_PREFIXES, hf_key, is_buffer
 
 log = logging.getLogger(__name__)
+# The dtypes a weight may have in a checkpoint (cast to param_dtype at load); an integer, bool or float8 tensor under
+# a weight's name is a damaged or quantized file, never silently cast.
+WEIGHT_DTYPES = frozenset(np.dtype(d) for d in (np.float16, np.float32, np.float64, ml_dtypes.bfloat16))
 _LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
 
 
@@ -135,7 +139,7 @@ def plan(source, params: nnx.State, class_name: str, *, allow_new_head: bool = F
             return "model." + key
         return key
 
-    entries, new_heads, missing, mismatched = [], [], [], []
+    entries, new_heads, missing, mismatched, bad_dtypes = [], [], [], [], []
     own_heads = set()
     for path, key, transpose, want in layout:
         if key.startswith(HEAD_PREFIXES):
@@ -150,6 +154,8 @@ def plan(source, params: nnx.State, class_name: str, *, allow_new_head: bool = F
         got, dtype, file = tensors[src]
         if tuple(got) != want:
             mismatched.append(f"{src} in {file}: checkpoint has {list(got)}, the config expects {list(want)}")
+        if np.dtype(dtype) not in WEIGHT_DTYPES:
+            bad_dtypes.append(f"{src} in {file} is {np.dtype(dtype).name}")
         entries.append(Entry(src, path, transpose, want, np.dtype(dtype), file))
     used = {e.key for e in entries}
     unexpected = []
@@ -162,7 +168,8 @@ def plan(source, params: nnx.State, class_name: str, *, allow_new_head: bool = F
         unexpected.append(key)
     problems = [f"{name}: {value}" for name, value in (
         ("missing tensors", missing), ("unexpected tensors", unexpected),
-        ("shape mismatches", "; ".join(mismatched))) if value]
+        ("shape mismatches", "; ".join(mismatched)),
+        ("weights that are not float16, bfloat16, float32 or float64", "; ".join(bad_dtypes))) if value]
     if problems:
         raise ValueError(f"checkpoint {source.directory} does not fit {class_name} with its config "
                          f"(hidden_size={config.hidden_size}, num_hidden_layers={config.num_hidden_layers}, "

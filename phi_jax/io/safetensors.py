@@ -23,6 +23,8 @@ _DTYPES = {
     "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
 }
 _CODES = {v: k for k, v in _DTYPES.items()}
+# The format's other dtypes (quantized and unsigned): named as such, where an unknown code is a corrupt header.
+_UNREAD = ("F8_E4M3", "F8_E5M2", "F8_E8M0", "F6_E2M3", "F6_E3M2", "F4", "U16", "U32", "U64", "C64")
 BLOCK_BYTES = 32 << 20  # a transposed or cast tensor is written in row blocks of about this size
 _MAX_HEADER = 100 << 20
 
@@ -58,6 +60,10 @@ class SafetensorsFile:
         self.data_start = 8 + n
         self.entries = {}  # key -> (shape, dtype, begin, end) with absolute file offsets
         for key, e in header.items():
+            if isinstance(e, dict) and e.get("dtype") in _UNREAD:  # a valid file, of a dtype no weight has here
+                code = e["dtype"]
+                raise ValueError(f"{self.path}: tensor {key!r} has dtype {code}, which phi_jax does not read "
+                                 f"(weights must be F32, BF16, F16 or F64)")
             try:
                 dtype, shape, (begin, end) = _DTYPES[e["dtype"]], tuple(e["shape"]), e["data_offsets"]
                 if not all(_is_count(v) for v in (*shape, begin, end)) or begin > end:
