@@ -49,13 +49,17 @@ def parse_size(size) -> int:
 
 
 def _dtype(dtype) -> np.dtype | None:
+    """None, or one of DTYPES given by name or as a numpy / JAX dtype; ValueError naming anything else (an integer
+    dtype would write integer weights)."""
     if dtype is None:
         return None
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not supported; choose from {sorted(DTYPES)}")
-        return DTYPES[dtype]
-    return np.dtype(dtype)
+    try:
+        out = DTYPES[dtype] if isinstance(dtype, str) else np.dtype(dtype)
+    except (KeyError, TypeError):
+        out = None
+    if out not in DTYPES.values():
+        raise ValueError(f"dtype {dtype!r} is not supported; choose from {sorted(DTYPES)}")
+    return out
 
 
 def model_class(config: PhiConfig):
@@ -82,9 +86,11 @@ def convert(src, dst, *, to: str, layout: str = "auto", dtype=None, shard_size="
         raise ValueError(f"unknown output layout {to!r}; expected 'hf' or 'orbax'")
     out_dtype = _dtype(dtype)
     source = open_source(src, layout, config)  # FileNotFoundError at once for a missing directory
-    src, dst = source.directory, os.path.realpath(os.fspath(dst))
+    src, dst = source.directory, os.path.realpath(os.path.expanduser(os.fspath(dst)))
     if os.path.realpath(src) == dst:
         raise ValueError(f"source and destination are the same directory: {src}")
+    if overwrite and os.path.commonpath([os.path.realpath(src), dst]) == dst:  # replacing dst would delete src
+        raise ValueError(f"source {src} is inside {dst}, which overwriting would replace; choose another destination")
     cls = model_class(source.config)
     entries = plan(source, abstract_params(cls, source.config)[1], cls.__name__).entries
     out = [(e, out_dtype or e.dtype) for e in entries]

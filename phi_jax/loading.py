@@ -20,7 +20,7 @@ from flax import nnx
 from phi_jax.config import PhiConfig
 from phi_jax.io.atomic import atomic_output_dir
 from phi_jax.io.hf import is_checkpoint_file
-from phi_jax.io.plan import abstract_params, hf_layout, plan
+from phi_jax.io.plan import WEIGHT_DTYPES, abstract_params, hf_layout, plan
 from phi_jax.io.safetensors import ShardedSafetensorsWriter
 from phi_jax.io.sources import open_source
 
@@ -138,6 +138,14 @@ def save_pretrained(model, path, dtype=None) -> None:
     Tensors stream to disk one at a time (a kernel is written from a transposed view): no second copy of the
     weights is held.
     """
+    if dtype is not None:
+        try:
+            ok = np.dtype(dtype) in WEIGHT_DTYPES
+        except TypeError:
+            ok = False
+        if not ok:  # an integer dtype would write integer weights
+            raise ValueError(f"dtype={dtype!r} is not a dtype weights are saved in; pass None (keep), jnp.float32, "
+                             f"jnp.bfloat16, jnp.float16 or np.float64")
     params = nnx.state(model, nnx.Param)
     variables = dict(nnx.to_flat_state(params))
     layout = hf_layout(params)

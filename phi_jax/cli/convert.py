@@ -48,7 +48,7 @@ def run(args) -> int:
     kw = {}
     if getattr(args, "config", None):
         try:
-            with open(args.config, encoding="utf-8") as f:
+            with open(os.path.expanduser(args.config), encoding="utf-8") as f:
                 d = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"--config {args.config} is not valid JSON: {e}") from None
@@ -62,12 +62,9 @@ def run(args) -> int:
         kw["shard_size"] = args.shard_size
     else:
         kw["chunk_size"] = args.chunk_size
-    src, dst = os.path.realpath(args.src), os.path.realpath(args.dst)
-    if args.overwrite and src != dst and os.path.commonpath([src, dst]) == dst:
-        raise ValueError(f"{args.src} is inside {args.dst}, which --overwrite would replace; choose another DST")
     previous = signal.signal(signal.SIGTERM, _sigterm)
-    try:
-        summary = convert.convert(os.path.abspath(args.src), os.path.abspath(args.dst), to=to, layout=layout, dtype=args.dtype,
+    try:  # SRC inside a DST that --overwrite would replace is refused there, before anything is written
+        summary = convert.convert(args.src, args.dst, to=to, layout=layout, dtype=args.dtype,
                                   overwrite=args.overwrite, progress=not args.no_progress, **kw)
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -99,13 +99,14 @@ def atomic_output_dir(dst, overwrite: bool = False, keep=None):
     """Yields a hidden temporary directory beside `dst` that replaces `dst` when the block completes.
 
     Args:
-      dst: the output directory (relative or absolute; a symlink is followed, so its target is replaced).
+      dst: the output directory (relative, absolute or `~/...`; a symlink is followed, so its target is replaced).
+        Parent directories are created as needed, and removed again when the block fails.
       overwrite: replace an existing `dst` (otherwise FileExistsError, before anything is written).
       keep: when `dst` exists, a predicate on the names in it: entries for which `keep(name)` is False (the old
         weights, config) are dropped; the rest (tokenizer files, a README) are carried into the new directory
         as hard links. None drops everything: the new directory replaces the old one whole.
     """
-    dst = os.path.realpath(os.fspath(dst))
+    dst = os.path.realpath(os.path.expanduser(os.fspath(dst)))
     parent, name = os.path.dirname(dst), os.path.basename(dst)
     if os.path.isdir(parent):
         _clean_stale(parent, name, dst)
@@ -113,10 +114,14 @@ def atomic_output_dir(dst, overwrite: bool = False, keep=None):
         raise FileExistsError(f"output {dst} already exists; pass --overwrite (overwrite=True) to replace it")
     if os.path.exists(dst) and not os.path.isdir(dst):
         raise NotADirectoryError(f"output {dst} exists and is not a directory")
-    os.makedirs(parent, exist_ok=True)
+    created = _make_parents(parent)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = os.path.join(parent, f".{name}.partial-{tag}")
-    os.mkdir(tmp)
+    try:
+        os.mkdir(tmp)
+    except BaseException:
+        _remove_empty(created)
+        raise
     try:
         yield tmp
         if not os.path.lexists(dst):
@@ -136,7 +141,39 @@ def atomic_output_dir(dst, overwrite: bool = False, keep=None):
             os.chdir(cwd)  # a process working inside `dst` follows it to the new directory
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
+
+
+def _make_parents(parent: str) -> list[str]:
+    """`os.makedirs(parent)`, returning the directories it created, deepest first (for `_remove_empty`)."""
+    missing = []
+    while not os.path.isdir(parent) and parent != os.path.dirname(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    created = []
+    try:
+        for directory in reversed(missing):
+            try:
+                os.mkdir(directory)
+            except FileExistsError:
+                if not os.path.isdir(directory):
+                    raise NotADirectoryError(f"cannot create {directory}: a file of that name exists") from None
+                continue  # made meanwhile by another process: not ours to remove
+            created.insert(0, directory)
+    except BaseException:
+        _remove_empty(created)
+        raise
+    return created
+
+
+def _remove_empty(directories: list[str]) -> None:
+    """Removes what `_make_parents` created (deepest first) and is still empty: a failed write leaves nothing new."""
+    for directory in directories:
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return  # not empty (something else was written there meanwhile) or already gone: keep the rest
 
 
 def _cwd_inside(directory: str) -> str | None:

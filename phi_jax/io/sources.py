@@ -121,8 +121,10 @@ class LegacySource(Source):
 def read_config(path) -> PhiConfig:
     """The PhiConfig in `path` (a config.json or its directory), in Microsoft's old layout (`n_embd`, ...) or
     transformers'."""
-    path = os.fspath(path)
+    path = os.path.expanduser(os.fspath(path))
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if os.path.islink(file) and not os.path.exists(file):
+        raise FileNotFoundError(f"{file} is a broken symlink (to {os.readlink(file)})")
     if not os.path.exists(file):
         raise FileNotFoundError(f"no config.json at {file}; pass a config for this checkpoint")
     try:
@@ -207,8 +209,9 @@ SOURCES = {"hf": HFSource, "legacy": LegacySource, "orbax": OrbaxSource}
 
 
 def checkpoint_dir(path) -> str:
-    """`path` as an absolute directory; FileNotFoundError naming it when there is none (nothing is downloaded)."""
-    absolute = os.path.abspath(os.fspath(path))
+    """`path` (`~` expanded) as an absolute directory; FileNotFoundError naming it when there is none (nothing is
+    downloaded)."""
+    absolute = os.path.abspath(os.path.expanduser(os.fspath(path)))
     if not os.path.exists(absolute):
         raise FileNotFoundError(f"checkpoint directory not found: {os.fspath(path)}")
     if not os.path.isdir(absolute):
