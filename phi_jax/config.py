@@ -35,6 +35,8 @@ ROPE_KEYS = {
 }
 SUPPORTED_ROPE_TYPES = tuple(ROPE_KEYS)
 _NEEDS_FACTOR = ("linear", "dynamic", "llama3")
+# scaling keys that may be null (transformers then derives them)
+_ROPE_OPTIONAL_NUMBERS = ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
 
 # Keys that PretrainedConfig (4.x and 5.x) writes for every model; they carry no Phi semantics.
 _GENERIC_KEYS = frozenset({
@@ -170,6 +172,22 @@ class PhiConfig:
             if key in rope and (rope[key] is not None or key != "factor") and not (_is_number(rope[key])
                                                                                  and ok(rope[key])):
                 raise _RopeError(f"rope_parameters[{key!r}]={rope[key]!r} must be {what}")
+        for key, value in rope.items():  # the scaling keys: their maths fails deep in rotary.py on a string or null
+            if key in _ROPE_OPTIONAL_NUMBERS:
+                ok, what = value is None or (_is_number(value) and math.isfinite(value)), "a finite number or null"
+            elif key in ("low_freq_factor", "high_freq_factor"):
+                ok, what = _is_number(value) and math.isfinite(value), "a finite number"
+            elif key == "original_max_position_embeddings":
+                ok, what = _is_int(value) and value > 0, "a positive integer"
+            elif key == "truncate":
+                ok, what = isinstance(value, bool), "true or false"
+            elif key in ("short_factor", "long_factor"):
+                ok = isinstance(value, (list, tuple)) and all(_is_number(v) and math.isfinite(v) for v in value)
+                what = "a list of finite numbers"
+            else:
+                continue
+            if not ok:
+                raise _RopeError(f"rope_parameters[{key!r}]={value!r} must be {what}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             for token in _token_ids(self, name):
                 if not _is_int(token) or not 0 <= token < self.vocab_size:
@@ -288,8 +306,10 @@ class PhiConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "PhiConfig":
-        path = os.fspath(path)
+        path = os.path.expanduser(os.fspath(path))
         file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        if os.path.islink(file) and not os.path.exists(file):  # a cache snapshot copied without its blobs
+            raise FileNotFoundError(f"{file} is a broken symlink (to {os.readlink(file)})")
         if not os.path.exists(file):
             raise FileNotFoundError(f"no config.json at {file}")
         with open(file, encoding="utf-8") as f:
@@ -319,7 +339,7 @@ class PhiConfig:
         if dtype is not None:
             import numpy as np
             d["dtype"] = str(np.dtype(dtype))
-        file = os.path.join(os.fspath(directory), "config.json")
+        file = os.path.join(os.path.expanduser(os.fspath(directory)), "config.json")
         with open(file, "w") as f:
             f.write(json.dumps(d, indent=2, sort_keys=True) + "\n")
         return file
