@@ -295,3 +295,14 @@ def test_damaged_orbax_data_names_one_tensor_in_one_short_line(ckpt, tmp_path, c
     assert _cli("convert", "orbax-to-hf", orbax_dir, tmp_path / "hf", "--no-progress") == 2
     err = capsys.readouterr().err
     assert "tensorstore_spec" not in err.splitlines()[-1] and not os.path.exists(tmp_path / "hf")
+
+
+# ---- Microsoft's layouts -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("architecture", [[1], "parallel", {"mlp": "fused_mlp"}, {"mixer": ["x"]}])
+def test_legacy_architecture_of_the_wrong_type_is_named(architecture):
+    from phi_jax.io.legacy import legacy_config
+    d = {"model_type": "mixformer-sequential", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 96,
+         "architecture": architecture}
+    with pytest.raises(ValueError, match=r"config\.json: architecture="):
+        legacy_config(d, "config.json")

@@ -114,6 +114,8 @@ def legacy_config(d: dict, where: str = "config.json") -> PhiConfig:
         problems.append(f"img_processor={d['img_processor']!r} (multimodal) is not supported")
     d.pop("img_processor", None)
     arch = d.pop("architecture", None) or {}
+    if not isinstance(arch, dict) or not all(isinstance(arch.get(k, {}), dict) for k in ("mixer", "mlp")):
+        raise ValueError(f"{where}: architecture={arch!r} must be an object whose 'mixer' and 'mlp' are objects")
     if arch.get("block_cls", "parallel") != "parallel":
         problems.append(f"architecture.block_cls={arch['block_cls']!r}; only the parallel block is supported")
     if arch.get("mlp", {}).get("mlp_cls", "mlp") not in ("mlp", "fused_mlp"):
