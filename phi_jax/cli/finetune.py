@@ -11,8 +11,8 @@ values). Compiled programs go to JAX's persistent compilation cache (--compile-c
 
 from __future__ import annotations
 
-import math
 import os
+import re
 import signal
 import sys
 
@@ -32,7 +32,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
     parser.add_argument("--warmup-steps", type=int, default=0)
     parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: none)")
     parser.add_argument("--accum-steps", type=int, default=1, help="micro-batches per step (gradient accumulation)")
     parser.add_argument("--remat", default=None, metavar="POLICY",
                         help="recompute layers in the backward pass with this jax.checkpoint_policies policy "
@@ -53,24 +53,35 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _check_args(args) -> None:
-    """Option values the run cannot use: one error line naming the option, before anything is read or written."""
-    for name, low in (("steps", 1), ("batch_size", 1), ("seq_len", 2), ("accum_steps", 1), ("warmup_steps", 0),
-                      ("save_every", 1), ("keep", 1), ("lora_rank", 0)):
-        value = getattr(args, name)
-        if value < low:
-            why = " (a row needs a token and the next one it predicts)" if name == "seq_len" else ""
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}{why}, got {value}")
-    for name in ("lr", "weight_decay", "max_grad_norm"):
-        value = getattr(args, name)
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
-    if not 0 <= args.seed < 2 ** 63:
-        raise ValueError(f"--seed must be an integer in [0, 2**63), got {args.seed}")
-    if not os.path.isdir(args.model):
-        raise FileNotFoundError(f"model directory not found: {args.model}")
-    if os.path.exists(args.output) and not os.path.isdir(args.output):
-        raise FileExistsError(f"--output {args.output} is a file; the run directory must be a directory")
+# RunConfig / TrainConfig fields whose option is not `--` + the field with dashes
+_RENAMED = {"learning_rate": "--lr", "remat_policy": "--remat", "compute_dtype": "--dtype"}
+
+
+def _in_flags(message: str) -> str:
+    """A RunConfig / TrainConfig error (`TrainConfig.learning_rate must be ...`) in this command's words: each field
+    as its option (`--lr must be ...`); the option's 0 where `--max-grad-norm 0` stands for None, other notes
+    about None (no option spells it) dropped."""
+    message = message.replace("(None: no clipping)", "(0: no clipping)")
+    message = re.sub(r" \(None: [^)]*\)", "", message)
+    return re.sub(r"\b(?:RunConfig|TrainConfig)\.(\w+)",
+                  lambda m: _RENAMED.get(m[1], "--" + m[1].replace("_", "-")), message)
+
+
+def _configs(args):
+    """The run's RunConfig: the library checks every value; its error names the option here."""
+    from phi_jax.train.loop import RunConfig
+    from phi_jax.train.step import TrainConfig
+    try:
+        train = TrainConfig(learning_rate=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+                            max_grad_norm=args.max_grad_norm or None, accum_steps=args.accum_steps,
+                            remat_policy=args.remat)
+        return RunConfig(model=args.model, data=args.data, output=args.output, steps=args.steps,
+                         batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed, mesh=args.mesh,
+                         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, compute_dtype=args.dtype,
+                         attn_implementation=args.attn_implementation, save_every=args.save_every,
+                         keep=args.keep, resume=args.resume, progress=not args.no_progress, train=train)
+    except ValueError as e:
+        raise ValueError(_in_flags(str(e))) from None
 
 
 def _new_directories(path: str) -> list[str]:
@@ -83,18 +94,9 @@ def _new_directories(path: str) -> list[str]:
 
 
 def run(args) -> int:
-    from phi_jax.train.loop import RunConfig, finetune
-    from phi_jax.train.step import TrainConfig
+    from phi_jax.train.loop import finetune
 
-    _check_args(args)
-    train = TrainConfig(learning_rate=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-                        max_grad_norm=args.max_grad_norm or None, accum_steps=args.accum_steps,
-                        remat_policy=args.remat)
-    run_cfg = RunConfig(model=args.model, data=args.data, output=args.output, steps=args.steps,
-                        batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed, mesh=args.mesh,
-                        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, compute_dtype=args.dtype,
-                        attn_implementation=args.attn_implementation, save_every=args.save_every,
-                        keep=args.keep, resume=args.resume, progress=not args.no_progress, train=train)
+    run_cfg = _configs(args)  # a bad value fails before anything is read or written
     created = _new_directories(args.output)
     try:
         result = finetune(run_cfg)  # a user's mistake raises; phi_jax.cli.main maps it to one error line and status

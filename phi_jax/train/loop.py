@@ -24,6 +24,8 @@ from flax import nnx
 
 import phi_jax.sharding as sharding
 from phi_jax.config import PhiConfig
+from phi_jax.io.atomic import atomic_output_dir
+from phi_jax.io.hf import is_checkpoint_file
 from phi_jax.train import data as data_lib
 from phi_jax.train.checkpoint import TrainCheckpoints, abstract_like
 from phi_jax.train.lora import add_lora, merge_lora
@@ -58,16 +60,29 @@ class RunConfig:
     train: TrainConfig = TrainConfig()
 
     def __post_init__(self):
-        """A value the run cannot use is a ValueError naming the field, before anything is read (as `phi-jax
-        finetune`'s own checks of its options: steps 0 trained nothing, seq_len 1 reported a loss of 0)."""
+        """A value the run cannot use is a ValueError naming the field as `RunConfig.<field>`, before anything is
+        read (steps 0 trained nothing, seq_len 1 reported a loss of 0, a lora_alpha without lora_rank was ignored).
+        Numpy scalars become Python numbers (a checkpoint's JSON meta records them)."""
         for name, low in (("steps", 1), ("batch_size", 1), ("seq_len", 2), ("save_every", 1), ("keep", 1),
                           ("lora_rank", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 why = " (a row needs a token and the next one it predicts)" if name == "seq_len" else ""
                 raise ValueError(f"RunConfig.{name} must be an int >= {low}{why}, got {value!r}")
+            object.__setattr__(self, name, int(value))
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or not 0 <= self.seed < 2 ** 63:
             raise ValueError(f"RunConfig.seed must be an int in [0, 2**63), got {self.seed!r}")
+        object.__setattr__(self, "seed", int(self.seed))
+        alpha = self.lora_alpha
+        if alpha is not None:
+            if (isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating))
+                    or not (0 < alpha < float("inf"))):
+                raise ValueError(f"RunConfig.lora_alpha must be a finite number > 0 (None: RunConfig.lora_rank, "
+                                 f"scale 1), got {alpha!r}")
+            if not self.lora_rank:
+                raise ValueError(f"RunConfig.lora_alpha={alpha!r} needs RunConfig.lora_rank >= 1 (LoRA's alpha "
+                                 f"scales the adapters), got RunConfig.lora_rank=0")
+            object.__setattr__(self, "lora_alpha", float(alpha))
         try:
             dtype = jnp.dtype(self.compute_dtype)
         except TypeError:
@@ -90,18 +105,29 @@ def _lora_scale(run: RunConfig) -> float | None:
 # the steps computed (the batches, the dropout keys, the schedule, the update or the numerics)
 _RESUME_OPTIONS = {
     "steps": "--steps", "batch_size": "--batch-size", "seq_len": "--seq-len", "seed": "--seed",
-    "data_rows": "--data", "lora_rank": "--lora-rank", "lora_scale": "--lora-alpha", "learning_rate": "--lr",
+    "data_rows": "--data", "data_digest": "--data", "model_config": "--model", "lora_rank": "--lora-rank",
+    "lora_scale": "--lora-alpha", "learning_rate": "--lr",
     "warmup_steps": "--warmup-steps", "final_lr_ratio": None, "weight_decay": "--weight-decay", "b1": None,
     "b2": None, "eps": None, "max_grad_norm": "--max-grad-norm", "accum_steps": "--accum-steps",
     "remat_policy": "--remat", "compute_dtype": "--dtype", "attn_implementation": "--attn-implementation",
 }
 
 
-def _resume_settings(run: RunConfig, data_rows: int) -> dict:
-    """The settings of `_RESUME_OPTIONS` of `run` (JSON values, as a checkpoint's meta stores them)."""
+# the model's fields that shape its computation (not its token ids, head labels or cache default)
+_MODEL_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "resid_pdrop", "embd_pdrop", "attention_dropout", "hidden_act",
+                 "layer_norm_eps", "tie_word_embeddings", "rope_parameters", "qk_layernorm")
+
+
+def _resume_settings(run: RunConfig, rows: dict, config: PhiConfig) -> dict:
+    """The settings of `_RESUME_OPTIONS` of `run` on packed `rows` of a model of `config` (JSON values, as a
+    checkpoint's meta stores them): the data by its row count and a digest of the rows (another file, tokenizer
+    or packing gives other batches), the model by its architecture (`_MODEL_FIELDS`)."""
     t = run.train
+    model_config = json.loads(json.dumps({k: config.to_dict()[k] for k in _MODEL_FIELDS}))
     values = dict(steps=run.steps, batch_size=run.batch_size, seq_len=run.seq_len, seed=run.seed,
-                  data_rows=int(data_rows), lora_rank=run.lora_rank, lora_scale=_lora_scale(run),
+                  data_rows=len(rows["input_ids"]), data_digest=data_lib.digest(rows), model_config=model_config,
+                  lora_rank=run.lora_rank, lora_scale=_lora_scale(run),
                   learning_rate=t.learning_rate, warmup_steps=t.warmup_steps, final_lr_ratio=t.final_lr_ratio,
                   weight_decay=t.weight_decay, b1=t.b1, b2=t.b2, eps=t.eps, max_grad_norm=t.max_grad_norm,
                   accum_steps=t.accum_steps, remat_policy=t.remat_policy, compute_dtype=run.compute_dtype,
@@ -112,11 +138,16 @@ def _resume_settings(run: RunConfig, data_rows: int) -> dict:
 
 def check_resume(saved: dict, settings: dict) -> list[str]:
     """Raises a one-line ValueError naming the first setting whose value differs from the checkpoint's `saved`
-    meta; returns the settings the checkpoint does not record (written by an older phi_jax: not checked)."""
+    meta (for a dict, its first differing entry); returns the settings the checkpoint does not record (written by
+    an older phi_jax: not checked)."""
     for k, want in settings.items():
         if k in saved and saved[k] != want:
+            name, have = k, saved[k]
+            if isinstance(have, dict) and isinstance(want, dict):
+                sub = next(s for s in sorted(set(have) | set(want), key=str) if have.get(s) != want.get(s))
+                name, have, want = f"{k}.{sub}", have.get(sub), want.get(sub)
             option = f" ({_RESUME_OPTIONS[k]})" if _RESUME_OPTIONS[k] else ""
-            raise ValueError(f"cannot resume: the checkpoint has {k}={saved[k]}, this run {want}{option}; resume "
+            raise ValueError(f"cannot resume: the checkpoint has {name}={have}, this run {want}{option}; resume "
                              f"with the checkpoint's value or start a new --output")
     return [k for k in settings if k not in saved]
 
@@ -182,10 +213,29 @@ def build(split, tx, mesh, rules=sharding.DEFAULT_RULES, accum_steps: int = 1):
 
 
 def _read_log(path: str, upto: int) -> list[dict]:
+    """The records of metrics log `path` up to step `upto`. A last line cut short (the process killed while writing
+    it, a full disk) is dropped; any other line that is not a record is a ValueError naming `path:line`."""
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [r for r in (json.loads(line) for line in f if line.strip()) if r["step"] <= upto]
+    with open(path, errors="replace") as f:
+        lines = f.readlines()
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            why = None if isinstance(r, dict) and isinstance(r.get("step"), int) else "not a record with a step"
+        except json.JSONDecodeError as e:
+            why = f"not valid JSON ({e.msg} at column {e.colno})"
+        if why is None:
+            if r["step"] <= upto:
+                rows.append(r)
+        elif n == len(lines) and not line.endswith("\n"):
+            break  # the half-written last line
+        else:
+            raise ValueError(f"{path}:{n}: {why}; repair or delete the line (or the file) to continue the run")
+    return rows
 
 
 def plot_losses(log_path: str, png_path: str) -> None:
@@ -235,11 +285,15 @@ def export(split, params: dict, frozen: dict, directory: str, tokenizer_dir: str
     if not main:
         return
     model = merge_lora(split.merge(params, frozen))
-    model.save_pretrained(directory)
-    for name in TOKENIZER_FILES if tokenizer_dir else ():
-        src = os.path.join(tokenizer_dir, name)
-        if os.path.exists(src):
-            shutil.copyfile(src, os.path.join(directory, name))
+    # weights, config and tokenizer appear together: `directory` holds the previous export or this one, whole
+    # (other files there, a README, are carried over)
+    replaced = lambda name: is_checkpoint_file(name) or name in TOKENIZER_FILES  # noqa: E731
+    with atomic_output_dir(directory, overwrite=True, keep=lambda name: not replaced(name)) as tmp:
+        model.save_pretrained(tmp)
+        for name in TOKENIZER_FILES if tokenizer_dir else ():
+            src = os.path.join(tokenizer_dir, name)
+            if os.path.exists(src):
+                shutil.copyfile(src, os.path.join(tmp, name))
 
 
 def finetune(run: RunConfig, model=None, rules=sharding.DEFAULT_RULES) -> dict:
@@ -248,7 +302,11 @@ def finetune(run: RunConfig, model=None, rules=sharding.DEFAULT_RULES) -> dict:
     `model`: an already built PhiForCausalLM (else loaded from `run.model`).
     """
     from phi_jax.modeling.model import PhiForCausalLM
+    if not os.path.isdir(run.model):
+        raise FileNotFoundError(f"model directory not found: {run.model}")
     out_dir = os.path.abspath(run.output)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"output {run.output} is a file; the run directory must be a directory")
     os.makedirs(out_dir, exist_ok=True)
     mesh = _mesh(run.mesh)
     rows_split = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -258,7 +316,7 @@ def finetune(run: RunConfig, model=None, rules=sharding.DEFAULT_RULES) -> dict:
     # the data first: a bad record fails before a large model is read
     config = model.config if model is not None else PhiConfig.from_pretrained(run.model)
     rows = data_lib.load_dataset(run.data, data_lib.load_tokenizer(run.model), config, run.seq_len)
-    settings = _resume_settings(run, len(rows["input_ids"]))
+    settings = _resume_settings(run, rows, config)
     ckpts = TrainCheckpoints(os.path.join(out_dir, "checkpoints"), save_every=run.save_every, keep=run.keep)
     is_main = jax.process_index() == 0
     try:

@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 from phi_jax.modeling.losses import shift_labels, token_nll
+from phi_jax.modeling.remat import POLICIES as REMAT_POLICIES
 from phi_jax.modeling.remat import remat_policy as resolve_remat_policy
 
 BATCH_KEYS = ("input_ids", "attention_mask", "position_ids", "labels")
@@ -52,12 +53,15 @@ class TrainConfig:
     remat_policy: str | None = None
 
     def __post_init__(self):
-        """A value the step cannot use is a ValueError naming the field (a NaN or negative rate would train
-        silently wrong; accum_steps 0 failed as a ZeroDivisionError)."""
+        """A value the step cannot use is a ValueError naming the field as `TrainConfig.<field>` (a NaN or negative
+        rate would train silently wrong; accum_steps 0 failed as a ZeroDivisionError; an unknown remat policy
+        failed only once the model was read). Numpy scalars become Python numbers (a checkpoint's JSON meta
+        records them)."""
         for name, low in (("warmup_steps", 0), ("total_steps", 1), ("accum_steps", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise ValueError(f"TrainConfig.{name} must be an int >= {low}, got {value!r}")
+            object.__setattr__(self, name, int(value))
         for name in ("learning_rate", "final_lr_ratio", "weight_decay", "b1", "b2", "eps", "max_grad_norm"):
             value = getattr(self, name)
             if value is None and name == "max_grad_norm":
@@ -69,6 +73,16 @@ class TrainConfig:
                 want = ("a finite number > 0" + (" (None: no clipping)" if name == "max_grad_norm" else "")
                         if positive else "in [0, 1)" if name in ("b1", "b2") else "a finite number >= 0")
                 raise ValueError(f"TrainConfig.{name} must be {want}, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if self.remat_policy is not None:
+            try:
+                known = isinstance(self.remat_policy, str) and resolve_remat_policy(self.remat_policy) is not None
+            except ValueError:
+                known = False
+            if not known:
+                raise ValueError(f"TrainConfig.remat_policy must be a jax.checkpoint_policies name or phi_jax's "
+                                 f"{', '.join(REMAT_POLICIES)} (None: keep every activation), got "
+                                 f"{self.remat_policy!r}")
 
 
 def schedule(cfg: TrainConfig) -> optax.Schedule:
