@@ -306,3 +306,24 @@ def test_legacy_architecture_of_the_wrong_type_is_named(architecture):
          "architecture": architecture}
     with pytest.raises(ValueError, match=r"config\.json: architecture="):
         legacy_config(d, "config.json")
+
+
+def test_save_syncs_every_file_before_publishing_the_directory(ckpt, tmp_path, monkeypatch):
+    """A crash (power loss) after the rename must not find a config.json the kernel never wrote."""
+    model = phi_jax.PhiForCausalLM.from_pretrained(ckpt())
+    events, fsync, rename = [], os.fsync, os.rename
+
+    def recording_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recording_rename(a, b):
+        events.append(("rename", os.fspath(b)))
+        rename(a, b)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "rename", recording_rename)
+    model.save_pretrained(tmp_path / "saved")
+    published = events.index(("rename", str(tmp_path / "saved")))
+    synced = {os.path.basename(p) for kind, p in events[:published] if kind == "fsync"}
+    assert {"config.json", "model.safetensors"} <= synced and any(".saved.partial-" in n for n in synced), events

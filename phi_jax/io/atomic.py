@@ -6,6 +6,7 @@ kernel offers it (Linux), else with two renames whose gap is repaired by the nex
 directory or the new one, never a mixture; an exception, Ctrl-C or SIGTERM inside the block removes the partial
 directory and leaves `dst` as it was; directories left behind by a killed process (its pid gone) are cleaned up
 (or, for a swap cut between its two renames, put back) by the next call for the same `dst`.
+Every file is fsynced before the rename that publishes it, so a crash after it never finds empty files.
 """
 
 from __future__ import annotations
@@ -124,8 +125,10 @@ def atomic_output_dir(dst, overwrite: bool = False, keep=None):
         raise
     try:
         yield tmp
+        _sync_tree(tmp)  # on disk before the rename that publishes it: a crash never leaves an empty config.json
         if not os.path.lexists(dst):
             os.rename(tmp, dst)
+            _sync_dir(parent)
             return
         if keep is not None:
             _carry_over(dst, tmp, lambda n: not keep(n))
@@ -136,6 +139,7 @@ def atomic_output_dir(dst, overwrite: bool = False, keep=None):
             old = os.path.join(parent, f".{name}.old-{tag}")
             os.rename(dst, old)
             os.rename(tmp, dst)
+        _sync_dir(parent)
         shutil.rmtree(old, ignore_errors=True)
         if cwd is not None and os.path.isdir(cwd):
             os.chdir(cwd)  # a process working inside `dst` follows it to the new directory
@@ -143,6 +147,30 @@ def atomic_output_dir(dst, overwrite: bool = False, keep=None):
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)
         raise
+
+
+def _sync_tree(root: str) -> None:
+    """fsyncs every file and directory under `root` (files already synced, such as the shards, cost nothing)."""
+    for directory, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(directory, name)
+            if not os.path.islink(path):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        _sync_dir(directory)
+
+
+def _sync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync a directory
+        pass
+    finally:
+        os.close(fd)
 
 
 def _make_parents(parent: str) -> list[str]:
