@@ -33,7 +33,7 @@ class Sampling:
     the nucleus: the smallest set of most likely tokens whose probability reaches top_p.
 
     Attributes:
-      temperature: > 0.
+      temperature: > 0 and finite in float32; `make_sampler` refuses one below float32's smallest normal number.
       top_k: keep the k most likely tokens and any tied with the k-th (None: all). Static: a new k compiles
         again.
       top_p: in (0, 1]; keep a token unless the tokens ranked at or below it hold <= 1 - top_p of the
@@ -49,7 +49,7 @@ class Sampling:
 
         With top_k, the draw is over the k candidates alone unless a row holds a token tied with its k-th logit
         outside them (then over the whole vocabulary): drawing over 51200 ids costs ~2 ms per row on a CPU."""
-        logits = logits.astype(jnp.float32) / self.temperature  # [B, V]
+        logits = self._scale(logits)  # [B, V]
         if self.top_k is None or self.top_k >= logits.shape[-1]:
             return jax.random.categorical(rng, self._nucleus(logits), axis=-1).astype(jnp.int32)
         vals, idx, whole = self.candidates(logits)
@@ -76,7 +76,18 @@ class Sampling:
         """`logits: [B, V]` -> float32 `[B, V]`: divided by the temperature, -inf where top-k or top-p drops a
         token. The kept set is transformers' except for ties at the top-p boundary, where transformers keeps
         whichever of the tied tokens its sort happens to put last and this keeps them all."""
-        return self._nucleus(self._top_k(logits.astype(jnp.float32) / self.temperature))
+        return self._nucleus(self._top_k(self._scale(logits)))
+
+    def _scale(self, logits: jax.Array) -> jax.Array:
+        """`logits: [B, V]` divided by the temperature, in float32. A row that this overflows (a temperature near
+        float32's smallest normal: every logit to +-inf, NaN probabilities, a token that is not the most likely) is
+        first shifted so that its largest logit is 0, which leaves its distribution as it is: the others go to
+        -inf instead. Rows that do not overflow are exactly `logits / temperature`."""
+        logits = logits.astype(jnp.float32)
+        scaled = logits / self.temperature  # [B, V]
+        overflow = jnp.any(jnp.isinf(scaled) & jnp.isfinite(logits), axis=-1, keepdims=True)  # [B, 1]
+        shifted = (logits - jnp.max(logits, axis=-1, keepdims=True)) / self.temperature  # [B, V], all <= 0
+        return jnp.where(overflow, shifted, scaled)
 
     def _top_k(self, logits: jax.Array) -> jax.Array:
         """-inf below the k-th largest of `logits: [B, V]`; ties with it stay."""
@@ -135,9 +146,18 @@ def make_sampler(do_sample: bool = False, temperature: float = 1.0, top_k: int |
                              f"(got temperature={temperature}, top_k={top_k}, top_p={top_p})")
         return Greedy()
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise ValueError(f"temperature must be > 0, got {temperature}" + (" (for greedy decoding use do_sample=False)"
+                                                                          if temperature == 0 else ""))
+    with np.errstate(over="ignore"):
+        traced = np.float32(temperature)  # the value the sampler divides by
+    if not np.isfinite(traced):  # inf, or past float32's range: every token equally likely, silently
+        raise ValueError(f"temperature must be finite (at most {np.finfo(np.float32).max:.4g}), got {temperature}")
+    if traced < np.finfo(np.float32).tiny:  # rounds to 0 (or a subnormal that XLA may flush to 0): NaN probabilities
+        raise ValueError(f"temperature {temperature} is below float32's smallest normal number "
+                         f"({np.finfo(np.float32).tiny:.4g}); for greedy decoding use do_sample=False")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}" + (
+            " (transformers' top_k=0, no top-k filtering, is top_k=None here)" if top_k == 0 else ""))
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     return Sampling(temperature=float(temperature), top_p=None if top_p is None else float(top_p), top_k=top_k)

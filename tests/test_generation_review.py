@@ -1,0 +1,67 @@
+"""Generation API review: settings, inputs and streams a user of `generate`, `generate_stream` and `compiled` can
+pass that gave a silent wrong result, a deferred error or an error that did not name the culprit."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import phi_jax
+from phi_jax.generation.sampling import Sampling, make_sampler
+
+IDS = np.array([[4, 5, 6, 7], [8, 9, 10, 11]])
+
+
+def _config(**overrides):
+    settings = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2, vocab_size=50,
+                    bos_token_id=None, eos_token_id=None)
+    return phi_jax.phi_2(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def model():
+    return phi_jax.PhiForCausalLM(_config(), rngs=nnx.Rngs(0))
+
+
+def _fixed_logits_model(logits):
+    """A PhiForCausalLM whose next-token logits are `logits` whatever the input (lm_head = its bias)."""
+    m = phi_jax.PhiForCausalLM(_config(vocab_size=len(logits)), rngs=nnx.Rngs(0))
+    m.lm_head.kernel[...] = jnp.zeros_like(m.lm_head.kernel[...])
+    m.lm_head.bias[...] = jnp.asarray(logits, jnp.float32)
+    return m
+
+
+@pytest.mark.parametrize("temperature", [float("inf"), 1e39])
+def test_non_finite_temperature_is_refused(model, temperature):
+    """Before: temperature=inf (or 1e39, inf in float32) was accepted and drew every token with equal probability,
+    silently, from generate and generate_stream alike."""
+    for fn in (model.generate, lambda *a, **k: list(model.generate_stream(*a, **k))):
+        with pytest.raises(ValueError, match=r"temperature must be finite .*got (inf|1e\+39)"):
+            fn(IDS, max_new_tokens=2, do_sample=True, temperature=temperature)
+    for top_p in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="top_p"):
+            model.generate(IDS, max_new_tokens=2, do_sample=True, top_p=top_p)
+
+
+def test_tiny_temperature_draws_the_most_likely_token():
+    """Before: logits / temperature overflowed for a tiny temperature (every logit +-inf, NaN probabilities) and
+    the draw was token 0 (the first inf), not the most likely token 1; a temperature that float32 rounds to 0 or
+    to a subnormal was accepted. Now such a row is shifted first (a near-greedy draw) and those are refused."""
+    logits = jnp.array([[50.0, 100.0, 40.0, 99.0]])
+    for kw in (dict(), dict(top_k=2), dict(top_p=0.9)):
+        sampler = Sampling(temperature=1e-37, **kw)
+        for seed in range(4):
+            assert int(sampler.next_tokens(logits, jax.random.key(seed))[0]) == 1, (kw, seed)
+    out = _fixed_logits_model([50.0, 100.0, 40.0, 99.0]).generate(
+        np.zeros((2, 3), np.int32), max_new_tokens=4, do_sample=True, temperature=1e-37, seed=[1, 2])
+    np.testing.assert_array_equal(out[:, 3:], 1)
+    # an ordinary temperature still divides exactly
+    np.testing.assert_array_equal(Sampling(temperature=0.5).filter_logits(logits), logits / 0.5)
+    for temperature in (1e-40, 1e-300):
+        with pytest.raises(ValueError, match=r"temperature .* is below float32's smallest normal"):
+            make_sampler(True, temperature)
+    with pytest.raises(ValueError, match="for greedy decoding use do_sample=False"):
+        make_sampler(True, 0.0)
