@@ -65,3 +65,42 @@ def test_tiny_temperature_draws_the_most_likely_token():
             make_sampler(True, temperature)
     with pytest.raises(ValueError, match="for greedy decoding use do_sample=False"):
         make_sampler(True, 0.0)
+
+
+def test_stream_checks_its_arguments_when_created(model):
+    """Before: generate_stream was a generator function, so a bad argument raised only at the first `next`, far
+    from the call that passed it (and not at all for a stream never iterated)."""
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate_stream(IDS, max_new_tokens=0)
+    with pytest.raises(ValueError, match=r"eos_token_id 50 \(argument\)"):
+        model.generate_stream(IDS, max_new_tokens=2, eos_token_id=50)
+    with pytest.raises(ValueError, match=r"token id 60 at position \(0, 1\)"):
+        model.generate_stream(np.array([[4, 60]]), max_new_tokens=2)
+    stream = model.generate_stream(IDS, max_new_tokens=3)
+    np.testing.assert_array_equal(np.stack(list(stream), 1), model.generate(IDS, max_new_tokens=3)[:, 4:])
+
+
+def test_a_stream_closed_early_leaves_later_calls_unchanged(model):
+    """(A check, no defect found: the step state a stream donates to each step is its own.)"""
+    kw = dict(max_new_tokens=3)  # the programs of the test above: nothing compiles again
+    want = model.generate(IDS, **kw)
+    stream = model.generate_stream(IDS, **kw)
+    np.testing.assert_array_equal(next(stream), want[:, 4])
+    stream.close()
+    np.testing.assert_array_equal(model.generate(IDS, **kw), want)
+    np.testing.assert_array_equal(np.stack(list(model.generate_stream(IDS, **kw)), 1), want[:, 4:])
+
+
+def test_per_row_seeds_as_a_jax_array(model):
+    """Before: seed=jnp.array([7, 8]) was refused ("seed must be an int or a list of 2 ints") though a 0-d jax
+    array and a numpy array were accepted."""
+    kw = dict(max_new_tokens=3, do_sample=True)
+    np.testing.assert_array_equal(model.generate(IDS, seed=jnp.array([7, 8]), **kw),
+                                  model.generate(IDS, seed=[7, 8], **kw))
+
+
+def test_ragged_prompt_list_is_named(model):
+    """Before: numpy's "setting an array element with a sequence ... inhomogeneous shape", naming no argument."""
+    for fn in (model.generate, model.generate_stream):
+        with pytest.raises(ValueError, match="input_ids must be .* different lengths"):
+            fn([[4, 5, 6], [7, 8]], max_new_tokens=2)

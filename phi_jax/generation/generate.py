@@ -212,6 +212,16 @@ def _as_id_list(value, name: str, vocab_size: int, source: str) -> list[int]:
     return [int(v) for v in values]
 
 
+def _batch_size(input_ids) -> int:
+    """The rows of `input_ids`, for the per-row seed check (`_prepare` checks its shape and values)."""
+    try:
+        shape = np.shape(input_ids)
+    except ValueError:  # numpy's "inhomogeneous shape": a list of prompts of different lengths
+        raise ValueError("input_ids must be [batch, seq]: its rows have different lengths (left-pad them to one "
+                         "length and pass an attention_mask)") from None
+    return shape[0] if shape else 0
+
+
 def _check_seed(seed, batch: int) -> np.ndarray:
     """`seed` as uint32: a scalar (one key for the batch) or `[batch]` (one key per row)."""
     if isinstance(seed, (np.ndarray, jax.Array)) and seed.ndim == 0:
@@ -220,7 +230,7 @@ def _check_seed(seed, batch: int) -> np.ndarray:
         if not 0 <= seed < 2 ** 32:
             raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
         return np.uint32(seed)
-    values = np.asarray(seed) if isinstance(seed, (list, tuple, np.ndarray)) else None
+    values = np.asarray(seed) if isinstance(seed, (list, tuple, np.ndarray, jax.Array)) else None
     if values is None or values.dtype == bool or not np.issubdtype(values.dtype, np.integer):
         raise ValueError(f"seed must be an int or a list of {batch} ints (one per row), got {seed!r}")
     if values.shape != (batch,):
@@ -316,7 +326,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 20,
       (and after the loop stops because every row is done) only `pad_token_id`.
     """
     sampler = make_sampler(do_sample, temperature, top_k, top_p)
-    seed = _check_seed(seed, np.shape(input_ids)[0] if np.ndim(input_ids) else 0)
+    seed = _check_seed(seed, _batch_size(input_ids))
     p = _prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, cache_length)
     static, params = split_cached(model)
     tokens, _ = _generate_program(static, params, p.ids, p.mask, np.int32(max_new_tokens), sampler,
@@ -335,11 +345,16 @@ def generate_stream(model, input_ids, attention_mask=None, *, max_new_tokens: in
 
     Stops after `max_new_tokens` steps or once every row has produced an eos. Each step is dispatched
     before the previous step's token is read back, so the host never stalls the device. Arguments as
-    for `generate`.
+    for `generate`; they are checked here, when the stream is created (a bad one raises at this call, not at
+    the first `next`), and the prefill runs at the first `next`.
     """
     sampler = make_sampler(do_sample, temperature, top_k, top_p)
-    seed = _check_seed(seed, np.shape(input_ids)[0] if np.ndim(input_ids) else 0)
+    seed = _check_seed(seed, _batch_size(input_ids))
     p = _prepare(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, cache_length)
+    return _stream(model, p, sampler, seed, int(max_new_tokens))
+
+
+def _stream(model, p: _Prepared, sampler: Sampler, seed, max_new_tokens: int) -> Iterator[np.ndarray]:
     static, params = split_cached(model)
     eos, pad = p.eos, np.int32(p.pad)
     layout = layout_of(params)
