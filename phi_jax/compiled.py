@@ -16,12 +16,14 @@ from __future__ import annotations
 import functools
 
 import jax
+import numpy as np
 from flax import nnx
 
 from phi_jax.compilation import SplitCache, StaticGraph
 from phi_jax.sharding import layout_of, traced_under
 from phi_jax.modeling.inputs import check_input_ids
-from phi_jax.modeling.model import PhiOutput
+from phi_jax.modeling.model import (PhiForCausalLM, PhiForSequenceClassification, PhiForTokenClassification,
+                                    PhiOutput, _check_class_labels)
 
 
 @functools.partial(jax.jit, static_argnames=("static", "output_hidden_states", "layout"))
@@ -46,9 +48,23 @@ class CompiledForward:
         if attention_mask is not None and getattr(attention_mask, "shape", None) == getattr(input_ids, "shape", ()):
             ids_mask = attention_mask
         check_input_ids(input_ids, self.model.config.vocab_size, mask=ids_mask)
+        if isinstance(labels, np.ndarray):
+            _check_host_labels(self.model, input_ids, labels)
         static, leaves = self._split.split(self.model)
         return _apply(static, leaves, input_ids, attention_mask, position_ids, labels, output_hidden_states,
                       layout=layout_of(leaves))  # a model on a mesh: rows data-parallel, attention per shard
+
+
+def _check_host_labels(model: nnx.Module, input_ids, labels: np.ndarray) -> None:
+    """The model's own checks of `labels` (shape, dtype, range: a label outside [0, classes) other than -100 is a
+    NaN or silently wrong loss), run on the host. Inside the jitted call labels are traced, so the model can check
+    only their shape and dtype there; numpy labels are read here at the cost of one comparison per label. Labels
+    already on a device (jax.Array) are not: reading them back would add a device-to-host sync to every call."""
+    if isinstance(model, PhiForSequenceClassification):
+        model._check_labels(labels, np.shape(input_ids)[0])
+    elif isinstance(model, (PhiForCausalLM, PhiForTokenClassification)):
+        classes = model.config.vocab_size if isinstance(model, PhiForCausalLM) else model.config.num_labels
+        _check_class_labels(labels, np.shape(input_ids), classes)
 
 
 def compiled(model: nnx.Module) -> CompiledForward:

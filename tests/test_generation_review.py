@@ -104,3 +104,25 @@ def test_ragged_prompt_list_is_named(model):
     for fn in (model.generate, model.generate_stream):
         with pytest.raises(ValueError, match="input_ids must be .* different lengths"):
             fn([[4, 5, 6], [7, 8]], max_new_tokens=2)
+
+
+def test_compiled_checks_host_labels():
+    """Before: compiled(model) traced the labels, so the model could not range-check them: a label >= vocab_size
+    or < -100 gave a NaN loss (the eager model raises, as transformers does). Numpy labels are now checked on the
+    host, as eagerly, for each model class that takes labels."""
+    config = _config(pad_token_id=0, id2label={0: "a", 1: "b", 2: "c"})
+    lm = phi_jax.compiled(phi_jax.PhiForCausalLM(config, rngs=nnx.Rngs(0)))
+    labels = IDS.copy()
+    for bad in (50, -5):
+        labels[1, 3] = bad
+        with pytest.raises(ValueError, match=rf"labels {bad} at position \(1, 3\) is outside \[0, 50\)"):
+            lm(IDS, labels=labels)
+    labels[1, 3] = -100
+    assert np.isfinite(float(lm(IDS, labels=labels).loss))
+    tok = phi_jax.compiled(phi_jax.PhiForTokenClassification(config, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"labels 3 at position \(0, 1\)"):
+        tok(IDS, labels=np.array([[1, 3, 0, -100], [0, 0, 0, 0]]))
+    seq = phi_jax.compiled(phi_jax.PhiForSequenceClassification(config, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"labels 7 at position \(1,\)"):
+        seq(IDS, labels=np.array([1, 7]))
+    assert np.isfinite(float(seq(IDS, labels=np.array([1, 2])).loss))
