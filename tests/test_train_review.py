@@ -158,3 +158,21 @@ def test_export_is_whole_or_absent(tiny, tmp_path, monkeypatch):
     assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
     assert [n for n in os.listdir(tmp_path) if n.startswith(".model")] == []  # no partial directory left
 
+
+
+def test_diverged_run_stops_and_keeps_its_good_checkpoints(tiny, tmp_path):
+    """A learning rate that blows the weights up: the run stops at the first step whose loss or gradient norm
+    is not finite, saves nothing from it on and exports nothing (it trained on, wrote NaN checkpoints over the good
+    ones, exported NaN weights and reported success)."""
+    path, data = tiny
+    out = tmp_path / "run"
+    run = RunConfig(output=str(out), steps=8, **{**_common(path, data), "save_every": 1, "keep": 8, "export": True},
+                    train=TrainConfig(learning_rate=1e30, max_grad_norm=None))
+    with pytest.raises(ValueError, match=r"^step (\d+): the loss is \S+, the gradient norm \S+: training diverged "
+                                         r"\(the checkpoints up to step (\d+) are kept\); lower --lr") as e:
+        finetune(run)
+    bad, kept = (int(g) for g in re.match(r"step (\d+).*up to step (\d+)", str(e.value)).groups())
+    assert 1 < bad <= 8 and kept == bad - 1 and checkpoint_steps(out) == list(range(1, bad))
+    assert not np.isfinite(metrics(out)[-1]["loss"] * metrics(out)[-1]["grad_norm"])
+    assert all(np.isfinite(r["loss"]) for r in metrics(out)[:-1])
+    assert not (out / "model").exists()

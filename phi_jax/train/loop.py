@@ -2,7 +2,8 @@
 
 Everything a step depends on is a function of (seed, step): the batch (`data.batch_at`), the dropout key
 (`step.step_key`), the learning rate (the schedule), so a run resumed from a checkpoint at step s computes
-exactly the steps s, s+1, ... of the uninterrupted run. SIGTERM finishes the current step, saves and returns.
+exactly the steps s, s+1, ... of the uninterrupted run. SIGTERM finishes the current step, saves and returns; a
+step whose loss or gradient norm is not finite stops the run (ValueError) without saving it.
 A resume refuses settings that change the steps computed (`_resume_settings`); the mesh may change (it
 changes only the order of the reductions).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -296,6 +298,16 @@ def export(split, params: dict, frozen: dict, directory: str, tokenizer_dir: str
                 shutil.copyfile(src, os.path.join(tmp, name))
 
 
+def _diverged(step: int, record: dict, ckpts: TrainCheckpoints):
+    """Raises the one-line ValueError of a step whose loss or gradient norm is not finite, once the checkpoints
+    already being written are complete (training on would save NaN weights over the last good checkpoints)."""
+    ckpts.wait()
+    latest = ckpts.latest_step()
+    kept = f"the checkpoints up to step {latest} are kept" if latest else "no checkpoint was written"
+    raise ValueError(f"step {step}: the loss is {record['loss']}, the gradient norm {record['grad_norm']}: "
+                     f"training diverged ({kept}); lower --lr or raise --warmup-steps, and start a new --output")
+
+
 def finetune(run: RunConfig, model=None, rules=sharding.DEFAULT_RULES) -> dict:
     """Runs (or resumes) `run`; returns {"losses": {step: loss}, "interrupted": bool, "export": dir or None}.
 
@@ -379,6 +391,8 @@ def finetune(run: RunConfig, model=None, rules=sharding.DEFAULT_RULES) -> dict:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}")
+                if not (math.isfinite(loss) and math.isfinite(record["grad_norm"])):
+                    _diverged(step + 1, record, ckpts)  # this state is not saved: the last good ones stay kept
                 last = ckpts.save(step + 1, state, meta(step + 1)) and step + 1
                 if stop["flag"] and step + 1 < run.steps:
                     interrupted = True
