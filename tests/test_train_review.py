@@ -176,3 +176,23 @@ def test_diverged_run_stops_and_keeps_its_good_checkpoints(tiny, tmp_path):
     assert not np.isfinite(metrics(out)[-1]["loss"] * metrics(out)[-1]["grad_norm"])
     assert all(np.isfinite(r["loss"]) for r in metrics(out)[:-1])
     assert not (out / "model").exists()
+
+
+def test_tokenizer_truncation_and_padding_are_ignored(tmp_path):
+    """A tokenizer.json that records truncation or padding (as some saved tokenizers do) tokenizes whole, unpadded
+    documents for training (it cut every record to 4 tokens and trained on the pad tokens as targets)."""
+    from tokenizers import Tokenizer
+
+    from phi_jax.config import PhiConfig
+    from phi_jax.train.data import load_dataset, load_tokenizer
+    vocab = write_char_tokenizer(tmp_path, 96)
+    tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    tok.enable_truncation(4)
+    tok.enable_padding(length=6, pad_id=vocab["<unk>"], pad_token="<unk>")
+    tok.save(str(tmp_path / "tokenizer.json"))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "the quick"}, {"prompt": "ab", "completion": "cd"}])
+    rows = load_dataset(data, load_tokenizer(tmp_path), PhiConfig(vocab_size=96), seq_len=32)
+    v = lambda s: [vocab[c] for c in s]  # noqa: E731
+    eos = vocab["<|endoftext|>"]
+    np.testing.assert_array_equal(rows["input_ids"][0, :15], v("the quick") + [eos] + v("abcd") + [eos])
+    assert vocab["<unk>"] not in rows["labels"]
