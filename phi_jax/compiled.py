@@ -6,9 +6,10 @@ arrays and checks every graph node's attributes (by identity) and every Variable
 split, so weight updates (`var[...] = ...`, `nnx.update`, optimizers), `model.train()`/`model.eval()` and
 replaced or added submodules are seen, for a few tenths of a millisecond of host time on a 32-layer model
 instead of a full `nnx.split` (20-50 ms for phi-2). XLA compiles once per input shape (and per set of optional
-arguments). Token ids are checked on the host before the jitted call. A model whose parameters live on a mesh of
-several devices (`from_pretrained(path, mesh=mesh)`) is traced under `phi_jax.sharding.layout_of`: its rows split
-over the batch axes, its fused attention runs per shard.
+arguments). Token ids are checked on the host before the jitted call, and so are the values of numpy labels
+(labels already on a device only for shape and dtype, under jit: reading them back would cost a sync). A model
+whose parameters live on a mesh of several devices (`from_pretrained(path, mesh=mesh)`) is traced under
+`phi_jax.sharding.layout_of`: its rows split over the batch axes, its fused attention runs per shard.
 """
 
 from __future__ import annotations
