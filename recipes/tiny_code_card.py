@@ -21,9 +21,10 @@ def card(m: dict, png: str) -> str:
         "",
         "phi_jax ships a small Phi trained from scratch by phi_jax itself (`recipes/tiny_code.py`), so that",
         "`phi-jax generate \"def fibonacci(n):\"` works with no download; `phi_jax.shipped_model_path()` is its",
-        "directory (`config.json`, `model.safetensors`, `tokenizer.json`, `tokenizer_config.json`, `metrics.json`),",
-        "which transformers' `PhiForCausalLM` and `AutoTokenizer` load as they are. It is a demonstration of the",
-        "whole pipeline, not a useful code assistant: it writes Python-shaped text, not working programs.",
+        "directory (`config.json`, `model.safetensors`, `tokenizer.json`, `tokenizer_config.json`, `metrics.json`,",
+        "`valid_slice.safetensors`, `loss_curve.png`), which transformers' `PhiForCausalLM` and `AutoTokenizer` load as",
+        "they are. It is a demonstration of the whole pipeline, not a useful code assistant: it writes Python-shaped",
+        "text, not working programs.",
         "",
         "| | |",
         "|---|---|",
@@ -53,11 +54,12 @@ def card(m: dict, png: str) -> str:
         "",
         f"![loss curve]({png})",
         "",
-        "Completions of the prompts by the shipped model, as recorded at training time (`metrics.json`):",
+        "Completions of the prompts by the shipped model, as recorded at training time (`metrics.json`); each command",
+        "prints the text that follows its prompt (`$'...'` is bash's quoting that turns `\\n` into a newline):",
         "",
     ]
     for s in m["samples"]:
-        lines += [f"`phi-jax generate {json.dumps(s['prompt'])} {s['flags']}`".replace("  ", " "), "",
+        lines += [f"`{' '.join(filter(None, ['phi-jax generate', bash_quote(s['prompt']), s['flags']]))}`", "",
                   "```python", (s["prompt"] + s["completion"]).rstrip("\n"), "```", ""]
     lines += [
         "Reproduce (fixed seeds; resumes from `--work` if interrupted):",
@@ -75,6 +77,15 @@ def card(m: dict, png: str) -> str:
     ]
     assert math.isfinite(m["valid_loss"])
     return "\n".join(lines)
+
+
+def bash_quote(text: str) -> str:
+    """`text` as bash passes it to a command unchanged: "..." when that needs no escapes, else $'...' (whose \\n is
+    a newline, where bash leaves \\n inside "..." as a backslash and an n)."""
+    if not any(c in text for c in '\n\t"\\$`!\''):
+        return f'"{text}"'
+    escaped = text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n").replace("\t", "\\t")
+    return f"$'{escaped}'"
 
 
 def main(argv=None) -> int:

@@ -170,3 +170,29 @@ def test_cli_generate_defaults_to_the_shipped_model(capsys, path, models):
     expected = hf.decode(new[:new.index(eos)] if eos in new else new, skip_special_tokens=True)
     assert main(["generate", PROMPTS[0], "--max-new-tokens", "12"]) == 0
     assert capsys.readouterr().out == expected + "\n"
+
+
+def test_model_card_is_what_its_generator_writes_and_its_commands_run_the_recorded_prompts(tmp_path):
+    """docs/model_card.md comes from recipes/tiny_code_card.py (no figure typed by hand): regenerating it changes
+    nothing, and each `phi-jax generate ...` line it shows passes the recorded prompt through bash unchanged."""
+    import re
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "recipes"))
+    try:
+        import tiny_code_card
+    finally:
+        sys.path.pop(0)
+    out = os.path.join(root, "docs", "model_card.md")
+    with open(out) as f:
+        committed = f.read()
+    assert tiny_code_card.main(["--out", str(tmp_path / "docs" / "model_card.md")]) == 0
+    with open(tmp_path / "docs" / "model_card.md") as f:
+        png = os.path.relpath(os.path.join(root, "phi_jax", "shipped", "loss_curve.png"), tmp_path / "docs")
+        assert f.read() == committed.replace("(../phi_jax/shipped/loss_curve.png)", f"({png})")
+    with open(os.path.join(root, "phi_jax", "shipped", "metrics.json")) as f:
+        prompts = [s["prompt"] for s in json.load(f)["samples"]]
+    shown = re.findall(r"^`phi-jax generate (.*) --max-new-tokens \d+.*`$", committed, re.M)
+    assert len(shown) == len(prompts)
+    for quoted, prompt in zip(shown, prompts):
+        assert subprocess.run(["bash", "-c", f"printf %s {quoted}"], capture_output=True, text=True).stdout == prompt

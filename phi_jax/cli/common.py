@@ -25,7 +25,7 @@ def add_compile_cache_arguments(parser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--compile-cache", metavar="DIR", default=None,
                        help=f"JAX persistent compilation cache directory (default: ${CACHE_ENV}, else "
-                            f"{default_cache_dir()})")
+                            f"$JAX_COMPILATION_CACHE_DIR, else {default_cache_dir()})")
     group.add_argument("--no-compile-cache", action="store_true", help="compile in this process only")
 
 
