@@ -58,10 +58,15 @@ def test_same_key_same_tokens_and_greedy():
 
 def test_make_sampler_checks():
     assert make_sampler() == Greedy()
-    for kw, match in [(dict(temperature=0.0), "temperature"), (dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p"),
+    for kw, match in [(dict(temperature=0.0), "temperature"), (dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p"),
                       (dict(top_p=1.5), "top_p"), (dict(top_k=2.5), "top_k")]:
         with pytest.raises(ValueError, match=match):
             make_sampler(True, **kw)
+    # transformers' "off" values: top_k=0 filters nothing; greedy takes top_k=0 and top_p=1.0 as unset
+    assert make_sampler(True, top_k=0, top_p=0.9) == make_sampler(True, top_p=0.9)
+    assert make_sampler(False, top_k=0, top_p=1.0) == Greedy()
+    with pytest.raises(ValueError, match="only with do_sample=True"):
+        make_sampler(False, top_k=5)
 
 
 def _controlled_model(probs):

@@ -129,7 +129,9 @@ def _ordered_bits(x: jax.Array) -> jax.Array:
 
 def make_sampler(do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None) -> Greedy | Sampling:
-    """Checks the options and builds a sampler; `do_sample=False` is greedy (the other options must be unset)."""
+    """Checks the options and builds a sampler; `do_sample=False` is greedy (the other options must be unset or
+    at their "off" values: temperature 1, top_k 0 or None, top_p 1 or None). top_k=0 is no top-k filtering, as in
+    transformers."""
     if not isinstance(do_sample, (bool, np.bool_)):
         raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
     for name, value in (("temperature", temperature), ("top_p", 1.0 if top_p is None else top_p)):
@@ -140,7 +142,11 @@ def make_sampler(do_sample: bool = False, temperature: float = 1.0, top_k: int |
             raise ValueError(f"{name} must be a number, got {value!r}")
     if isinstance(top_k, np.integer):
         top_k = int(top_k)
+    if type(top_k) is int and top_k == 0:
+        top_k = None  # transformers' top_k=0: no top-k filtering
     if not do_sample:
+        if top_p is not None and type(top_p) in (float, int) and top_p == 1:
+            top_p = None  # no nucleus (transformers adds no warper for top_p=1.0)
         if temperature != 1.0 or top_k is not None or top_p is not None:
             raise ValueError("temperature, top_k and top_p apply only with do_sample=True "
                              f"(got temperature={temperature}, top_k={top_k}, top_p={top_p})")
@@ -156,8 +162,7 @@ def make_sampler(do_sample: bool = False, temperature: float = 1.0, top_k: int |
         raise ValueError(f"temperature {temperature} is below float32's smallest normal number "
                          f"({np.finfo(np.float32).tiny:.4g}); for greedy decoding use do_sample=False")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}" + (
-            " (transformers' top_k=0, no top-k filtering, is top_k=None here)" if top_k == 0 else ""))
+        raise ValueError(f"top_k must be a positive int, or 0 or None (no top-k filtering), got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     return Sampling(temperature=float(temperature), top_p=None if top_p is None else float(top_p), top_k=top_k)
