@@ -318,7 +318,7 @@ def finetune(run: RunConfig, model=None, rules=sharding.DEFAULT_RULES) -> dict:
         raise FileNotFoundError(f"model directory not found: {run.model}")
     out_dir = os.path.abspath(run.output)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise FileExistsError(f"output {run.output} is a file; the run directory must be a directory")
+        raise FileExistsError(f"--output {run.output} is a file; the run directory must be a directory")
     os.makedirs(out_dir, exist_ok=True)
     mesh = _mesh(run.mesh)
     rows_split = mesh.shape["data"] * mesh.shape["fsdp"]
