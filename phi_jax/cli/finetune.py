@@ -1,7 +1,7 @@
 """`phi-jax finetune --model DIR --data FILE.jsonl --output DIR`: fine-tunes on a device mesh.
 
 Writes OUTPUT/checkpoints (Orbax, every --save-every steps and at the end), OUTPUT/metrics.jsonl (one JSON line
-per step: loss, grad_norm, lr, targets, tokens_per_s), OUTPUT/loss.png and OUTPUT/model (a Hugging Face
+per step: loss, grad_norm, lr, targets, tokens_per_s; eval_loss and eval_targets with --eval-data), OUTPUT/loss.png and OUTPUT/model (a Hugging Face
 directory that transformers loads, LoRA adapters merged, tokenizer files copied). SIGTERM finishes the current
 step, saves a checkpoint and exits 143 (128 + SIGTERM, a terminated process's status: the run is not complete and
 nothing is exported); `--resume` continues from the last checkpoint exactly, and refuses settings other than the
@@ -50,6 +50,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    parser.add_argument("--eval-data", default=None, metavar="FILE.jsonl",
+                        help="held-out JSON lines (as --data): validation loss in metrics.jsonl and loss.png")
+    parser.add_argument("--eval-every", type=int, default=None, help="steps between validations (default: "
+                        "--save-every; the last step is always evaluated)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -79,7 +83,8 @@ def _configs(args):
                          batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed, mesh=args.mesh,
                          lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, compute_dtype=args.dtype,
                          attn_implementation=args.attn_implementation, save_every=args.save_every,
-                         keep=args.keep, resume=args.resume, progress=not args.no_progress, train=train)
+                         keep=args.keep, resume=args.resume, progress=not args.no_progress,
+                         eval_data=args.eval_data, eval_every=args.eval_every, train=train)
     except ValueError as e:
         raise ValueError(_in_flags(str(e))) from None
 

@@ -30,6 +30,7 @@ from phi_jax.io.atomic import atomic_output_dir
 from phi_jax.io.hf import is_checkpoint_file
 from phi_jax.train import data as data_lib
 from phi_jax.train.checkpoint import TrainCheckpoints, abstract_like
+from phi_jax.train.evaluate import eval_batches, evaluate, make_eval_fn
 from phi_jax.train.lora import add_lora, merge_lora
 from phi_jax.train.step import (TrainConfig, make_optimizer, make_train_step, path_key, schedule, split_model,
                                 step_key)
@@ -59,6 +60,8 @@ class RunConfig:
     resume: bool = False
     progress: bool = True
     export: bool = True
+    eval_data: str | None = None  # held-out JSON lines: validation loss every `eval_every` steps and at the end
+    eval_every: int | None = None  # None: every `save_every` steps
     train: TrainConfig = TrainConfig()
 
     def __post_init__(self):
@@ -94,6 +97,15 @@ class RunConfig:
                              f"{self.compute_dtype!r}")
         if not isinstance(self.train, TrainConfig):
             raise TypeError(f"RunConfig.train must be a TrainConfig, got {type(self.train).__name__}")
+        every = self.eval_every
+        if every is not None:
+            if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
+                raise ValueError(f"RunConfig.eval_every must be an int >= 1 (None: RunConfig.save_every), got "
+                                 f"{every!r}")
+            if self.eval_data is None:
+                raise ValueError(f"RunConfig.eval_every={every!r} needs RunConfig.eval_data (the held-out JSON "
+                                 f"lines to evaluate)")
+            object.__setattr__(self, "eval_every", int(every))
 
 
 def _lora_scale(run: RunConfig) -> float | None:
@@ -247,9 +259,13 @@ def plot_losses(log_path: str, png_path: str) -> None:
     import matplotlib.pyplot as plt
     rows = _read_log(log_path, upto=1 << 62)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="training")
+    held_out = [r for r in rows if "eval_loss" in r]
+    if held_out:
+        ax.plot([r["step"] for r in held_out], [r["eval_loss"] for r in held_out], "o-", label="validation")
+        ax.legend()
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -309,7 +325,8 @@ def _diverged(step: int, record: dict, ckpts: TrainCheckpoints):
 
 
 def finetune(run: RunConfig, model=None, rules=sharding.DEFAULT_RULES) -> dict:
-    """Runs (or resumes) `run`; returns {"losses": {step: loss}, "interrupted": bool, "export": dir or None}.
+    """Runs (or resumes) `run`; returns {"losses": {step: loss}, "eval_losses": {step: validation loss} (with
+    `run.eval_data`), "interrupted": bool, "export": dir or None}.
 
     `model`: an already built PhiForCausalLM (else loaded from `run.model`).
     """
@@ -327,7 +344,11 @@ def finetune(run: RunConfig, model=None, rules=sharding.DEFAULT_RULES) -> dict:
                          f"accum-steps ({run.train.accum_steps})")
     # the data first: a bad record fails before a large model is read
     config = model.config if model is not None else PhiConfig.from_pretrained(run.model)
-    rows = data_lib.load_dataset(run.data, data_lib.load_tokenizer(run.model), config, run.seq_len)
+    tokenizer = data_lib.load_tokenizer(run.model)
+    rows = data_lib.load_dataset(run.data, tokenizer, config, run.seq_len)
+    held_out = None if run.eval_data is None else eval_batches(
+        data_lib.load_dataset(run.eval_data, tokenizer, config, run.seq_len), run.batch_size)
+    eval_every = run.eval_every or run.save_every
     settings = _resume_settings(run, rows, config)
     ckpts = TrainCheckpoints(os.path.join(out_dir, "checkpoints"), save_every=run.save_every, keep=run.keep)
     is_main = jax.process_index() == 0
@@ -343,6 +364,12 @@ def finetune(run: RunConfig, model=None, rules=sharding.DEFAULT_RULES) -> dict:
                             remat_policy=run.train.remat_policy)
         tx = make_optimizer(dataclasses.replace(run.train, total_steps=run.steps))
         state, frozen, step_fn, batch_sh = build(split, tx, mesh, rules, run.train.accum_steps)
+        eval_fn = None
+        if held_out is not None:  # the same parameters through the model with dropout off
+            eval_split = dataclasses.replace(split_model(model, nnx.LoRAParam if run.lora_rank else nnx.Param,
+                                                         train=False), trainable={}, frozen={})
+            eval_fn = make_eval_fn(eval_split, jax.tree.map(lambda x: x.sharding, state["params"]),
+                                   jax.tree.map(lambda x: x.sharding, frozen), batch_sh, mesh, rules)
         if start:
             state, _ = ckpts.restore(abstract_like(state), start)
     except BaseException:
@@ -351,6 +378,7 @@ def finetune(run: RunConfig, model=None, rules=sharding.DEFAULT_RULES) -> dict:
     log_path = os.path.join(out_dir, "metrics.jsonl")
     logged = _read_log(log_path, upto=start)
     losses = {r["step"]: r["loss"] for r in logged}
+    eval_losses = {r["step"]: r["eval_loss"] for r in logged if "eval_loss" in r}
     if is_main:
         with open(log_path + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in logged)
@@ -386,11 +414,16 @@ def finetune(run: RunConfig, model=None, rules=sharding.DEFAULT_RULES) -> dict:
                           "lr": float(lr_at(step)), "targets": int(metrics["tokens"]),
                           "tokens_per_s": tokens_per_step / dt, "time": time.time()}
                 losses[step + 1] = loss
+                if eval_fn is not None and ((step + 1) % eval_every == 0 or step + 1 == run.steps):
+                    record["eval_loss"], record["eval_targets"] = evaluate(eval_fn, state["params"], frozen,
+                                                                           held_out, batch_sh)
+                    eval_losses[step + 1] = record["eval_loss"]
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}")
+                    shown = {} if not eval_losses else {"eval": f"{eval_losses[max(eval_losses)]:.4f}"}
+                    bar.set_postfix(loss=f"{loss:.4f}", **shown, tok_s=f"{tokens_per_step / dt:,.0f}")
                 if not (math.isfinite(loss) and math.isfinite(record["grad_norm"])):
                     _diverged(step + 1, record, ckpts)  # this state is not saved: the last good ones stay kept
                 last = ckpts.save(step + 1, state, meta(step + 1)) and step + 1
@@ -413,5 +446,5 @@ def finetune(run: RunConfig, model=None, rules=sharding.DEFAULT_RULES) -> dict:
     if run.export and not interrupted:
         export_dir = os.path.join(out_dir, "model")
         export(split, state["params"], frozen, export_dir, run.model)
-    return {"losses": losses, "interrupted": interrupted, "export": export_dir}
+    return {"losses": losses, "eval_losses": eval_losses, "interrupted": interrupted, "export": export_dir}
 
