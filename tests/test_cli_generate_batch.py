@@ -182,3 +182,26 @@ def test_an_existing_output_is_replaced_only_with_overwrite(model_dir, tmp_path,
     assert [r["line"] for r in _read(out)] == [1] and "wrote" in capsys.readouterr().err
     assert main(["generate", "--model", model_dir, "x", "--overwrite"]) == EXIT_USAGE
     _one_error_line(capsys.readouterr().err, "--overwrite goes with --output")
+
+
+def test_truncation_or_padding_recorded_in_tokenizer_json_is_not_applied(model_dir, tmp_path, capsys):
+    """A tokenizer.json saved with truncation or padding on (as a training script may leave it) cut prompts short
+    or put pad tokens into them, silently; prompts are tokenized whole, one at a time."""
+    from tokenizers import Tokenizer
+
+    from phi_jax.cli import generate as cli
+    from phi_jax.cli.common import load_tokenizer
+    plain = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+    recorded = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+    recorded.enable_truncation(max_length=2)
+    recorded.enable_padding(pad_id=0, length=24)
+    recorded.save(str(tmp_path / "tokenizer.json"))
+    prompt = LONG[0]
+    n = len(plain.encode(prompt).ids)
+    assert n > 2
+    assert main(["generate", "--model", model_dir, "--tokenizer", str(tmp_path), prompt, "--max-new-tokens",
+                 "1"]) == EXIT_OK
+    assert f"prefill: {n} tokens" in capsys.readouterr().err
+    _write_prompts(tmp_path / "p.jsonl", SHORT[:2])
+    prompts = cli._read_prompts(str(tmp_path / "p.jsonl"), load_tokenizer(str(tmp_path), option=True))
+    assert [p["ids"] for p in prompts] == [plain.encode(s).ids for s in SHORT[:2]]

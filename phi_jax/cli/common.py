@@ -114,22 +114,10 @@ def compile_events():
 
 
 def load_tokenizer(path: str, *, option: bool):
-    """A `tokenizers.Tokenizer` from a tokenizer.json file or a directory holding one (never the network).
+    """A `tokenizers.Tokenizer` from a tokenizer.json file or a directory holding one (`phi_jax.io.tokenizer`).
 
     `option`: `path` came from --tokenizer (else it is the model directory, and the error names --tokenizer).
     """
-    from tokenizers import Tokenizer
-    if os.path.isdir(path):
-        file = os.path.join(path, "tokenizer.json")
-        if not os.path.isfile(file):
-            hint = "" if option else "; pass --tokenizer PATH (a tokenizer.json file or a directory holding one)"
-            raise FileNotFoundError(f"{path} has no tokenizer.json{hint}")
-    elif os.path.isfile(path):
-        file = path
-    else:
-        raise FileNotFoundError(f"tokenizer not found: {path}")
-    try:
-        return Tokenizer.from_file(file)
-    except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception for unreadable files)
-        raise ValueError(f"{file} is not a tokenizer.json the tokenizers library reads "
-                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+    from phi_jax.io.tokenizer import read_tokenizer
+    hint = "" if option else "; pass --tokenizer PATH (a tokenizer.json file or a directory holding one)"
+    return read_tokenizer(path, missing_hint=hint)

@@ -8,4 +8,5 @@ safetensors.py  streaming safetensors reader and sharded writer
 legacy.py       Microsoft's original layouts and config keys
 orbax.py        phi_jax's Orbax directory (chunked writer, tensor reader)
 names.py        the one name table to transformers' keys; buffers skipped by name
+tokenizer.py    read_tokenizer: tokenizer.json (tokenizers library), truncation and padding off
 """

@@ -65,21 +65,14 @@ def _numbered_records(path: str | os.PathLike) -> list[tuple[str, dict]]:
 
 
 def load_tokenizer(model_dir: str | os.PathLike):
-    """The checkpoint's `tokenizer.json` (the `tokenizers` library; no transformers needed), with any truncation or
-    padding it records switched off: documents are packed whole (truncation cut every record silently, padding
-    trained the model on pad tokens)."""
-    from tokenizers import Tokenizer
-    path = os.path.join(os.fspath(model_dir), "tokenizer.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no tokenizer.json in {os.fspath(model_dir)} (fine-tuning tokenizes with it)")
-    try:
-        tokenizer = Tokenizer.from_file(path)
-    except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception for unreadable files)
-        raise ValueError(f"{path} is not a tokenizer.json the tokenizers library reads "
-                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    tokenizer.no_truncation()
-    tokenizer.no_padding()
-    return tokenizer
+    """The checkpoint's `tokenizer.json` (`phi_jax.io.tokenizer`: the `tokenizers` library, no transformers), with
+    any truncation or padding it records switched off: documents are packed whole (truncation cut every record
+    silently, padding trained the model on pad tokens)."""
+    from phi_jax.io.tokenizer import read_tokenizer
+    model_dir = os.fspath(model_dir)
+    if not os.path.isfile(os.path.join(os.path.expanduser(model_dir), "tokenizer.json")):
+        raise FileNotFoundError(f"no tokenizer.json in {model_dir} (fine-tuning tokenizes with it)")
+    return read_tokenizer(model_dir)
 
 
 def eos_id(tokenizer, config) -> int:
