@@ -196,3 +196,10 @@ def test_tokenizer_truncation_and_padding_are_ignored(tmp_path):
     eos = vocab["<|endoftext|>"]
     np.testing.assert_array_equal(rows["input_ids"][0, :15], v("the quick") + [eos] + v("abcd") + [eos])
     assert vocab["<unk>"] not in rows["labels"]
+
+
+def test_attn_implementation_is_checked_by_the_config():
+    """An unknown kernel name failed only once the data and the model had been read."""
+    with pytest.raises(ValueError, match="RunConfig.attn_implementation must be one of xla, cudnn, pallas, auto, got "
+                                         "'flash'"):
+        RunConfig(model="m", data="d", output="o", attn_implementation="flash")

@@ -28,6 +28,7 @@ import phi_jax.sharding as sharding
 from phi_jax.config import PhiConfig
 from phi_jax.io.atomic import atomic_output_dir
 from phi_jax.io.hf import is_checkpoint_file
+from phi_jax.modeling.attention import ATTN_IMPLEMENTATIONS
 from phi_jax.train import data as data_lib
 from phi_jax.train.checkpoint import TrainCheckpoints, abstract_like
 from phi_jax.train.evaluate import eval_batches, evaluate, make_eval_fn
@@ -97,6 +98,9 @@ class RunConfig:
                              f"{self.compute_dtype!r}")
         if not isinstance(self.train, TrainConfig):
             raise TypeError(f"RunConfig.train must be a TrainConfig, got {type(self.train).__name__}")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:  # else found only once the model is read
+            raise ValueError(f"RunConfig.attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got "
+                             f"{self.attn_implementation!r}")
         every = self.eval_every
         if every is not None:
             if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
