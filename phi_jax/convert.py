@@ -90,7 +90,8 @@ def convert(src, dst, *, to: str, layout: str = "auto", dtype=None, shard_size="
     if os.path.realpath(src) == dst:
         raise ValueError(f"source and destination are the same directory: {src}")
     if overwrite and os.path.commonpath([os.path.realpath(src), dst]) == dst:  # replacing dst would delete src
-        raise ValueError(f"source {src} is inside {dst}, which overwriting would replace; choose another destination")
+        raise ValueError(f"source {src} is inside {dst}, which overwriting would replace (deleting the source); choose "
+                         f"another destination")
     cls = model_class(source.config)
     entries = plan(source, abstract_params(cls, source.config)[1], cls.__name__).entries
     out = [(e, out_dtype or e.dtype) for e in entries]

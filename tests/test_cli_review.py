@@ -128,7 +128,7 @@ def test_convert_overwrite_refuses_a_destination_holding_the_source(model_dir, t
     shutil.copytree(model_dir, src)
     for dst in (tmp_path / "runs", tmp_path):
         assert main(["convert", "hf-to-orbax", str(src), str(dst), "--overwrite", "--no-progress"]) == EXIT_USAGE
-        _one_error_line(capsys.readouterr().err, "inside", "--overwrite")
+        _one_error_line(capsys.readouterr().err, "inside", "overwriting would replace (deleting the source)")
     assert sorted(os.listdir(src)) == sorted(os.listdir(model_dir))
     assert main(["convert", "hf-to-orbax", str(src), str(src / "orbax"), "--overwrite", "--no-progress"]) == EXIT_OK
     capsys.readouterr()
