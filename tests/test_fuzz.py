@@ -263,7 +263,8 @@ def batches(draw, kw: dict, *, generation: bool = False) -> dict:
     if vocab < 50300:
         junk[rng.random((b, t)) < 0.3] = 50256
     ids_jax = np.where(mask, ids, junk)
-    ids_ref = np.where(mask, ids, 0)
+    # the reference reads in-range ids at masked positions as phi_jax does (transformers cannot take the others)
+    ids_ref = np.where(mask | ((junk >= 0) & (junk < vocab)), ids_jax, 0)
     labels = np.where(mask, ids, -100)
     labels[rng.random((b, t)) < 0.2] = -100
     positions = None

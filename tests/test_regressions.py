@@ -85,7 +85,7 @@ def test_fuzz_big_vocab_fully_padded_row_forward():
     kw = _case()
     mask = np.array([[False, False, False], [False, False, True]])
     ids = np.array([[50256, 60000, -3], [50300, 7, 50256]])
-    ids_ref = np.where(mask, ids, 0)
+    ids_ref = np.where(mask | (ids >= 0) & (ids < kw["vocab_size"]), ids, 0)  # in-range ids read as they are
     labels = np.where(mask, ids, -100)
     check_forward(kw, dict(ids=ids, ids_ref=ids_ref, mask=mask, labels=labels, position_ids=None,
                            other_junk=np.full((2, 3), 99999)))

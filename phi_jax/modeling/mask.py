@@ -46,6 +46,13 @@ class AttentionMask:
         return self.causal and self.q_offset is None and q_len == kv_len
 
 
+def _fill_padding(ids: jax.Array) -> jax.Array:
+    """`[B, S]` segment ids with each 0 (padding) replaced by the id of the last nonzero slot before it (0 if none)."""
+    slots = jnp.arange(ids.shape[1], dtype=jnp.int32)
+    last = jax.lax.cummax(jnp.where(ids != 0, slots, -1), axis=1)  # [B, S]: last real slot at or before each
+    return jnp.where(last >= 0, jnp.take_along_axis(ids, jnp.maximum(last, 0), axis=1), 0)
+
+
 def make_attention_mask(attention_mask: jax.Array | None, q_len: int, q_offset=None) -> AttentionMask:
     """The model's `attention_mask` as the kernels' segment ids.
 
@@ -56,13 +63,16 @@ def make_attention_mask(attention_mask: jax.Array | None, q_len: int, q_offset=N
       q_len: T, the number of queries; they sit at slots `[q_offset, q_offset + T)`.
       q_offset: None without a cache (queries are the keys), else the first query's slot (int or traced).
     Returns:
-      AttentionMask whose query ids are the mask at the query slots (a padding query sees nothing).
+      AttentionMask whose query ids are the mask at the query slots, except that a padding query takes the id of
+      the last real slot at or before it: as in transformers (whose mask hides padding keys, never queries), a
+      padding query after a real token sees the real keys up to it, so its output (and a sequence classifier's
+      score there, when the ids there are not pad_token_id) is transformers'. A padding query before any real
+      token sees nothing (zeros, as transformers' sdpa gives).
     """
     if attention_mask is None:
         return AttentionMask(q_offset=q_offset)
     kv_ids = attention_mask.astype(jnp.int32)  # [B, S]
-    if q_offset is None:
-        q_ids = kv_ids
-    else:
-        q_ids = jax.lax.dynamic_slice_in_dim(kv_ids, q_offset, q_len, axis=1)  # [B, T]
+    q_ids = _fill_padding(kv_ids)  # [B, S]
+    if q_offset is not None:
+        q_ids = jax.lax.dynamic_slice_in_dim(q_ids, q_offset, q_len, axis=1)  # [B, T]
     return AttentionMask(q_segment_ids=q_ids, kv_segment_ids=kv_ids, q_offset=q_offset)

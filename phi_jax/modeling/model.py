@@ -72,7 +72,7 @@ def _check_class_labels(labels, shape, num_classes: int) -> None:
 
 def build_mask(attention_mask: jax.Array | None, batch: int, q_len: int, kv_len: int, q_offset) -> jax.Array:
     """The dense mask `[B, 1, T, S]` bool of `make_attention_mask` (query t at slot q_offset + t sees real key
-    slots s <= it of its own segment; a padding query sees nothing)."""
+    slots s <= it of its own segment; a padding query sees the real keys before it, as transformers)."""
     return make_attention_mask(attention_mask, q_len, q_offset).dense(batch, q_len, kv_len)
 
 
@@ -147,9 +147,11 @@ class PhiModel(PhiPreTrainedModel):
         mask = make_attention_mask(attention_mask, t, None if cache is None else cache_index)
 
         if ids_mask is not None:
-            # A masked position can never poison a real one: whatever id sits there (out of range included: the
-            # gather would give NaN) is looked up as id 0. Attention also keeps masked keys out of real queries.
-            input_ids = jnp.where(ids_mask, input_ids, 0)  # [B, T]
+            # A masked position can never poison a real one: an id out of range there (the gather would give NaN)
+            # is looked up as id 0; an id in range is looked up as transformers does, so the outputs at padding
+            # positions are transformers'. Attention also keeps masked keys out of real queries.
+            in_range = (input_ids >= 0) & (input_ids < self.config.vocab_size)
+            input_ids = jnp.where(ids_mask | in_range, input_ids, 0)  # [B, T]
         x = _embed(self.embed_tokens, input_ids)  # [B, T, D]
         if self.config.pad_token_id is not None:
             # transformers' `nn.Embedding(..., padding_idx=pad_token_id)`: the pad id's row learns nothing from
