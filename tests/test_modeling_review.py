@@ -52,3 +52,19 @@ def test_sequence_classification_scores_a_masked_last_token_as_transformers(make
     out = model(jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy())).logits
     assert out.shape == (3, 3)
     assert rel_err(out, ref) <= TOL
+
+
+def test_left_padded_causal_lm_loss_matches_transformers(make_checkpoint):
+    """Labels -100 at padding: the last padding position still predicts the first real token, so its logits
+    (the pad id's embedding there) enter transformers' loss; phi_jax read that id as 0."""
+    d, ref_model = make_checkpoint(geometry="phi1", pad_token_id=50)
+    ids = _ids(2, 8)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    ids[0, :3] = 50
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        ref = ref_model(ids, attention_mask=mask, labels=labels).loss.item()
+    model = phi_jax.PhiForCausalLM.from_pretrained(d)
+    out = float(model(jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy()), labels=jnp.asarray(labels.numpy())).loss)
+    assert abs(out - ref) <= TOL * abs(ref), (out, ref)
