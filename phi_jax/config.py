@@ -166,7 +166,7 @@ class PhiConfig:
                "a list of class names or null", optional=True)
         rope = self.rope_parameters or {}
         for key, what, ok in (("rope_theta", "a finite number > 0", lambda v: 0 < v < math.inf),
-                              ("partial_rotary_factor", "a number in (0, 1]", lambda v: 0 < v <= 1),
+                              ("partial_rotary_factor", "a number in [0, 1]", lambda v: 0 <= v <= 1),
                               ("factor", "a finite number > 0", lambda v: 0 < v < math.inf)):
             # null: no default stands in for it (transformers fails at the first forward), except for `factor`
             if key in rope and (rope[key] is not None or key != "factor") and not (_is_number(rope[key])

@@ -37,7 +37,7 @@ def _base() -> dict:
     (dict(use_cache="yes"), "use_cache='yes'"),
     (dict(qk_layernorm=1), "qk_layernorm=1"),
     (dict(hidden_act=3), "hidden_act=3"),
-    (dict(rope_parameters=dict(rope_type="default", partial_rotary_factor=0.0)), "partial_rotary_factor.*0.0"),
+    (dict(rope_parameters=dict(rope_type="default", partial_rotary_factor=-0.5)), "partial_rotary_factor.*-0.5"),
     (dict(rope_parameters=dict(rope_type="default", partial_rotary_factor=1.5)), "partial_rotary_factor.*1.5"),
     (dict(rope_parameters=dict(rope_type="default", rope_theta=-1.0)), "rope_theta.*-1.0"),
     (dict(rope_parameters=dict(rope_type="linear", factor=0)), "factor.*0"),

@@ -68,3 +68,16 @@ def test_left_padded_causal_lm_loss_matches_transformers(make_checkpoint):
     model = phi_jax.PhiForCausalLM.from_pretrained(d)
     out = float(model(jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy()), labels=jnp.asarray(labels.numpy())).loss)
     assert abs(out - ref) <= TOL * abs(ref), (out, ref)
+
+
+@pytest.mark.parametrize("rope", [dict(rope_type="default"), dict(rope_type="linear", factor=2.0)])
+def test_no_rotary_channels_as_transformers(make_checkpoint, rope):
+    """partial_rotary_factor=0 (no channel rotates, as transformers allows) was refused by the config check."""
+    rope = dict(rope, rope_theta=10000.0, partial_rotary_factor=0.0)
+    d, ref_model = make_checkpoint(geometry="phi1", rope_parameters=rope)
+    ids = _ids(2, 8)
+    with torch.no_grad():
+        ref = ref_model(ids).logits.numpy()
+    model = phi_jax.PhiForCausalLM.from_pretrained(d)
+    assert model.config.rotary_ndims == 0
+    assert rel_err(model(jnp.asarray(ids.numpy())).logits, ref) <= TOL
