@@ -92,14 +92,19 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids=
     Returns:
       `[B, T, N, H]` in q's dtype.
     """
-    check_shapes(q, k, v, q_segment_ids, kv_segment_ids, "decode_attention")
+    check_shapes(q, k, v, q_segment_ids, kv_segment_ids, "decode_attention", q_offset)
+    for arg, value in (("block_k", block_k), ("num_splits", num_splits)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"decode_attention: {arg}={value!r} must be a positive integer (or None)")
+    if block_k is not None and block_k % 128:
+        raise ValueError(f"decode_attention: block_k={block_k} must be a multiple of 128")
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
+    if not (b and t and s):
+        return jnp.zeros(q.shape, q.dtype)  # the contract: nothing to see (S = 0) is zeros
     g = n // kh
     scale = h ** -0.5 if sm_scale is None else float(sm_scale)
     bk = block_k or min(512, _round_up(s, 128))
-    if bk % 128:
-        raise ValueError(f"decode_attention: block_k={block_k} must be a multiple of 128")
     blocks = -(-s // bk)
     splits = num_splits or max(1, min(8, blocks // 2))
     per_split = -(-blocks // splits)

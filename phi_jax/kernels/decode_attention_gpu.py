@@ -29,7 +29,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from phi_jax.kernels.flash_attention_gpu import BlockSizes, _fwd_call, _interpret_params, _round_up, segment_ids
+from phi_jax.kernels.flash_attention_gpu import (BlockSizes, _fwd_call, _interpret_params, _round_up, check_block_sizes,
+                                                 segment_ids)
 from phi_jax.kernels.reference import attention_reference, check_shapes
 
 # About two waves of CTAs on an H100/H200 (132 multiprocessors): the default number of splits aims at this many
@@ -51,19 +52,20 @@ def decode_attention_gpu(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_
                          interpret=False) -> jax.Array:
     """The contract of `phi_jax.kernels.reference` for decode steps, on the Mosaic GPU forward kernel split over
     the keys (see the module docstring). num_splits: key ranges run in parallel (default `default_splits`)."""
-    check_shapes(q, k, v, q_segment_ids, kv_segment_ids, "decode_attention_gpu")
+    check_shapes(q, k, v, q_segment_ids, kv_segment_ids, "decode_attention_gpu", q_offset)
+    check_block_sizes(block_sizes, "decode_attention_gpu")
     batch, t, n_heads, head_dim = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
                                    or num_splits < 1):
         raise ValueError(f"decode_attention_gpu: num_splits={num_splits!r} must be a positive integer")
+    if not (batch and t and s):
+        return jnp.zeros(q.shape, q.dtype)  # the contract: nothing to see (S = 0) is zeros
     ref_kw = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, causal=causal, q_offset=q_offset,
                   sm_scale=sm_scale)
     sixteen_bit = q.dtype in (jnp.bfloat16, jnp.float16)
     if head_dim % 16 or not (sixteen_bit or (interpret and q.dtype == jnp.float32)):
         return attention_reference(q, k, v, **ref_kw)  # the kernel takes 16-bit data, head dims in 16s
-    if isinstance(q_offset, int) and q_offset < 0:
-        raise ValueError(f"decode_attention_gpu: q_offset={q_offset} must be >= 0")
 
     bs = block_sizes or BlockSizes.get_default()
     bk = bs.block_kv
@@ -72,7 +74,7 @@ def decode_attention_gpu(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_
     splits = min(splits, blocks)
     chunk = -(-blocks // splits) * bk
     s_pad = chunk * splits
-    t_pad = _round_up(t, bs.block_q)
+    t_pad = _round_up(t, bs.warpgroups * bs.block_q)  # a forward CTA holds warpgroups * block_q query rows
     scale = float(head_dim ** -0.5 if sm_scale is None else sm_scale)
 
     qseg, kvseg = segment_ids(q_segment_ids, kv_segment_ids, batch, t, s)

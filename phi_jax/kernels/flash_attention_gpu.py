@@ -102,6 +102,11 @@ class BlockSizes:
         return cls()
 
 
+def check_block_sizes(block_sizes, name: str) -> None:
+    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+        raise ValueError(f"{name}: block_sizes must be a flash_attention_gpu.BlockSizes or None, got {block_sizes!r}")
+
+
 def _interpret_params(interpret):
     """`interpret=True` means Pallas's Mosaic GPU interpreter (the generic HLO interpreter has no TMA)."""
     if interpret is True:
@@ -837,9 +842,12 @@ def flash_attention_gpu(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_i
     block_sizes: a `BlockSizes` (defaults fit head_dim 64..128 on an H100/H200). interpret: True runs the
     kernels in Pallas's Mosaic GPU interpreter (CPU tests; float32 allowed there).
     """
-    check_shapes(q, k, v, q_segment_ids, kv_segment_ids, "flash_attention_gpu")
+    check_shapes(q, k, v, q_segment_ids, kv_segment_ids, "flash_attention_gpu", q_offset)
+    check_block_sizes(block_sizes, "flash_attention_gpu")
     batch, t, n_heads, head_dim = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
+    if not (batch and t and s):
+        return jnp.zeros(q.shape, q.dtype)  # the contract: nothing to see (S = 0) is zeros
     ref_kw = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, causal=causal, q_offset=q_offset,
                   sm_scale=sm_scale)
     sixteen_bit = q.dtype in (jnp.bfloat16, jnp.float16)
@@ -850,8 +858,6 @@ def flash_attention_gpu(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_i
     scale = float(head_dim ** -0.5 if sm_scale is None else sm_scale)
     interp = _interpret_params(interpret)
     static_offset = int(q_offset) if isinstance(q_offset, int) else None
-    if static_offset is not None and static_offset < 0:
-        raise ValueError(f"flash_attention_gpu: q_offset={q_offset} must be >= 0")
 
     t_mult = math.lcm(bs.warpgroups * bs.block_q, bs.block_q_dq, bs.block_q_dkv)
     s_mult = math.lcm(bs.block_kv, bs.block_kv_dq, bs.block_kv_dkv)

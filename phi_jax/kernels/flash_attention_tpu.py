@@ -52,18 +52,24 @@ def _round_up(x: int, m: int) -> int:
 
 
 def _block_sizes(t: int, s: int, block_sizes) -> tuple[int, int]:
-    """(block_q, block_k): queries in multiples of 16 sublanes (bf16 packs two rows per sublane) up to 128 (a whole multiple of 128 past that,
-    since the backward reads query statistics as lane rows), keys in multiples of 128 lanes."""
+    """(block_q, block_k): queries in multiples of 16 sublanes (bf16 packs two rows per sublane) up to 128 (a whole
+    multiple of 128 past that, since the backward reads query statistics as lane rows), keys in multiples of 128
+    lanes."""
     if block_sizes is None:
         bq = min(128, _round_up(t, 16))
         bk = 128
     else:
+        if (not isinstance(block_sizes, (tuple, list)) or len(block_sizes) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in block_sizes)):
+            raise ValueError(f"flash_attention_tpu: block_sizes={block_sizes!r} must be a pair (block_q, block_k) "
+                             f"of positive ints")
         bq, bk = block_sizes
     if bq % 8 or bk % 128:
-        raise ValueError(f"block_sizes={block_sizes!r}: block_q must be a multiple of 8 and block_k of 128")
+        raise ValueError(f"flash_attention_tpu: block_sizes={block_sizes!r}: block_q must be a multiple of 8 and "
+                         f"block_k of 128")
     if _round_up(t, bq) > bq and bq % 128:
-        raise ValueError(f"block_sizes={block_sizes!r}: block_q must be a multiple of 128 when T={t} spans "
-                         f"several blocks")
+        raise ValueError(f"flash_attention_tpu: block_sizes={block_sizes!r}: block_q must be a multiple of 128 "
+                         f"when T={t} spans several blocks")
     return bq, bk
 
 
@@ -364,11 +370,13 @@ def flash_attention_tpu(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_i
     Returns:
       `[B, T, N, H]` in q's dtype.
     """
-    check_shapes(q, k, v, q_segment_ids, kv_segment_ids, "flash_attention_tpu")
+    check_shapes(q, k, v, q_segment_ids, kv_segment_ids, "flash_attention_tpu", q_offset)
     b, t, n, h = q.shape
     s = k.shape[1]
+    bq, bk = _block_sizes(max(t, 1), s, block_sizes)
+    if not (b and t and s):
+        return jnp.zeros(q.shape, q.dtype)  # the contract: nothing to see (S = 0) is zeros
     scale = h ** -0.5 if sm_scale is None else float(sm_scale)
-    bq, bk = _block_sizes(t, s, block_sizes)
     tp, sp = _round_up(t, bq), _round_up(s, bk)
     use_q_ids = q_segment_ids is not None and kv_segment_ids is not None
     kv_ids = jnp.ones((b, s), jnp.int32) if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)

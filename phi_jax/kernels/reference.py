@@ -8,7 +8,8 @@ reference (`check_shapes` gives their one-line errors for inputs outside it):
 
   q: `[B, T, N, H]`; k, v: `[B, S, K, H]` with N a multiple of K (grouped-query attention, K/V never repeated).
   Query t sits at absolute position `q_offset + t` (prefill into a cache: queries [P, P+T) see keys [0, P+T));
-  `q_offset` is a Python int or a traced int32 scalar.
+  `q_offset` is a Python int >= 0 or an int32 scalar (traced or not); segment ids are integer (or bool).
+  T = 0 gives an empty output, S = 0 (or B = 0) zeros.
   Query t of row b sees key s when all of
     - not causal, or s <= q_offset + t;
     - kv_segment_ids is None, or kv_segment_ids[b, s] != 0 (0 marks a padding key: left or right padding);
@@ -49,7 +50,7 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_i
     mask = visible(b, t, s, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, causal=causal,
                    q_offset=q_offset)[:, None, None]  # [B, 1, 1, T, S]
     scores = jnp.where(mask, scores, -jnp.inf)
-    m = jnp.max(scores, axis=-1, keepdims=True)
+    m = jnp.max(scores, axis=-1, keepdims=True, initial=-jnp.inf)  # (initial: S = 0 gives zeros too)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.where(mask, jnp.exp(scores - m), 0.0)  # [B, K, G, T, S]
     denom = jnp.sum(p, axis=-1, keepdims=True)
@@ -58,7 +59,7 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_i
     return out.reshape(b, t, n, h).astype(q.dtype)
 
 
-def check_shapes(q, k, v, q_segment_ids, kv_segment_ids, name: str) -> None:
+def check_shapes(q, k, v, q_segment_ids, kv_segment_ids, name: str, q_offset=0) -> None:
     """One-line ValueErrors for inputs outside the contract (shared by the kernels' wrappers)."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"{name}: q, k, v must be 4-D, [B, T, N, H] / [B, S, K, H], got {q.shape}, {k.shape}, "
@@ -66,11 +67,34 @@ def check_shapes(q, k, v, q_segment_ids, kv_segment_ids, name: str) -> None:
     b, t, n, h = q.shape
     if k.shape != v.shape or k.shape[0] != b or k.shape[3] != h:
         raise ValueError(f"{name}: k {k.shape} and v {v.shape} must be [B={b}, S, K, H={h}]")
+    if not (n and h and k.shape[2]):
+        raise ValueError(f"{name}: heads and head_dim must be >= 1, got q {q.shape} [B, T, N, H], k {k.shape}")
     if n % k.shape[2]:
         raise ValueError(f"{name}: {n} query heads are not a multiple of {k.shape[2]} key/value heads")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"{name}: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    if kv_segment_ids is not None and tuple(kv_segment_ids.shape) != (b, k.shape[1]):
-        raise ValueError(f"{name}: kv_segment_ids has shape {kv_segment_ids.shape}, expected {(b, k.shape[1])}")
-    if q_segment_ids is not None and tuple(q_segment_ids.shape) != (b, t):
-        raise ValueError(f"{name}: q_segment_ids has shape {q_segment_ids.shape}, expected {(b, t)}")
+    if not jnp.issubdtype(q.dtype, jnp.floating):
+        raise ValueError(f"{name}: q, k, v must be floating point, got {q.dtype}")
+    for arg, ids, shape in (("kv_segment_ids", kv_segment_ids, (b, k.shape[1])), ("q_segment_ids", q_segment_ids,
+                                                                                    (b, t))):
+        if ids is None:
+            continue
+        if tuple(jnp.shape(ids)) != shape:
+            raise ValueError(f"{name}: {arg} has shape {jnp.shape(ids)}, expected {shape}")
+        if not (jnp.issubdtype(jnp.result_type(ids), jnp.integer) or jnp.result_type(ids) == jnp.bool_):
+            raise ValueError(f"{name}: {arg} must be integer (or bool) ids, got {jnp.result_type(ids)}")
+    check_offset(q_offset, name)
+
+
+def check_offset(q_offset, name: str) -> None:
+    """q_offset is a Python int or an int32 scalar array (traced or not), and not negative where it is known."""
+    if isinstance(q_offset, bool) or jnp.ndim(q_offset) != 0 or not jnp.issubdtype(jnp.result_type(q_offset),
+                                                                                       jnp.integer):
+        raise ValueError(f"{name}: q_offset must be an int or an integer scalar (one offset for the batch), got "
+                         f"{getattr(q_offset, 'dtype', type(q_offset).__name__)} of shape {jnp.shape(q_offset)}")
+    try:
+        value = int(q_offset)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+        return  # traced: its value is not known here
+    if value < 0:
+        raise ValueError(f"{name}: q_offset={value} must be >= 0")
