@@ -122,3 +122,11 @@ def test_decode_gpu_with_two_warpgroups_matches_reference():
     got = decode_attention_gpu(q, k, v, q_offset=99, block_sizes=BlockSizes(warpgroups=2), interpret=True)
     want = attention_reference(q, k, v, q_offset=99)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+@pytest.mark.parametrize("option, value, low", [("--batch", "0", 1), ("--seq-len", "0", 1), ("--new-tokens", "-1", 0)])
+def test_check_names_the_option_of_a_bad_count(tmp_path, capsys, option, value, low):
+    from phi_jax.cli import main
+    (tmp_path / "config.json").write_text("{}")  # never read: the options are checked first
+    assert main(["check", "--model", str(tmp_path), option, value]) == 2
+    assert f"error: {option} must be >= {low}, got {value}" in capsys.readouterr().err  # was "seq_len must be ..."

@@ -23,6 +23,10 @@ def run(args) -> int:
     from phi_jax.parity import check_parity
     if args.seed < 0:  # numpy's generator refuses it after the model is loaded, without naming the option
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    for option, value, low in (("--batch", args.batch, 1), ("--seq-len", args.seq_len, 1),
+                               ("--new-tokens", args.new_tokens, 0)):
+        if value < low:  # check_parity would name its parameter (seq_len), not the option
+            raise ValueError(f"{option} must be >= {low}, got {value}")
     report = check_parity(args.model, dtype=args.dtype, batch=args.batch, seq_len=args.seq_len,
                           new_tokens=args.new_tokens, seed=args.seed)
     print(report.format())
