@@ -130,3 +130,9 @@ def test_check_names_the_option_of_a_bad_count(tmp_path, capsys, option, value, 
     (tmp_path / "config.json").write_text("{}")  # never read: the options are checked first
     assert main(["check", "--model", str(tmp_path), option, value]) == 2
     assert f"error: {option} must be >= {low}, got {value}" in capsys.readouterr().err  # was "seq_len must be ..."
+
+
+def test_check_parity_refuses_a_negative_seed_before_loading(tmp_path):
+    from phi_jax.parity import check_parity
+    with pytest.raises(ValueError, match="seed must be an int >= 0, got -1"):
+        check_parity(tmp_path / "missing", seed=-1)  # was: the path error, or numpy's after loading both models
