@@ -13,7 +13,8 @@ import pytest
 import torch
 import transformers
 from conftest import torch_config, write_checkpoint
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
+from test_loading import _edit_safetensors
 
 import phi_jax
 from phi_jax import convert
@@ -40,13 +41,6 @@ def ckpt(base, tmp_path):
     def copy(fmt="safetensors"):
         return shutil.copytree(base[fmt], tmp_path / f"src-{fmt}", symlinks=True)
     return copy
-
-
-def _edit_safetensors(d, fn):
-    path = os.path.join(d, "model.safetensors")
-    tensors = load_file(path)
-    fn(tensors)
-    save_file(tensors, path, metadata={"format": "pt"})
 
 
 def _edit_bin(d, fn):
