@@ -11,7 +11,6 @@ values). Compiled programs go to JAX's persistent compilation cache (--compile-c
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import sys
@@ -89,31 +88,11 @@ def _configs(args):
         raise ValueError(_in_flags(str(e))) from None
 
 
-def _new_directories(path: str) -> list[str]:
-    """The directories `os.makedirs(path)` would create, innermost first."""
-    path, new = os.path.abspath(path), []
-    while not os.path.lexists(path):
-        new.append(path)
-        path = os.path.dirname(path)
-    return new
-
-
 def run(args) -> int:
     from phi_jax.train.loop import finetune
 
     run_cfg = _configs(args)  # a bad value fails before anything is read or written
-    created = _new_directories(args.output)
-    try:
-        result = finetune(run_cfg)  # a user's mistake raises; phi_jax.cli.main maps it to one error line and status
-    except BaseException:
-        if created:  # a run that failed before writing anything leaves no empty directories behind
-            inner = [root for root, _, _ in os.walk(created[0], topdown=False)]  # checkpoints/, innermost first
-            for directory in inner[:-1] + created:
-                try:
-                    os.rmdir(directory)
-                except OSError:
-                    break
-        raise
+    result = finetune(run_cfg)  # a user's mistake raises; phi_jax.cli.main maps it to one error line and status
     losses = result["losses"]
     if result["interrupted"]:
         print(f"terminated at step {max(losses)}: checkpoint saved; rerun with --resume", file=sys.stderr)

@@ -115,7 +115,7 @@ def atomic_output_dir(dst, overwrite: bool = False, keep=None):
         raise FileExistsError(f"output {dst} already exists; pass --overwrite (overwrite=True) to replace it")
     if os.path.exists(dst) and not os.path.isdir(dst):
         raise NotADirectoryError(f"output {dst} exists and is not a directory")
-    created = _make_parents(parent)
+    created = make_dirs(parent)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = os.path.join(parent, f".{name}.partial-{tag}")
     try:
@@ -173,8 +173,8 @@ def _sync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def _make_parents(parent: str) -> list[str]:
-    """`os.makedirs(parent)`, returning the directories it created, deepest first (for `_remove_empty`)."""
+def make_dirs(parent: str) -> list[str]:
+    """`os.makedirs(parent)`, returning the directories it created, deepest first (for `remove_created`)."""
     missing = []
     while not os.path.isdir(parent) and parent != os.path.dirname(parent):
         missing.append(parent)
@@ -196,7 +196,7 @@ def _make_parents(parent: str) -> list[str]:
 
 
 def _remove_empty(directories: list[str]) -> None:
-    """Removes what `_make_parents` created (deepest first) and is still empty: a failed write leaves nothing new."""
+    """Removes what `make_dirs` created (deepest first) and is still empty: a failed write leaves nothing new."""
     for directory in directories:
         try:
             os.rmdir(directory)
@@ -210,3 +210,17 @@ def _cwd_inside(directory: str) -> str | None:
     except FileNotFoundError:
         return None
     return cwd if cwd == directory or cwd.startswith(directory + os.sep) else None
+
+
+def remove_created(created: list[str]) -> None:
+    """After a failure: the empty directories below the deepest of `created` (those `make_dirs` returned), innermost
+    first, then `created` itself, as far as each is empty; anything that holds a file stays, with its parents."""
+    if not created:
+        return
+    below = [root for root, _, _ in os.walk(created[0], topdown=False)][:-1]  # innermost first, created[0] last
+    for directory in below:
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return
+    _remove_empty(created)

@@ -26,7 +26,7 @@ from flax import nnx
 
 import phi_jax.sharding as sharding
 from phi_jax.config import PhiConfig
-from phi_jax.io.atomic import atomic_output_dir
+from phi_jax.io.atomic import atomic_output_dir, make_dirs, remove_created
 from phi_jax.io.hf import is_checkpoint_file
 from phi_jax.modeling.attention import ATTN_IMPLEMENTATIONS
 from phi_jax.train import data as data_lib
@@ -332,15 +332,24 @@ def finetune(run: RunConfig, model=None, rules=sharding.DEFAULT_RULES) -> dict:
     """Runs (or resumes) `run`; returns {"losses": {step: loss}, "eval_losses": {step: validation loss} (with
     `run.eval_data`), "interrupted": bool, "export": dir or None}.
 
-    `model`: an already built PhiForCausalLM (else loaded from `run.model`).
+    `model`: an already built PhiForCausalLM (else loaded from `run.model`). A run that fails before writing
+    anything removes the directories it created for `run.output`.
     """
-    from phi_jax.modeling.model import PhiForCausalLM
     if not os.path.isdir(run.model):
         raise FileNotFoundError(f"model directory not found: {run.model}")
     out_dir = os.path.abspath(run.output)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise FileExistsError(f"--output {run.output} is a file; the run directory must be a directory")
-    os.makedirs(out_dir, exist_ok=True)
+    created = make_dirs(out_dir)
+    try:
+        return _finetune(run, model, rules, out_dir)
+    except BaseException:
+        remove_created(created)  # a run that failed before writing anything leaves no empty directories behind
+        raise
+
+
+def _finetune(run: RunConfig, model, rules, out_dir: str) -> dict:
+    from phi_jax.modeling.model import PhiForCausalLM
     mesh = _mesh(run.mesh)
     rows_split = mesh.shape["data"] * mesh.shape["fsdp"]
     if run.batch_size % (rows_split * run.train.accum_steps):
