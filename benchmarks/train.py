@@ -325,14 +325,17 @@ def gpu_config(args, cfg, seq, remat, peak, capacity, kind) -> None:
             line += (f"; at batch {2 * b} {mem2.temp_size_in_bytes / 2**30:.1f} GiB; device {capacity / 2**30:.1f} "
                      f"GiB -> largest batch about {est} (temporaries linear in the batch)")
             print(line)
-            if est is not None and est > b:
+            # the estimate, then 90% of it once if that does not fit (the allocator's fragmentation)
+            for size in dict.fromkeys(x for x in (est, int(0.9 * (est or 0))) if x and x > b):
                 try:
-                    t2, _, _, _, _ = measure(est, slope=False)
-                    f2 = train_flops(cfg, est, seq, remat is not None)
-                    print(f"batch {est} fits: {1e3 * t2:.1f} ms/step, {est * seq / t2:,.0f} tokens/s"
-                          + (f", MFU {100 * f2 / t2 / peak:.1f}%" if peak else ""))
+                    t2, _, _, _, _ = measure(size, slope=False)
                 except Exception as e:
-                    print(f"batch {est} does not fit: {str(e).splitlines()[0][:200]}")
+                    print(f"batch {size} does not fit: {str(e).splitlines()[0][:200]}")
+                    continue
+                f2 = train_flops(cfg, size, seq, remat is not None)
+                print(f"batch {size} fits: {1e3 * t2:.1f} ms/step, {size * seq / t2:,.0f} tokens/s"
+                      + (f", MFU {100 * f2 / t2 / peak:.1f}%" if peak else ""))
+                break
         else:
             print(line)
 
