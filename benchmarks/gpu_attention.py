@@ -6,9 +6,10 @@
 2. Speed: forward and forward+backward TFLOP/s, causal, bf16, batch 4, 32 heads, head_dim 64/80/128,
    seq 1024..8192, against `jax.nn.dot_product_attention(implementation="cudnn")` and the XLA reference.
    Causal FLOPs count half of 4*B*N*T*S*H; forward+backward counts 3.5x the forward.
-3. `--variants` (alone, < 2 min): the opt-in kernel forms (`VARIANTS`: two consumer warpgroups per CTA,
-   `BlockSizes(warpgroups=2)`; the head dim as 64 + rest, `BlockSizes(head_split=True)`; both; the backward's
-   independent products issued in pairs, `BlockSizes(bwd_paired=True)`) against the
+3. `--variants` (alone, < 3 min): the other kernel forms (`VARIANTS`: the forward's head dim in 16-wide tiles,
+   `BlockSizes(head_split=False)`, the default before 2026-11-27; two consumer warpgroups per CTA,
+   `BlockSizes(warpgroups=2)`; the backward's head dim as 64 + rest, `BlockSizes(bwd_head_split=True)`; the
+   backward's independent products issued in pairs, `BlockSizes(bwd_paired=True)`) against the
    reference (PASS/FAIL per case, output and gradients), then forward and forward+backward TFLOP/s of each against
    the default and cuDNN at head_dim 64/80, seq 4096, with the ratios.
 Each case runs in its own try/except, so one failure prints its error and the rest still run.
@@ -114,8 +115,8 @@ def sweep(b: int, n: int, repeats: int) -> None:
         "dkv q128": BlockSizes(block_q_dkv=128),
         "wg2": BlockSizes(warpgroups=2),
         "wg2 no-overlap": BlockSizes(warpgroups=2, overlap=False),
-        "wg2 kv64 s3": BlockSizes(warpgroups=2, block_kv=64, slots=3),
-        "wg2 s3": BlockSizes(warpgroups=2, slots=3),
+        "wg2 kv64 s3": BlockSizes(warpgroups=2, block_kv=64, slots=3, head_split=False),
+        "wg2 s3": BlockSizes(warpgroups=2, slots=3, head_split=False),
     }
     s = 4096
     for h in (80,):
@@ -154,7 +155,7 @@ BWD_ABLATIONS = {  # name: backward stages left out (BlockSizes.ablate), timed a
 
 
 def ablate(b: int, n: int, repeats: int, dims, s: int = 4096, interpret: bool = False,
-           warpgroups: int = 1, head_split: bool = False, bwd_paired: bool = False) -> None:
+           warpgroups: int = 1, head_split: bool = True, bwd_paired: bool = False) -> None:
     """A profile without hardware counters: the forward kernel's time with stages left out (BlockSizes.ablate).
     The time a stage costs on the critical path is the whole kernel's time minus the time without it."""
     print(f"\n# ablation profile, forward, warpgroups={warpgroups} head_split={head_split}, causal bf16, batch {b}, "
@@ -182,7 +183,7 @@ def ablate(b: int, n: int, repeats: int, dims, s: int = 4096, interpret: bool = 
         whole = None
         for name, stages in BWD_ABLATIONS.items():
             bs = BlockSizes(ablate=frozenset(stages), warpgroups=warpgroups, head_split=head_split,
-                            bwd_paired=bwd_paired)
+                            bwd_head_split=head_split, bwd_paired=bwd_paired)
             try:
                 fn = jax.jit(jax.grad(lambda q, k, v, bs=bs: jnp.sum(flash_attention_gpu(
                     q, k, v, causal=True, block_sizes=bs, interpret=interpret).astype(jnp.float32)),
@@ -195,21 +196,23 @@ def ablate(b: int, n: int, repeats: int, dims, s: int = 4096, interpret: bool = 
                 print(f"ablate-bwd {tag} {name:>20}: {type(e).__name__}: {str(e)[:300]}", flush=True)
 
 
-VARIANTS = {  # opt-in forms of the kernel, measured against the default (BlockSizes()) by --variants; those that
-    # target head_dim 80's narrow copies first
-    "split": BlockSizes(head_split=True),
-    "wg2+split": BlockSizes(warpgroups=2, head_split=True),
-    "wg2": BlockSizes(warpgroups=2),
+VARIANTS = {  # other forms of the kernel, measured against the default (BlockSizes(): the forward's head dim split
+    # 64 + rest since 2026-11-27) by --variants
+    "16-wide": BlockSizes(head_split=False),  # the forward in 16-wide tiles (the default before 2026-11-27)
+    "wg2+split": BlockSizes(warpgroups=2),
+    "wg2": BlockSizes(warpgroups=2, head_split=False),
     # 3-deep K/V pipeline: both consumers must release a slot before the producer refills it (with head_split
     # it hangs in the interpreter, and BlockSizes refuses it)
-    "wg2 s3": BlockSizes(warpgroups=2, slots=3),
-    # the backward's independent products issued together (dq: S, dP; dk/dv: S^T, dP^T, then dV, dK): the
-    # forward is the default's, so only f+b is timed
+    "wg2 s3": BlockSizes(warpgroups=2, slots=3, head_split=False),
+    # the backward's head dim as 64 + rest, and its independent products issued together (dq: S, dP; dk/dv: S^T,
+    # dP^T, then dV, dK): the forward is the default's, so only f+b is timed
+    "bwd-split": BlockSizes(bwd_head_split=True),
     "bwd-pair": BlockSizes(bwd_paired=True),
-    "split+bwd-pair": BlockSizes(head_split=True, bwd_paired=True),
+    "bwd-split+pair": BlockSizes(bwd_head_split=True, bwd_paired=True),
 }
-FWD_TIMED_ELSEWHERE = ("bwd-pair", "split+bwd-pair")  # forward kernels of "default" and "split"
-BWD_AS_DEFAULT = ("wg2", "wg2 s3")  # forms whose backward kernels are the default's
+FWD_TIMED_ELSEWHERE = ("bwd-split", "bwd-pair", "bwd-split+pair")  # the default's forward kernel
+BWD_AS_DEFAULT = ("16-wide", "wg2+split", "wg2", "wg2 s3")  # forms whose backward kernels are the default's
+SPLIT_ONLY = ("16-wide", "wg2+split", "bwd-split", "bwd-split+pair")  # the same as another form at head_dim 64
 
 
 def variants_check(b: int = 4, n: int = 32, s: int = 4096, repeats: int = 3, check: bool = True,
@@ -219,14 +222,17 @@ def variants_check(b: int = 4, n: int = 32, s: int = 4096, repeats: int = 3, che
     comma-separated texts), then TFLOP/s
     against the default and cuDNN at the head dims `dims`, with ratios. Returns the number of failed numerics
     cases."""
-    wg2, split, both = VARIANTS["wg2"], VARIANTS["split"], VARIANTS["wg2+split"]
+    # the numerics cases' forms, by what they split (the default splits the forward only)
+    wg2, split = VARIANTS["wg2"], BlockSizes(bwd_head_split=True)
+    both = BlockSizes(warpgroups=2, bwd_head_split=True)
     cases = [  # block_kv=64 makes a causal CTA's first warpgroup need fewer key blocks than its second
         dict(name="wg2 h80 causal GQA 8:2 left/right padding T=S=300 kv64", batch=2, t=300, s=300, n=8, kv=2, h=80,
-             kind="left", bs=BlockSizes(warpgroups=2, block_kv=64)),
+             kind="left", bs=BlockSizes(warpgroups=2, block_kv=64, head_split=False)),
         dict(name="wg2 h64 causal packed segments GQA 4:2 T=S=256", batch=2, t=256, s=256, n=4, kv=2, h=64,
              kind="packed", bs=wg2),
         dict(name="wg2 h80 float16 non-causal padding no-overlap T=S=129", batch=2, t=129, s=129, n=4, kv=4, h=80,
-             causal=False, kind="left", dt=jnp.float16, bs=BlockSizes(warpgroups=2, overlap=False)),
+             causal=False, kind="left", dt=jnp.float16, bs=BlockSizes(warpgroups=2, overlap=False,
+                                                                       head_split=False)),
         dict(name="wg2 h80 causal q_offset 100 T=37 S=137", batch=2, t=37, s=137, n=4, kv=2, h=80, q_offset=100,
              bs=wg2),
         dict(name="split h80 causal GQA 8:2 left/right padding T=S=300", batch=2, t=300, s=300, n=8, kv=2, h=80,
@@ -234,13 +240,13 @@ def variants_check(b: int = 4, n: int = 32, s: int = 4096, repeats: int = 3, che
         dict(name="split h80 causal packed segments T=S=256", batch=2, t=256, s=256, n=4, kv=2, h=80,
              kind="packed", bs=split),
         dict(name="split h96 float16 non-causal padding no-overlap T=S=129", batch=2, t=129, s=129, n=4, kv=4, h=96,
-             causal=False, kind="left", dt=jnp.float16, bs=BlockSizes(head_split=True, overlap=False)),
+             causal=False, kind="left", dt=jnp.float16, bs=BlockSizes(bwd_head_split=True, overlap=False)),
         dict(name="wg2+split h80 causal GQA 8:2 left/right padding T=S=300 kv64", batch=2, t=300, s=300, n=8, kv=2,
-             h=80, kind="left", bs=BlockSizes(warpgroups=2, head_split=True, block_kv=64)),
+             h=80, kind="left", bs=BlockSizes(warpgroups=2, bwd_head_split=True, block_kv=64)),
         dict(name="wg2+split h80 causal q_offset 100 T=37 S=137", batch=2, t=37, s=137, n=4, kv=2, h=80,
              q_offset=100, bs=both),
         dict(name="wg2 s3 h80 causal GQA 8:2 left/right padding T=S=300 kv64", batch=2, t=300, s=300, n=8, kv=2,
-             h=80, kind="left", bs=BlockSizes(warpgroups=2, block_kv=64, slots=3)),
+             h=80, kind="left", bs=BlockSizes(warpgroups=2, block_kv=64, slots=3, head_split=False)),
         dict(name="wg2 s3 h80 causal q_offset 263 T=37 S=300", batch=2, t=37, s=300, n=4, kv=2, h=80,
              q_offset=263, bs=VARIANTS["wg2 s3"]),
         dict(name="bwd-pair h80 causal GQA 8:2 left/right padding T=S=300", batch=2, t=300, s=300, n=8, kv=2,
@@ -248,9 +254,9 @@ def variants_check(b: int = 4, n: int = 32, s: int = 4096, repeats: int = 3, che
         dict(name="bwd-pair h64 causal packed segments GQA 4:2 T=S=256", batch=2, t=256, s=256, n=4, kv=2, h=64,
              kind="packed", bs=VARIANTS["bwd-pair"]),
         dict(name="split+bwd-pair h80 causal q_offset 100 T=37 S=137 s3", batch=2, t=37, s=137, n=4, kv=2, h=80,
-             q_offset=100, bs=BlockSizes(head_split=True, bwd_paired=True, slots=3)),
+             q_offset=100, bs=BlockSizes(bwd_head_split=True, bwd_paired=True, slots=3)),
         dict(name="split+bwd-pair h80 float16 non-causal padding T=S=129", batch=2, t=129, s=129, n=4, kv=4, h=80,
-             causal=False, kind="left", dt=jnp.float16, bs=VARIANTS["split+bwd-pair"]),
+             causal=False, kind="left", dt=jnp.float16, bs=VARIANTS["bwd-split+pair"]),
         # nothing to mask (a whole key block, no ids): failed at trace time before 2026-11-27 (the kernel fuzz)
         dict(name="bwd-pair h64 non-causal no padding T=37 S=128", batch=2, t=37, s=128, n=4, kv=2, h=64,
              causal=False, bs=VARIANTS["bwd-pair"]),
@@ -267,7 +273,7 @@ def variants_check(b: int = 4, n: int = 32, s: int = 4096, repeats: int = 3, che
         flops = 4 * b * n * s * s * h / 2
         got = {}
         for name, bs in impls.items():
-            if "split" in name and h % 64 == 0:
+            if name in SPLIT_ONLY and h % 64 == 0:
                 continue  # (nothing to split)
             if bs is None:
                 fn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,  # noqa: E731
@@ -353,7 +359,8 @@ def main() -> None:
     p.add_argument("--ablate", action="store_true", help="profile the forward by leaving stages out (h64/h80)")
     p.add_argument("--skip-table", action="store_true", help="no TFLOP/s table")
     p.add_argument("--warpgroups", default="1", help="--ablate: profile these BlockSizes.warpgroups (e.g. 1,2)")
-    p.add_argument("--head-split", default="0", help="--ablate: profile these BlockSizes.head_split (e.g. 0,1)")
+    p.add_argument("--head-split", default="1", help="--ablate: profile these BlockSizes.head_split (and "
+                   "bwd_head_split) (e.g. 0,1)")
     p.add_argument("--bwd-paired", default="0", help="--ablate: profile these BlockSizes.bwd_paired (e.g. 0,1)")
     p.add_argument("--variants", action="store_true",
                    help="only: the opt-in kernel forms' numerics (PASS/FAIL) and TFLOP/s against the default")

@@ -597,7 +597,8 @@ def kernel_cases(draw):
         split = draw(st.booleans())
         slots = draw(st.sampled_from([2, 3])) if not (wgs == 2 and split) else 2
         bs = BlockSizes(block_kv=draw(st.sampled_from([64, 128])), slots=slots, overlap=draw(st.booleans()),
-                        warpgroups=wgs, head_split=split, bwd_paired=draw(st.booleans()),
+                        warpgroups=wgs, head_split=split, bwd_head_split=draw(st.booleans()),
+                        bwd_paired=draw(st.booleans()),
                         block_kv_dq=draw(st.sampled_from([64, 128])), block_q_dkv=draw(st.sampled_from([64, 128])))
     elif kernel == "tpu" and draw(st.booleans()):  # (block_q, block_k)
         bq = draw(st.sampled_from([8, 16, 64, 128, 256]))

@@ -20,9 +20,11 @@ Kernels (all `plgpu.kernel`, one warpgroup per CTA by default, K/V or Q/dO strea
   `BlockSizes(bwd_paired=True)` (opt-in) issues the backward's independent products together and waits once per
   pair: dq's S = Q K^T and dP = dO V^T; dk/dv's S^T and dP^T, then dV += P^T dO and dK += dS^T Q (by default each
   product is waited on before the next is issued).
-  `BlockSizes(head_split=True)` (opt-in, all three kernels) tiles a head dim that is not a multiple of 64 as its
-  multiple of 64 (128-byte swizzle) plus a 16..48-wide rest (32-byte swizzle), one TMA copy per part: products over
-  the head dim are one wgmma per part into one accumulator, products into it one accumulator per part.
+  `BlockSizes.head_split` (default on, the forward and so the decode kernel) tiles a head dim that is not a
+  multiple of 64 as its multiple of 64 (128-byte swizzle) plus a 16..48-wide rest (32-byte swizzle), one TMA copy
+  per part: products over the head dim are one wgmma per part into one accumulator, products into it one
+  accumulator per part. At head_dim 80 it ran the forward 1.6x faster on an H200 (benchmarks/RESULTS.md).
+  `BlockSizes(bwd_head_split=True)` (opt-in until its speed is measured) does the same in the dq and dk/dv kernels.
   Causal work is skipped block-wise (with a Python-int `q_offset`); blocks wholly below the diagonal run without
   masks. Head dims are tiled natively: a multiple of 64 uses (8, 64) tiles and a 128-byte swizzle, other
   multiples of 16 (phi-2's 80) use (8, 16) tiles and a 32-byte swizzle, never padded to 128.
@@ -68,10 +70,13 @@ class BlockSizes:
     slots: int = 2
     overlap: bool = True  # forward: the QK^T of block j+1 runs on the tensor cores during the softmax of block j
     warpgroups: int = 1  # forward: consumer warpgroups per CTA (2 halves the K/V copies per query row)
-    # All kernels: a head dim that is not a multiple of 64 (phi-2's 80) in two column parts, its multiple of 64
-    # with the 128-byte swizzle and the 16..48-wide rest with the 32-byte one, each its own TMA copy (instead of
-    # 16-wide tiles for all of it, whose narrow copies bound the head_dim-80 forward on an H200).
-    head_split: bool = False
+    # Forward: a head dim that is not a multiple of 64 (phi-2's 80) in two column parts, its multiple of 64 with
+    # the 128-byte swizzle and the 16..48-wide rest with the 32-byte one, each its own TMA copy (instead of 16-wide
+    # tiles for all of it, whose narrow copies bound the head_dim-80 forward on an H200: 1.775 -> 1.107 ms at batch
+    # 4 x 32 heads x 4096, benchmarks/RESULTS.md, 2026-11-27). `bwd_head_split`: the same in the dq and dk/dv
+    # kernels (numerics PASS on an H200; speed not measured yet, so opt-in).
+    head_split: bool = True
+    bwd_head_split: bool = False
     # Backward (dq and dk/dv kernels): issue the products that do not depend on each other together and wait once
     # per pair (dq: S and dP; dk/dv: S^T and dP^T, then dV and dK), instead of waiting on each product in turn.
     bwd_paired: bool = False
@@ -91,14 +96,16 @@ class BlockSizes:
         if self.warpgroups not in (1, 2):
             raise ValueError(f"BlockSizes.warpgroups={self.warpgroups} must be 1 or 2")
         if self.warpgroups == 2 and self.head_split and self.slots > 2:  # hangs in Pallas's interpreter (2026-11-26)
-            raise ValueError(f"BlockSizes: warpgroups=2 with head_split=True takes slots=2 only (got {self.slots})")
+            raise ValueError(f"BlockSizes: warpgroups=2 with head_split=True (the default) takes slots=2 only (got "
+                             f"slots={self.slots}; pass head_split=False for a deeper pipeline)")
         unknown = set(self.ablate) - {"qk", "exp", "pv", "mask", "bwd_mm", "bwd_exp"}
         if unknown:
             raise ValueError(f"BlockSizes.ablate={sorted(self.ablate)}: unknown stages {sorted(unknown)}")
 
     @classmethod
     def get_default(cls) -> "BlockSizes":
-        """The sizes measured in benchmarks/RESULTS.md (an H200 sweep at head_dim 80 found no better one)."""
+        """The sizes measured in benchmarks/RESULTS.md (an H200 sweep at head_dim 80 found no better block sizes;
+        the forward's head split ran 1.6x faster there)."""
         return cls()
 
 
@@ -541,7 +548,7 @@ def _dq_call(q, k, v, do, qmeta, kvseg, stats, *, causal, static_offset, use_seg
     dtype = q.dtype
     ops = _Ops(interpret is not None, skip_mm="bwd_mm" in bs.ablate)
     c = scale * _LOG2E
-    parts = _head_parts(head_dim, bs.head_split)
+    parts = _head_parts(head_dim, bs.bwd_head_split)
     exp2 = (lambda x: x) if "bwd_exp" in bs.ablate else jnp.exp2
 
     def body(q_ref, k_ref, v_ref, do_ref, qmeta_ref, kvseg_ref, stats_ref, dq_ref, *,
@@ -659,7 +666,7 @@ def _dkv_call(q, k, v, do, qmeta, kvseg, stats, *, causal, static_offset, use_se
     dtype = q.dtype
     ops = _Ops(interpret is not None, skip_mm="bwd_mm" in bs.ablate)
     c = scale * _LOG2E
-    parts = _head_parts(head_dim, bs.head_split)
+    parts = _head_parts(head_dim, bs.bwd_head_split)
     exp2 = (lambda x: x) if "bwd_exp" in bs.ablate else jnp.exp2
 
     def body(q_ref, k_ref, v_ref, do_ref, qmeta_ref, kvseg_ref, stats_ref, dk_ref, dv_ref, *,
