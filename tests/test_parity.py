@@ -188,11 +188,13 @@ def test_token_classification_matches(make_checkpoint):
 
 
 def test_bfloat16_top1_agreement(tmp_path):
-    """bf16 compute against the float32 reference: top-1 >= 99%, max error <= 0.03 std (measured 0.018).
+    """bf16 compute against the float32 reference, beside transformers' own bf16 model on the same inputs: top-1
+    agreement >= 98% and at most one position (of 512) below transformers' bf16; max error <= 0.03 std and no more
+    than transformers' bf16 (measured 2026-11-27: phi_jax 98.6% / 0.021, transformers 98.8% / 0.025; phi_jax was
+    99.6% / 0.015 while its projections kept float32 results, before `projection_result_type`).
 
     The checkpoint holds bf16-representable weights (released Phi weights are half precision), so this
-    measures phi_jax's compute precision rather than the rounding of the checkpoint. For comparison,
-    transformers' own bf16 model agrees with its float32 reference on 98.2% of these positions.
+    measures the compute precision rather than the rounding of the checkpoint.
     """
     from conftest import randomize, torch_config, write_checkpoint
     ref_model = transformers.PhiForCausalLM(torch_config("phi2", vocab_size=512)).eval()
@@ -205,11 +207,12 @@ def test_bfloat16_top1_agreement(tmp_path):
     assert model.model.layers[0].mlp.fc1.kernel[...].dtype == jnp.bfloat16
     ids = _ids(8, 64, 512, seed=3)
     ref = _torch_logits(ref_model, ids)
+    torch_bf16 = _torch_logits(ref_model.to(torch.bfloat16), ids)
     out = np.asarray(model(jnp.asarray(ids.numpy())).logits)
-    agree = np.mean(out.argmax(-1) == ref.argmax(-1))
-    err = rel_err(out, ref)
-    assert agree >= 0.99, agree
-    assert 1e-3 < err <= 0.03, err  # above 1e-3: bf16 arithmetic really ran
+    agree, torch_agree = (np.mean(x.argmax(-1) == ref.argmax(-1)) for x in (out, torch_bf16))
+    err, torch_err = rel_err(out, ref), rel_err(torch_bf16, ref)
+    assert agree >= 0.98 and agree >= torch_agree - 1 / out[..., 0].size - 1e-9, (agree, torch_agree)
+    assert 1e-3 < err <= min(0.03, torch_err), (err, torch_err)  # above 1e-3: bf16 arithmetic really ran
 
 
 def test_compiled_forward_compiles_once_per_shape(make_checkpoint):

@@ -31,7 +31,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from phi_jax.modeling.partitioning import axes, per_shard_attention
 from phi_jax.modeling.layernorm import layer_norm, make_layer_norm, matmul_precision
-from phi_jax.modeling.matmul import dot_general
+from phi_jax.modeling.matmul import dot_general, projection_result_type
 from phi_jax.modeling.projection import project
 from phi_jax.modeling.rotary import apply_partial_rotary
 from phi_jax.kernels.decode_attention import decode_attention
@@ -271,11 +271,12 @@ class PhiAttention(nnx.Module):
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = hidden_size // num_heads
         self.attn_fn = get_attention_fn(attn_implementation)
-        # float32 accumulation and output, rounded once to the compute dtype (as torch's bf16 Linear). Applied through
-        # `project`, which keeps a batch-1 decode row a matrix product on XLA:GPU (see modeling/projection.py).
+        # float32 accumulation, rounded once to the compute dtype in the product (as torch's bf16 Linear; see
+        # `projection_result_type`). Applied through `project`, which keeps a batch-1 decode row a matrix product on
+        # XLA:GPU (see modeling/projection.py).
         self.dtype = dtype
         linear = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, precision=matmul_precision(dtype),
-                      preferred_element_type=jnp.float32, dot_general=dot_general, rngs=rngs)
+                      preferred_element_type=projection_result_type(dtype), dot_general=dot_general, rngs=rngs)
         self.q_proj = nnx.Linear(hidden_size, num_heads * self.head_dim, **linear,
                                  kernel_metadata=axes("embed", "heads"), bias_metadata=axes("heads"))
         self.k_proj = nnx.Linear(hidden_size, num_kv_heads * self.head_dim, **linear,

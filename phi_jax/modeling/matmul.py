@@ -1,7 +1,8 @@
 """`dot_general`: the model's matrix products, whose gradient products stay in the compute dtype.
 
-The model multiplies bf16 (or fp16) operands into a float32 result (`preferred_element_type=float32`: float32
-accumulation, rounded once, as torch's bf16 Linear). JAX's transpose rule then multiplies the float32 cotangent
+Where the model multiplies bf16 (or fp16) operands into a float32 result (`preferred_element_type=float32`: the
+attention scores and the LM head's logits; the Linear projections take `projection_result_type` below), JAX's
+transpose rule multiplies the float32 cotangent
 with the other 16-bit operand: XLA upcasts that operand and runs a float32 x float32 product, on an H100/H200
 at most half the bf16 rate and on twice the bytes, for the two thirds of a train step's FLOPs that the backward
 holds. Here the backward rounds the cotangent to the operands' dtype first and multiplies 16-bit x 16-bit with
@@ -63,3 +64,17 @@ def _jvp(dims, precision, out_dtype, out_sharding, primals, tangents):
 
 
 _rounded_grad_dot.defjvp(_jvp, symbolic_zeros=True)
+
+
+def projection_result_type(dtype):
+    """The result type of the model's Linear projections for compute `dtype` (their `preferred_element_type`).
+
+    float32 compute: float32. 16-bit compute: None, i.e. the operands' own 16-bit type: the product accumulates in
+    float32 (cuBLAS's and the TPU's matrix units' rule for 16-bit operands) and is rounded once, in the GEMM, to the
+    compute dtype, as torch's bf16 Linear writes it. A float32 result rounded by the next op (the form before
+    2026-11-27) wrote and read twice the bytes per projection (the fourth H200 run's forward: 193 cuBLAS calls, all
+    with float32 outputs) and kept the projections' outputs in float32 wherever a remat policy saves them. The bias
+    is then added in the compute dtype; the activation after fc1 still runs in float32. Such 16-bit products use
+    `lax.dot_general` in both directions (16-bit gradient products, as `dot_general` above gives wider ones).
+    """
+    return jnp.float32 if jnp.dtype(dtype) == jnp.float32 else None

@@ -10,7 +10,7 @@ from flax import nnx
 
 from phi_jax.modeling.partitioning import axes
 from phi_jax.modeling.layernorm import matmul_precision
-from phi_jax.modeling.matmul import dot_general
+from phi_jax.modeling.matmul import dot_general, projection_result_type
 from phi_jax.modeling.projection import project
 
 
@@ -41,9 +41,10 @@ class PhiMLP(nnx.Module):
         if hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act={hidden_act!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
         self.activation_fn = ACTIVATIONS[hidden_act]
-        # float32 accumulation and output: the activation runs in float32, fc2 rounds once to the compute dtype.
+        # float32 accumulation, rounded once to the compute dtype in each product (`projection_result_type`); the
+        # activation runs in float32 on fc1's result.
         linear = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, precision=matmul_precision(dtype),
-                      preferred_element_type=jnp.float32, dot_general=dot_general, rngs=rngs)
+                      preferred_element_type=projection_result_type(dtype), dot_general=dot_general, rngs=rngs)
         self.dtype = dtype
         self.fc1 = nnx.Linear(hidden_size, intermediate_size, **linear,
                               kernel_metadata=axes("embed", "mlp"), bias_metadata=axes("mlp"))
@@ -52,4 +53,5 @@ class PhiMLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[B, T, D] -> [B, T, F] -> [B, T, D]`."""
-        return project(self.fc2, self.activation_fn(project(self.fc1, x)).astype(self.dtype)).astype(self.dtype)
+        h = self.activation_fn(project(self.fc1, x).astype(jnp.float32)).astype(self.dtype)  # [B, T, F]
+        return project(self.fc2, h).astype(self.dtype)

@@ -1,0 +1,94 @@
+"""The Linear projections' result type (`phi_jax.modeling.matmul.projection_result_type`).
+
+16-bit compute: every q/k/v/dense/fc1/fc2 product is rounded once to the compute dtype in the product (as torch's
+bf16 Linear writes it), so it writes, and a remat policy saves, 16-bit values; the LM head keeps float32 logits.
+float32 compute: every product is float32, as before.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax._src.ad_checkpoint import saved_residuals  # not public in jax 0.10/0.11 (print_saved_residuals is)
+
+import phi_jax
+from phi_jax.modeling.matmul import projection_result_type
+
+HIDDEN, INTER, VOCAB, LAYERS = 128, 512, 256, 2
+
+
+def _model(dtype, **kw):
+    cfg = phi_jax.phi_2(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
+                        num_attention_heads=4, bos_token_id=None, eos_token_id=None, pad_token_id=None, **kw)
+    return phi_jax.PhiForCausalLM(cfg, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+
+
+def _subjaxprs(value):
+    if isinstance(value, jax.extend.core.ClosedJaxpr):
+        yield value.jaxpr
+    elif isinstance(value, jax.extend.core.Jaxpr):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _subjaxprs(v)
+
+
+def _dot_results(jaxpr) -> collections.Counter:
+    """(operand dtype, result dtype, result's last size) of every dot_general, nested programs included."""
+    found = collections.Counter()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            out = eqn.outvars[0].aval
+            found[str(eqn.invars[0].aval.dtype), str(out.dtype), out.shape[-1]] += 1
+        for value in eqn.params.values():
+            for sub in _subjaxprs(value):
+                found += _dot_results(sub)
+    return found
+
+
+def test_result_type_per_compute_dtype():
+    assert projection_result_type(jnp.float32) == jnp.float32
+    assert projection_result_type(jnp.bfloat16) is None and projection_result_type(jnp.float16) is None
+
+
+def test_bf16_projections_round_in_the_product_and_logits_stay_float32():
+    ids = jnp.ones((2, 16), jnp.int32)
+    for dtype, kind in ((jnp.bfloat16, "bfloat16"), (jnp.float32, "float32")):
+        model = _model(dtype)
+        dots = _dot_results(jax.make_jaxpr(lambda ids: model(ids).logits)(ids).jaxpr)
+        # q, k, v, dense, fc2 ([.., 128]) and fc1 ([.., 512]) in every layer: results in the compute dtype
+        assert dots[kind, kind, HIDDEN] >= 5 * LAYERS, dots
+        assert dots[kind, kind, INTER] == LAYERS, dots
+        assert dots[kind, "float32", VOCAB] == 1, dots  # the LM head: float32 logits either way
+        if kind == "bfloat16":
+            assert dots[kind, "float32", HIDDEN] == 0 and dots[kind, "float32", INTER] == 0, dots
+
+
+def test_remat_saves_bf16_projection_outputs():
+    """Under `dots_with_no_batch_dims_saveable` the saved projection outputs are bf16 (half the bytes of the
+    float32 results saved before 2026-11-27, which were most of the phi-2 train step's 48 GiB of temporaries)."""
+    model = _model(jnp.bfloat16)
+    model.model.remat_policy = "dots_with_no_batch_dims_saveable"
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    ids = jnp.ones((2, 16), jnp.int32)
+    saved = saved_residuals(lambda p: nnx.merge(graphdef, p, rest)(ids, labels=ids).loss, params)
+    dots = [aval for aval, why in saved if "dot_general" in why and aval.ndim == 3]
+    fc1 = [aval for aval in dots if aval.shape[-1] == INTER]
+    assert fc1 and all(aval.dtype == jnp.bfloat16 for aval in fc1), saved
+    assert not [aval for aval in dots if aval.dtype == jnp.float32], saved
+
+
+def test_bf16_logits_follow_the_float32_model():
+    """The bf16 model (16-bit projection results) against the float32 model on the same weights: the top-1 token
+    agrees and the logits are within bf16's error (the float32 path is unchanged; transformers' parity tests
+    cover it)."""
+    ids = jax.random.randint(jax.random.key(0), (4, 32), 0, VOCAB)
+    ref = np.asarray(_model(jnp.float32)(ids).logits)
+    out = np.asarray(_model(jnp.bfloat16)(ids).logits)
+    err = np.max(np.abs(out - ref)) / np.std(ref)
+    assert 1e-4 < err <= 3e-2, err  # above 1e-4: bf16 arithmetic really ran
+    assert np.mean(out.argmax(-1) == ref.argmax(-1)) >= 0.95
