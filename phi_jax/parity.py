@@ -265,6 +265,9 @@ def compare(jax_model, torch_model, input_ids, attention_mask=None, *, dtype: st
     """Runs both models on `input_ids: [B, T]` (optionally right-padded by `attention_mask`) and compares logits
     at real positions; greedy generation of `new_tokens` from the columns every row holds; `repeats` > 0 also
     times both forwards (median of `repeats` after one warm-up call)."""
+    if tolerance is None and dtype not in TOLERANCES:
+        raise ValueError(f"compare: dtype={dtype!r} has no default tolerance; expected one of {sorted(TOLERANCES)} "
+                         f"or a tolerance=")
     import jax
     import torch
 

@@ -85,3 +85,12 @@ def test_relative_error_counts_real_positions_only():
     out[0, 1] += 100.0  # a padded position
     assert relative_error(out, ref, np.array([[True, False]])) == (0.0, 0.0)
     assert relative_error(out, ref)[0] > 10
+
+
+def test_compare_names_an_unknown_dtype():
+    """`compare` with a dtype that has no default tolerance: a ValueError naming it and the known ones, before
+    either model runs (it was a bare KeyError after both forwards)."""
+    from phi_jax.parity import compare
+    with pytest.raises(ValueError, match=r"dtype='float16' has no default tolerance; expected one of \['bfloat16', "
+                                         r"'float32'\]"):
+        compare(None, None, np.ones((1, 4), np.int32), dtype="float16")
