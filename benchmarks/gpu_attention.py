@@ -301,7 +301,8 @@ def variants_check(b: int = 4, n: int = 32, s: int = 4096, repeats: int = 3, che
     return n_fail
 
 
-def decode_bench(repeats: int, kv_len: int = 2048, interpret: bool = False, layers: int = 32) -> None:
+def decode_bench(repeats: int, kv_len: int = 2048, interpret: bool = False, layers: int = 32,
+                 splits: tuple[int, ...] = (2, 4, 16)) -> None:
     """The decode kernel (phi_jax/kernels/decode_attention_gpu.py): one query per sequence against a `kv_len`-token
     cache, phi-2's heads (32 x 80), bf16, at batch 1 and 8, against the KV-cache read floor (K and V bytes / the
     copy bandwidth measured here) and the xla path. Goal (issue 10): within 1.5x of the floor.
@@ -327,6 +328,12 @@ def decode_bench(repeats: int, kv_len: int = 2048, interpret: bool = False, laye
                 q, k, v, q_offset=off, interpret=interpret),
             "xla": lambda q, k, v, off: attention_reference(q, k, v, q_offset=off),
         }
+        if b == 1:  # other split counts (the default's choice is not measured against them yet) and 16-wide tiles
+            for n in splits:
+                fns[f"pallas splits {n}"] = lambda q, k, v, off, n=n: decode_attention_gpu(
+                    q, k, v, q_offset=off, num_splits=n, interpret=interpret)
+            fns["pallas 16-wide"] = lambda q, k, v, off: decode_attention_gpu(
+                q, k, v, q_offset=off, block_sizes=BlockSizes(head_split=False), interpret=interpret)
         for name, fn in fns.items():
             def stack(q, ks, vs, off, fn=fn):  # the layers in turn, as the model's unrolled decode step
                 for k, v in zip(ks, vs):
