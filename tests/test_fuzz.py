@@ -557,7 +557,7 @@ def _draws(sampler, logits, keys):
     return jax.vmap(lambda k: sampler.next_tokens(logits, k))(keys)
 
 
-@fuzz_settings(ci_examples=40)
+@fuzz_settings(ci_examples=20)
 @given(case=sampling_cases())
 def test_sampling_warpers_match_transformers(case):
     with logged("sampling"):
