@@ -86,6 +86,13 @@ def convert(src, dst, *, to: str, layout: str = "auto", dtype=None, shard_size="
         raise ValueError(f"unknown output layout {to!r}; expected 'hf' or 'orbax'")
     out_dtype = _dtype(dtype)
     source = open_source(src, layout, config)  # FileNotFoundError at once for a missing directory
+    try:  # closed whatever fails (a refused destination, a mismatched plan), not only once the copy began
+        return _convert_from(source, dst, to, out_dtype, shard_size, chunk_size, overwrite, progress)
+    finally:
+        source.close()
+
+
+def _convert_from(source, dst, to, out_dtype, shard_size, chunk_size, overwrite, progress) -> dict:
     src, dst = source.directory, os.path.realpath(os.path.expanduser(os.fspath(dst)))
     if os.path.realpath(src) == dst:
         raise ValueError(f"source and destination are the same directory: {src}")
@@ -125,7 +132,6 @@ def convert(src, dst, *, to: str, layout: str = "auto", dtype=None, shard_size="
                 writer.abort()
             raise
         finally:
-            source.close()
             if bar is not None:
                 bar.close()
         dtypes = {d for _, d in out}

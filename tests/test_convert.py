@@ -256,3 +256,28 @@ def test_tiled_copies_equal_numpy():
     tiled_copy(dst[:, 100:800], a.T)
     np.testing.assert_array_equal(dst[:, 100:800], a.T)
     assert not dst[:, :100].any() and not dst[:, 800:].any()
+
+
+
+def test_source_closed_when_convert_refuses_before_copying(make_checkpoint, tmp_path, monkeypatch):
+    """A conversion refused after the source is open (destination = source, or an existing destination) closes
+    the source too: before, only a failure during the copy did, and the refusals left its files open."""
+    d, _ = make_checkpoint("phi1")
+    events, real_open = [], convert.open_source
+
+    def recording_open(*a, **kw):
+        source = real_open(*a, **kw)
+        real_close = source.close
+        source.close = lambda: (events.append("closed"), real_close())[1]
+        events.append("open")
+        return source
+
+    monkeypatch.setattr(convert, "open_source", recording_open)
+    with pytest.raises(ValueError, match="same directory"):
+        convert.convert(d, d, to="hf")
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(FileExistsError):
+        convert.convert(d, existing, to="orbax")
+    convert.convert(d, tmp_path / "out", to="orbax")  # and once after a whole conversion, as before
+    assert events == ["open", "closed"] * 3
