@@ -2,12 +2,12 @@
 
 Where the model multiplies bf16 (or fp16) operands into a float32 result (`preferred_element_type=float32`: the
 attention scores and the LM head's logits; the Linear projections take `projection_result_type` below), JAX's
-transpose rule multiplies the float32 cotangent
-with the other 16-bit operand: XLA upcasts that operand and runs a float32 x float32 product, on an H100/H200
-at most half the bf16 rate and on twice the bytes, for the two thirds of a train step's FLOPs that the backward
-holds. Here the backward rounds the cotangent to the operands' dtype first and multiplies 16-bit x 16-bit with
-float32 accumulation, as torch's autocast does. The forward is `lax.dot_general` exactly; float32 operands (and
-any call without a wider result type) are `lax.dot_general` in both directions, so float32 parity is untouched.
+transpose rule multiplies the float32 cotangent with the other 16-bit operand: XLA upcasts that operand and runs a
+float32 x float32 product, on an H100/H200 at most half the bf16 rate and on twice the bytes, for the two thirds of
+a train step's FLOPs that the backward holds. Here the backward rounds the cotangent to the operands' dtype first
+and multiplies 16-bit x 16-bit with float32 accumulation, as torch's autocast does. The forward is `lax.dot_general`
+exactly; float32 operands (and any call without a wider result type) are `lax.dot_general` in both directions, so
+float32 parity is untouched.
 """
 
 from __future__ import annotations
