@@ -254,3 +254,22 @@ def hlo_report(summary: dict, hlo_text: str, *, top: int = 12, label: str = "") 
         out.append(f"profile {label} matmul op {ns / 1e6 / calls:9.3f} ms/call {form:<6} {flops / max(ns, 1):8.1f} "
                    f"GFLOP/s  {op[:60]}")
     return "\n".join(out)
+
+
+_CUBLAS = re.compile(r'= \(?(\w+)\[[^\]]*\][^=]*custom-call\(([^)]*)\), custom_call_target="__cublas\$lt\$matmul"')
+
+
+def cublas_summary(hlo_text: str, label: str = "") -> str:
+    """One line on an optimized GPU program's cuBLAS-Lt matmuls: how many, by output type, and which epilogues
+    XLA fused into them (DEFAULT: none; BIAS, GELU, ...), read from each call's result type and backend config."""
+    outputs, epilogues = collections.Counter(), collections.Counter()
+    for line in hlo_text.splitlines():
+        m = _CUBLAS.search(line)
+        if not m:
+            continue
+        outputs[m.group(1)] += 1
+        e = re.search(r'"epilogue":"(\w+)"', line)
+        epilogues[e.group(1) if e else "?"] += 1
+    n = sum(outputs.values())
+    by = lambda c: ", ".join(f"{k} {v}" for k, v in c.most_common())  # noqa: E731
+    return f"profile {label} cuBLAS-Lt matmuls {n}: outputs {by(outputs) or '-'}; epilogues {by(epilogues) or '-'}"

@@ -37,7 +37,7 @@ step() {  # step NAME LIMIT COMMAND...: run COMMAND with min(LIMIT, time left) s
     timeout -k 5 "$limit" "$@" > "$LOGDIR/$name.txt" 2>&1
     local rc=$?
     echo "== $name: rc $rc in $(($(date +%s) - t0)) s (limit $limit s): $*" | tee -a "$OUTDIR/summary.txt"
-    grep -E "PASS|FAIL|speed-up|ratios|MFU|largest|fits|floor|transformers|TFLOP|Error|error|category|phase|form|/ default" \
+    grep -E "PASS|FAIL|speed-up|ratios|MFU|largest|fits|floor|transformers|TFLOP|Error|error|category|phase|form|cuBLAS|/ default" \
         "$LOGDIR/$name.txt" | head -80 >> "$OUTDIR/summary.txt"
     tar -czf "$OUTDIR/logs.tgz" -C "$LOGDIR" .
 }

@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from device_profile import hlo_report, profile_calls  # noqa: E402
+from device_profile import cublas_summary, hlo_report, profile_calls  # noqa: E402
 
 import phi_jax  # noqa: E402
 
@@ -67,7 +67,9 @@ def write_hlo(args, name: str, compiled) -> None:
 def matmul_report(args, summary: dict, compiled, label: str) -> None:
     """`hlo_report` of a profiled program: each matmul's TFLOP/s (by operand form) and the time per phase."""
     try:
-        print(hlo_report(summary, compiled.as_text(), top=args.top, label=label), flush=True)
+        text = compiled.as_text()
+        print(hlo_report(summary, text, top=args.top, label=label), flush=True)
+        print(cublas_summary(text, label), flush=True)  # float32 or 16-bit results, fused bias/activation
     except Exception as e:  # noqa: BLE001 - the profile printed before stands without it
         print(f"hlo_report {label}: {type(e).__name__}: {e}", flush=True)
 

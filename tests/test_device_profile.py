@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-from device_profile import category, profile_calls, report  # noqa: E402
+from device_profile import category, cublas_summary, profile_calls, report  # noqa: E402
 
 
 def test_profile_calls_counts_the_xla_ops_of_each_call():
@@ -75,3 +75,21 @@ def test_hlo_report_counts_every_matmul_flop_and_the_phases():
     assert f"{expected / 1e9:.3f} GFLOP/call" in text
     phases = {info[op]["phase"] for op in summary["ops"] if op in info}
     assert {"forward", "backward"} <= phases
+
+
+def test_cublas_summary_counts_outputs_and_epilogues():
+    """Read from lines of an optimized GPU program (the fourth H200 run's forward, shortened): result type of each
+    cuBLAS-Lt call and its fused epilogue; other custom calls are not counted."""
+    hlo = "\n".join([
+        '  %custom-call.34 = (f32[8192,2560]{1,0}, s8[33554432]{0}) custom-call(%bitcast.549.0, %w.1), '
+        'custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":{"epilogue":"DEFAULT"}}',
+        '  %custom-call.35 = (bf16[8192,10240]{1,0}, s8[33554432]{0}) custom-call(%b.1, %w.2, %bias.3), '
+        'custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":{"epilogue":"BIAS"}}',
+        '  %custom-call.36 = (bf16[8192,2560]{1,0}, s8[33554432]{0}) custom-call(%b.2, %w.3), '
+        'custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":{"epilogue":"DEFAULT"}}',
+        '  %custom-call.1 = (bf16[4,2048,32,80]{3,2,1,0}, u8[0]{0}) custom-call(%q, %k, %v), '
+        'custom_call_target="__cudnn$fmhaSoftmax"',
+    ])
+    line = cublas_summary(hlo, "fwd")
+    assert line == "profile fwd cuBLAS-Lt matmuls 3: outputs bf16 2, f32 1; epilogues DEFAULT 2, BIAS 1", line
+    assert cublas_summary("", "x").endswith("matmuls 0: outputs -; epilogues -")
