@@ -21,6 +21,9 @@ export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
 export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
 START=$(date +%s)
 
+# the lines of each step's log that summary.txt keeps
+KEEP="PASS|FAIL|speed-up|ratios|MFU|largest|fits|floor|transformers|TFLOP|[Ee]rror|category|phase|form|cuBLAS|/ default"
+
 step() {  # step NAME LIMIT COMMAND...: run COMMAND with min(LIMIT, time left) seconds, its log into logs.tgz
     local name=$1 limit=$2
     shift 2
@@ -37,8 +40,7 @@ step() {  # step NAME LIMIT COMMAND...: run COMMAND with min(LIMIT, time left) s
     timeout -k 5 "$limit" "$@" > "$LOGDIR/$name.txt" 2>&1
     local rc=$?
     echo "== $name: rc $rc in $(($(date +%s) - t0)) s (limit $limit s): $*" | tee -a "$OUTDIR/summary.txt"
-    grep -E "PASS|FAIL|speed-up|ratios|MFU|largest|fits|floor|transformers|TFLOP|Error|error|category|phase|form|cuBLAS|/ default" \
-        "$LOGDIR/$name.txt" | head -80 >> "$OUTDIR/summary.txt"
+    grep -E "$KEEP" "$LOGDIR/$name.txt" | head -80 >> "$OUTDIR/summary.txt"
     tar -czf "$OUTDIR/logs.tgz" -C "$LOGDIR" .
 }
 
@@ -59,8 +61,8 @@ fi
 # issue 10: the phi-2 forward b4x2048 with each attention implementation against transformers (goal >= 1.5x): the
 # first run of the bf16 projection results and of the forward kernel's head split by default (both 2026-11-27)
 step forward 150 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 python3 benchmarks/attention.py --skip-kernels --budget 0.3
-# issue 12: MFU at batch 8, then the largest batch that fits (temporaries' slope from a second compile; bf16 projection results
-# halve the saved activations) and its MFU
+# issue 12: MFU at batch 8, then the largest batch that fits (temporaries' slope from a second compile; bf16
+# projection results halve the saved activations) and its MFU
 step train 200 python3 benchmarks/train.py --gpu --remat dots_and_attention_saveable --batch 8 --find-max --repeats 3
 # issue 11: time to first token and decode through the public API, both libraries on the GPU
 step generate 150 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 python3 benchmarks/generate.py --gpu --geometry phi2 \
