@@ -217,11 +217,10 @@ SPLIT_ONLY = ("16-wide", "wg2+split", "bwd-split", "bwd-split+pair")  # the same
 
 def variants_check(b: int = 4, n: int = 32, s: int = 4096, repeats: int = 3, check: bool = True,
                    dims=(64, 80), only: str | None = None) -> int:
-    """The opt-in kernel forms (`VARIANTS`: two consumer warpgroups, the head dim in a 64 + rest split):
-    numerics against the reference (unless `check` is false; `only`: the cases whose name holds one of its
-    comma-separated texts), then TFLOP/s
-    against the default and cuDNN at the head dims `dims`, with ratios. Returns the number of failed numerics
-    cases."""
+    """The kernel forms other than the default (`VARIANTS`: 16-wide tiles, two consumer warpgroups, the backward's
+    head split, the paired backward): numerics against the reference (unless `check` is false; `only`: the cases
+    whose name holds one of its comma-separated texts), then TFLOP/s against the default and cuDNN at the head
+    dims `dims`, with ratios. Returns the number of failed numerics cases."""
     # the numerics cases' forms, by what they split (the default splits the forward only)
     wg2, split = VARIANTS["wg2"], BlockSizes(bwd_head_split=True)
     both = BlockSizes(warpgroups=2, bwd_head_split=True)
