@@ -92,3 +92,28 @@ def test_bf16_logits_follow_the_float32_model():
     err = np.max(np.abs(out - ref)) / np.std(ref)
     assert 1e-4 < err <= 3e-2, err  # above 1e-4: bf16 arithmetic really ran
     assert np.mean(out.argmax(-1) == ref.argmax(-1)) >= 0.95
+
+
+def test_lora_on_a_bf16_model_starts_from_it_and_merges_back():
+    """LoRA adapters (float32 parameters, zero B) on a bf16 model with 16-bit projection results: the logits start
+    equal to the base model's, every B gets a gradient, and an adapter after one step, merged into the kernels,
+    gives the adapted model's logits to bf16's precision."""
+    from phi_jax.train.lora import add_lora, merge_lora
+    ids = jax.random.randint(jax.random.key(1), (2, 16), 0, VOCAB)
+    base = np.asarray(_model(jnp.bfloat16)(ids).logits)
+    model = add_lora(_model(jnp.bfloat16), 4)
+    np.testing.assert_array_equal(np.asarray(model(ids).logits), base)
+    graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+    grads = jax.grad(lambda p: nnx.merge(graphdef, p, rest)(ids, labels=ids).loss)(lora)
+    assert all(bool(jnp.any(g != 0)) for path, g in jax.tree_util.tree_leaves_with_path(grads)
+               if "lora_b" in jax.tree_util.keystr(path))
+    lora = jax.tree.map(lambda p, g: p - 0.5 * g / (jnp.max(jnp.abs(g)) + 1e-12), lora, grads)  # a visible step
+    nnx.update(model, lora)
+    adapted = np.asarray(model(ids).logits)
+    moved = np.max(np.abs(adapted - base))
+    assert moved > 1.0  # the step moved the logits (measured 6.6)
+    merged = np.asarray(merge_lora(model)(ids).logits)
+    # the merged kernels are rounded to bf16 with the update in them: measured 0.038 (0.024 with float32 projection
+    # results), 0.6% of what the adapters moved; a wrong scale or a lost adapter would be of the order of `moved`
+    err = np.max(np.abs(merged - adapted))
+    assert err <= 0.02 * moved and err / np.std(adapted) <= 5e-2, (err, moved)
