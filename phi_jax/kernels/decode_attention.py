@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from phi_jax.kernels.flash_attention_tpu import MASK_VALUE, NN, NT, _precision, _round_up
-from phi_jax.kernels.reference import check_shapes
+from phi_jax.kernels.reference import check_positive_ints, check_shapes
 
 
 def _decode_kernel(off_ref, q_ref, k_ref, v_ref, qid_ref, kvid_ref, o_ref, m_ref, l_ref, m_scr, l_scr, acc_scr, *,
@@ -93,9 +93,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids=
       `[B, T, N, H]` in q's dtype.
     """
     check_shapes(q, k, v, q_segment_ids, kv_segment_ids, "decode_attention", q_offset)
-    for arg, value in (("block_k", block_k), ("num_splits", num_splits)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"decode_attention: {arg}={value!r} must be a positive integer (or None)")
+    check_positive_ints("decode_attention", block_k=block_k, num_splits=num_splits)
     if block_k is not None and block_k % 128:
         raise ValueError(f"decode_attention: block_k={block_k} must be a multiple of 128")
     b, t, n, h = q.shape

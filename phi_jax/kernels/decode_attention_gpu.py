@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from phi_jax.kernels.flash_attention_gpu import (BlockSizes, _fwd_call, _interpret_params, _round_up, check_block_sizes,
                                                  segment_ids)
-from phi_jax.kernels.reference import attention_reference, check_shapes
+from phi_jax.kernels.reference import attention_reference, check_positive_ints, check_shapes
 
 # About two waves of CTAs on an H100/H200 (132 multiprocessors): the default number of splits aims at this many
 # CTAs in all, B * N * splits, at least one key block per split.
@@ -56,9 +56,7 @@ def decode_attention_gpu(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_
     check_block_sizes(block_sizes, "decode_attention_gpu")
     batch, t, n_heads, head_dim = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
-    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
-                                   or num_splits < 1):
-        raise ValueError(f"decode_attention_gpu: num_splits={num_splits!r} must be a positive integer")
+    check_positive_ints("decode_attention_gpu", num_splits=num_splits)
     if not (batch and t and s):
         return jnp.zeros(q.shape, q.dtype)  # the contract: nothing to see (S = 0) is zeros
     ref_kw = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, causal=causal, q_offset=q_offset,

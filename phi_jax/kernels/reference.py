@@ -86,6 +86,13 @@ def check_shapes(q, k, v, q_segment_ids, kv_segment_ids, name: str, q_offset=0) 
     check_offset(q_offset, name)
 
 
+def check_positive_ints(name: str, **values) -> None:
+    """Each of `values` (a wrapper's tuning option: block size, number of splits) is None or a positive int."""
+    for arg, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}: {arg}={value!r} must be a positive integer (or None)")
+
+
 def check_offset(q_offset, name: str) -> None:
     """q_offset is a Python int or an int32 scalar array (traced or not), and not negative where it is known."""
     if isinstance(q_offset, bool) or jnp.ndim(q_offset) != 0 or not jnp.issubdtype(jnp.result_type(q_offset),
