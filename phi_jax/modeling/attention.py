@@ -32,7 +32,7 @@ from jax.ad_checkpoint import checkpoint_name
 from phi_jax.modeling.partitioning import axes, per_shard_attention
 from phi_jax.modeling.layernorm import layer_norm, make_layer_norm, matmul_precision
 from phi_jax.modeling.matmul import dot_general, projection_result_type
-from phi_jax.modeling.projection import project
+from phi_jax.modeling.projection import Linear, project
 from phi_jax.modeling.rotary import apply_partial_rotary
 from phi_jax.kernels.decode_attention import decode_attention
 from phi_jax.kernels.decode_attention_gpu import decode_attention_gpu
@@ -277,13 +277,13 @@ class PhiAttention(nnx.Module):
         self.dtype = dtype
         linear = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, precision=matmul_precision(dtype),
                       preferred_element_type=projection_result_type(dtype), dot_general=dot_general, rngs=rngs)
-        self.q_proj = nnx.Linear(hidden_size, num_heads * self.head_dim, **linear,
+        self.q_proj = Linear(hidden_size, num_heads * self.head_dim, **linear,
                                  kernel_metadata=axes("embed", "heads"), bias_metadata=axes("heads"))
-        self.k_proj = nnx.Linear(hidden_size, num_kv_heads * self.head_dim, **linear,
+        self.k_proj = Linear(hidden_size, num_kv_heads * self.head_dim, **linear,
                                  kernel_metadata=axes("embed", "kv_heads"), bias_metadata=axes("kv_heads"))
-        self.v_proj = nnx.Linear(hidden_size, num_kv_heads * self.head_dim, **linear,
+        self.v_proj = Linear(hidden_size, num_kv_heads * self.head_dim, **linear,
                                  kernel_metadata=axes("embed", "kv_heads"), bias_metadata=axes("kv_heads"))
-        self.dense = nnx.Linear(num_heads * self.head_dim, hidden_size, **linear,
+        self.dense = Linear(num_heads * self.head_dim, hidden_size, **linear,
                                 kernel_metadata=axes("heads", "embed"), bias_metadata=axes("norm"))
         if qk_layernorm:
             self.q_layernorm = make_layer_norm(self.head_dim, layer_norm_eps, param_dtype, rngs)

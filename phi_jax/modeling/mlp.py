@@ -11,7 +11,7 @@ from flax import nnx
 from phi_jax.modeling.partitioning import axes
 from phi_jax.modeling.layernorm import matmul_precision
 from phi_jax.modeling.matmul import dot_general, projection_result_type
-from phi_jax.modeling.projection import project
+from phi_jax.modeling.projection import Linear, project
 
 
 def _gelu_tanh(x):  # transformers' gelu_new / gelu_pytorch_tanh
@@ -46,9 +46,9 @@ class PhiMLP(nnx.Module):
         linear = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, precision=matmul_precision(dtype),
                       preferred_element_type=projection_result_type(dtype), dot_general=dot_general, rngs=rngs)
         self.dtype = dtype
-        self.fc1 = nnx.Linear(hidden_size, intermediate_size, **linear,
+        self.fc1 = Linear(hidden_size, intermediate_size, **linear,
                               kernel_metadata=axes("embed", "mlp"), bias_metadata=axes("mlp"))
-        self.fc2 = nnx.Linear(intermediate_size, hidden_size, **linear,
+        self.fc2 = Linear(intermediate_size, hidden_size, **linear,
                               kernel_metadata=axes("mlp", "embed"), bias_metadata=axes("norm"))
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -18,6 +18,27 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from phi_jax.modeling.matmul import add_bias
+
+
+def linear_apply(linear: nnx.Linear, x: jax.Array, out_sharding=None) -> jax.Array:
+    """What `nnx.Linear.__call__` computes, with the bias added by `add_bias` (its gradient sums in float32)."""
+    bias = linear.bias[...] if linear.bias is not None else None
+    x, kernel, bias = linear.promote_dtype((x, linear.kernel[...], bias), dtype=linear.dtype)
+    kw = {"out_sharding": out_sharding}
+    if linear.preferred_element_type is not None:
+        kw["preferred_element_type"] = linear.preferred_element_type
+    y = linear.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=linear.precision, **kw)
+    return y if bias is None else add_bias(y, bias)
+
+
+class Linear(nnx.Linear):
+    """The attention's and MLP's projections: `nnx.Linear` (same parameters, same forward) through `linear_apply`,
+    so that a 16-bit model's bias gradients are float32 sums over the batch (see `matmul.add_bias`)."""
+
+    def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+        return linear_apply(self, inputs, out_sharding)
+
 
 def project(linear: nnx.Linear, x: jax.Array) -> jax.Array:
     """`linear(x)` for `x: [..., D]` -> `[..., F]`; one row (all leading sizes 1) goes through as 2 rows on GPUs."""

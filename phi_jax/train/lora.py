@@ -4,8 +4,8 @@
 the same kernel and bias Variables plus `lora.lora_a: [in, r]` (he-uniform) and `lora.lora_b: [r, out]`
 (zeros), so training starts from the base model exactly; the adapters are `nnx.LoRAParam`s, the only
 parameters a LoRA run trains. The update is `(alpha / r) * x @ A @ B` (LoRA's scale; alpha defaults to r,
-i.e. scale 1). `merge_lora` folds `(alpha / r) * A @ B` into each kernel and restores plain `nnx.Linear`
-layers with the checkpoint's names.
+i.e. scale 1). `merge_lora` folds `(alpha / r) * A @ B` into each kernel and restores the model's plain
+`Linear` layers with the checkpoint's names.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from flax import nnx
 from phi_jax.modeling.attention import PhiAttention
 from phi_jax.modeling.layernorm import axes
 from phi_jax.modeling.mlp import PhiMLP
+from phi_jax.modeling.projection import Linear, linear_apply
 
 TARGETS = {PhiAttention: ("q_proj", "k_proj", "v_proj", "dense"), PhiMLP: ("fc1", "fc2")}
 
@@ -27,7 +28,7 @@ class ScaledLoRALinear(nnx.LoRALinear):
     lora_scale: float = 1.0
 
     def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
-        y = nnx.Linear.__call__(self, x, out_sharding=out_sharding)
+        y = linear_apply(self, x, out_sharding)
         update = self.lora(x)
         return y + (update if self.lora_scale == 1.0 else self.lora_scale * update)
 
@@ -74,7 +75,7 @@ def add_lora(model: nnx.Module, rank: int, *, alpha: float | None = None, seed: 
 
 
 def merge_lora(model: nnx.Module) -> nnx.Module:
-    """Folds every adapter into its kernel (`W + A @ B`) and restores plain `nnx.Linear`s, in place."""
+    """Folds every adapter into its kernel (`W + A @ B`) and restores the model's `Linear` layers, in place."""
     for module, name in list(_targets(model)):
         lora = getattr(module, name)
         if not isinstance(lora, nnx.LoRALinear):
@@ -82,7 +83,7 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
         a, b = lora.lora.lora_a[...], lora.lora.lora_b[...]
         update = jnp.matmul(a, b, precision="highest") * getattr(lora, "lora_scale", 1.0)
         merged = lora.kernel[...] + update.astype(lora.kernel[...].dtype)
-        plain = nnx.eval_shape(lambda: nnx.Linear(lora.in_features, lora.out_features, rngs=nnx.Rngs(0),
+        plain = nnx.eval_shape(lambda: Linear(lora.in_features, lora.out_features, rngs=nnx.Rngs(0),
                                                   **_linear_kwargs(lora)))
         plain.kernel = nnx.Param(merged, **{k: v for k, v in lora.kernel.get_metadata().items()
                                             if k == "out_sharding"}, eager_sharding=False)
