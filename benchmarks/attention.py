@@ -155,32 +155,12 @@ def _torch_cell(torch, batch, heads, h, t, flops, budget):
         return f"error {type(e).__name__}"
 
 
-def model_table(layers, batch, seq, hidden, heads, budget):
-    """phi-2 geometry forward with each implementation and transformers, same random weights."""
-    import phi_jax
-    from phi_jax.config import phi_2
-
-    print(f"\n== model: phi-2 geometry ({layers} layers, hidden {hidden}, {heads} heads), bf16, "
-          f"batch {batch} x {seq} tokens, forward ms ==")
-    cfg = phi_2(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=4 * hidden,
-                num_attention_heads=heads)
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq)), jnp.int32)
-    base = phi_jax.PhiForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    _, state = nnx.split(base)
-    times = {}
-    for impl in ("xla", "cudnn", "pallas"):
-        try:
-            graphdef = nnx.graphdef(nnx.eval_shape(lambda: phi_jax.PhiForCausalLM(
-                cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attn_implementation=impl, rngs=nnx.Rngs(0))))
-            fwd = jax.jit(lambda state, ids, graphdef=graphdef: nnx.merge(graphdef, state)(ids).logits)
-            times[impl] = _timeit(fwd, state, ids, budget=budget)
-            print(f"phi_jax {impl:<7}: {1e3 * times[impl]:8.1f} ms", flush=True)
-        except Exception as e:
-            print(f"phi_jax {impl}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+def _transformers_forward(cfg, layers, hidden, heads, ids) -> float | None:
+    """Seconds per forward of transformers' PhiForCausalLM (SDPA, bf16, random weights) on the GPU, or None."""
     torch = _torch_sdpa()
     if torch is None:
         print("transformers: skipped (torch sees no GPU)")
-        return
+        return None
     try:
         import transformers
         tcfg = transformers.PhiConfig(vocab_size=cfg.vocab_size, hidden_size=hidden, intermediate_size=4 * hidden,
@@ -203,11 +183,39 @@ def model_table(layers, batch, seq, hidden, heads, budget):
                 tmodel(tids)
             torch.cuda.synchronize()
         t_torch = (time.perf_counter() - t0) / n
-        print(f"transformers sdpa: {1e3 * t_torch:8.1f} ms")
-        for impl, t in times.items():
-            print(f"  phi_jax {impl} speed-up over transformers: {t_torch / t:.2f}x")
+        print(f"transformers sdpa: {1e3 * t_torch:8.1f} ms", flush=True)
+        del tmodel
+        torch.cuda.empty_cache()  # its memory back before phi_jax's programs run
+        return t_torch
     except Exception as e:
-        print(f"transformers: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+        print(f"transformers: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+        return None
+
+
+def model_table(layers, batch, seq, hidden, heads, budget):
+    """phi-2 geometry forward with each implementation and transformers, same geometry and random weights.
+    transformers runs first, so that a run cut short still has the reference and the ratios printed so far."""
+    import phi_jax
+    from phi_jax.config import phi_2
+
+    print(f"\n== model: phi-2 geometry ({layers} layers, hidden {hidden}, {heads} heads), bf16, "
+          f"batch {batch} x {seq} tokens, forward ms ==", flush=True)
+    cfg = phi_2(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=4 * hidden,
+                num_attention_heads=heads)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq)), jnp.int32)
+    t_torch = _transformers_forward(cfg, layers, hidden, heads, ids)
+    base = phi_jax.PhiForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    _, state = nnx.split(base)
+    for impl in ("cudnn", "pallas", "xla"):
+        try:
+            graphdef = nnx.graphdef(nnx.eval_shape(lambda: phi_jax.PhiForCausalLM(
+                cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attn_implementation=impl, rngs=nnx.Rngs(0))))
+            fwd = jax.jit(lambda state, ids, graphdef=graphdef: nnx.merge(graphdef, state)(ids).logits)
+            t = _timeit(fwd, state, ids, budget=budget)
+            ratio = f"; speed-up over transformers: {t_torch / t:.2f}x" if t_torch else ""
+            print(f"phi_jax {impl:<7}: {1e3 * t:8.1f} ms{ratio}", flush=True)
+        except Exception as e:
+            print(f"phi_jax {impl}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
 
 
 def main() -> None:

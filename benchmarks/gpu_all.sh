@@ -56,41 +56,38 @@ if ls .whl/tokamax-*.whl > /dev/null 2>&1; then
         .whl/*.whl >> "$OUTDIR/summary.txt" 2>&1
 fi
 
-# Priorities after the fourth run (benchmarks/RESULTS.md): the goals' figures that the 2026-11-27 changes (bf16
-# projection results, the forward kernel's head split) move first, then profiles, then the rest.
-# issue 10: the phi-2 forward b4x2048 with each attention implementation against transformers (goal >= 1.5x): the
-# first run of the bf16 projection results and of the forward kernel's head split by default (both 2026-11-27)
-step forward 150 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 python3 benchmarks/attention.py --skip-kernels --budget 0.3
-# issue 12: MFU at batch 8, then the largest batch that fits (temporaries' slope from a second compile; bf16
-# projection results halve the saved activations) and its MFU; JAX's pool at 92% of the GPU instead of its default 75%
-step train 200 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 python3 benchmarks/train.py --gpu --remat \
+# Priorities after the fifth run (benchmarks/RESULTS.md): the GPU check that failed there (cudnn/pallas/auto against
+# xla, with the bias gradients now summed in float32), then the goals' figures the fifth run did not reach.
+# issue 10: the model's attention implementations agree with xla on the GPU, gradients included (pytest's version of
+# this failed in the fifth run, presumably on the k_proj bias gradients summed in bf16; fixed after it)
+step impls 90 python3 benchmarks/gpu_attn_impls.py
+# issue 10: the phi-2 forward b4x2048 against transformers (goal >= 1.5x), transformers timed first
+step forward 200 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 python3 benchmarks/attention.py --skip-kernels --budget 0.3
+# issue 10: numerics of the default kernel forms (the backward split and paired by default since the fifth run), then
+# head_dim 80 fwd and fwd+bwd of every form (the two-warpgroup 3-slot forward matched cuDNN once: confirm it)
+step variants 150 python3 benchmarks/gpu_attention.py --variants --check-only default --dims 80 --repeats 3
+# issue 12: MFU at batch 8, then the largest batch that fits (estimated about 20 in the fifth run) and its MFU
+step train 240 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 python3 benchmarks/train.py --gpu --remat \
     dots_and_attention_saveable --batch 8 --find-max --repeats 3
+# issue 10: the decode kernel's device time per layer (32 layers in one program) against the KV-cache read floor
+step decode_kernel 90 python3 benchmarks/gpu_attention.py --decode --skip-check --skip-table --repeats 3
+# issue 10: the tests that need a GPU (the model's cudnn/pallas/auto against xla first, then the kernels)
+step pytest 120 env JAX_PLATFORMS=cuda,cpu python3 -m pytest -q -p no:cacheprovider tests/test_attn_implementations.py \
+    tests/test_kernels_gpu.py tests/test_decode_attention_gpu.py -k "on_gpu or TestGpu"
 # issue 11: time to first token and decode through the public API, both libraries on the GPU
 step generate 150 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 python3 benchmarks/generate.py --gpu --geometry phi2 \
     --layers 32 --dtype bfloat16 --batch 1 8 --new-tokens 32
-# issue 10: head_dim 80 fwd+bwd of the default (forward split since the fourth run) against the backward's split,
-# the paired backward, two warpgroups and cuDNN (numerics PASSed on an H200 for every form: runs 3 and 4)
-step variants 150 python3 benchmarks/gpu_attention.py --variants --skip-check --dims 80 --repeats 3
 # issues 10-11: where the phi-2 forward b4x2048 (cudnn, pallas) and time to first token b1/b8 spend device time
 step profile 110 python3 benchmarks/gpu_profile.py --what forward,ttft --hlo-dir "$LOGDIR/hlo"
-# issue 10: the decode kernel's device time per layer (32 layers in one program) against the KV-cache read floor;
-# the head split is its default since the fourth run
-step decode_kernel 70 python3 benchmarks/gpu_attention.py --decode --skip-check --skip-table --repeats 3
-# issue 10: the tests that need a GPU (the model's cudnn/pallas/auto against xla first, then the kernels)
-step pytest 90 env JAX_PLATFORMS=cuda,cpu python3 -m pytest -q -p no:cacheprovider tests/test_attn_implementations.py \
-    tests/test_kernels_gpu.py tests/test_decode_attention_gpu.py -k "on_gpu or TestGpu"
-# issue 11: batch-1 decode without the duplicated row, against batch 2 and the weight-read floor
+# issue 11: batch-1 decode without the duplicated row, against batch 2 and the weight-read floor (PASS, fifth run)
 step decode 100 python3 benchmarks/gpu_decode.py --steps 30 --repeats 3
-# issue 10: where the head_dim-80 forward's and backward's time goes (stages left out: the backward has not been
-# profiled yet), 16-wide tiles vs the 64 + 16 split
+# issue 10: where the head_dim-80 forward's and backward's time goes, 16-wide tiles vs the 64 + 16 split
 step ablate 120 python3 benchmarks/gpu_attention.py --ablate --skip-check --skip-table --dims 80 \
     --head-split 0,1 --repeats 3
 # issue 12: where the train step's device time goes (categories, top ops, matmul TFLOP/s per form, time per phase)
 step profile_train 200 python3 benchmarks/gpu_profile.py --what train --remat dots_and_attention_saveable \
     --hlo-dir "$LOGDIR/hlo"
-# issue 10: the model's attention implementations agree with xla on the GPU (PASS in the third run)
-step impls 90 python3 benchmarks/gpu_attn_impls.py
-# issue 12: phi_jax's policy that also keeps the attention's residuals (682.0 ms/step, 43.5% MFU in the fourth run)
+# issue 12: phi_jax's policy that also keeps the attention's residuals (679.0 ms/step, 43.7% MFU in the fifth run)
 # against JAX's dots policy (746.1 ms/step, 39.7% in the third), same batch
 step train_policy 130 python3 benchmarks/train.py --gpu --batch 8 \
     --remat dots_and_attention_saveable,dots_with_no_batch_dims_saveable
