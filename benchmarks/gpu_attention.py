@@ -8,10 +8,10 @@
    Causal FLOPs count half of 4*B*N*T*S*H; forward+backward counts 3.5x the forward.
 3. `--variants` (alone, < 3 min): the other kernel forms (`VARIANTS`: the forward's head dim in 16-wide tiles,
    `BlockSizes(head_split=False)`, the default before 2026-11-27; two consumer warpgroups per CTA,
-   `BlockSizes(warpgroups=2)`; the backward's head dim as 64 + rest, `BlockSizes(bwd_head_split=True)`; the
-   backward's independent products issued in pairs, `BlockSizes(bwd_paired=True)`) against the
-   reference (PASS/FAIL per case, output and gradients), then forward and forward+backward TFLOP/s of each against
-   the default and cuDNN at head_dim 64/80, seq 4096, with the ratios.
+   `BlockSizes(warpgroups=2)`; the backward's head dim in 16-wide tiles, `BlockSizes(bwd_head_split=False)`, its
+   products waited on one by one, `BlockSizes(bwd_paired=False)`, and both, the backward before the fifth H200
+   run) against the reference (PASS/FAIL per case, output and gradients), then forward and forward+backward
+   TFLOP/s of each against the default and cuDNN at head_dim 64/80, seq 4096, with the ratios.
 Each case runs in its own try/except, so one failure prints its error and the rest still run.
 
     python benchmarks/gpu_attention.py [--quick] [--seqs 1024,2048,4096,8192] [--dims 64,80,128]
@@ -155,7 +155,7 @@ BWD_ABLATIONS = {  # name: backward stages left out (BlockSizes.ablate), timed a
 
 
 def ablate(b: int, n: int, repeats: int, dims, s: int = 4096, interpret: bool = False,
-           warpgroups: int = 1, head_split: bool = True, bwd_paired: bool = False) -> None:
+           warpgroups: int = 1, head_split: bool = True, bwd_paired: bool = True) -> None:
     """A profile without hardware counters: the forward kernel's time with stages left out (BlockSizes.ablate).
     The time a stage costs on the critical path is the whole kernel's time minus the time without it."""
     print(f"\n# ablation profile, forward, warpgroups={warpgroups} head_split={head_split}, causal bf16, batch {b}, "
@@ -204,15 +204,17 @@ VARIANTS = {  # other forms of the kernel, measured against the default (BlockSi
     # 3-deep K/V pipeline: both consumers must release a slot before the producer refills it (with head_split
     # it hangs in the interpreter, and BlockSizes refuses it)
     "wg2 s3": BlockSizes(warpgroups=2, slots=3, head_split=False),
-    # the backward's head dim as 64 + rest, and its independent products issued together (dq: S, dP; dk/dv: S^T,
-    # dP^T, then dV, dK): the forward is the default's, so only f+b is timed
-    "bwd-split": BlockSizes(bwd_head_split=True),
-    "bwd-pair": BlockSizes(bwd_paired=True),
-    "bwd-split+pair": BlockSizes(bwd_head_split=True, bwd_paired=True),
+    # the backward (default since the fifth H200 run: head dim as 64 + rest, independent products issued together,
+    # dq: S, dP; dk/dv: S^T, dP^T, then dV, dK) with 16-wide tiles, one product at a time, or both (the default
+    # before): the forward is the default's, so only f+b is timed
+    "bwd-unsplit": BlockSizes(bwd_head_split=False),
+    "bwd-unpaired": BlockSizes(bwd_paired=False),
+    "bwd-plain": BlockSizes(bwd_head_split=False, bwd_paired=False),
 }
-FWD_TIMED_ELSEWHERE = ("bwd-split", "bwd-pair", "bwd-split+pair")  # the default's forward kernel
+FWD_TIMED_ELSEWHERE = ("bwd-unsplit", "bwd-unpaired", "bwd-plain")  # the default's forward kernel
 BWD_AS_DEFAULT = ("16-wide", "wg2+split", "wg2", "wg2 s3")  # forms whose backward kernels are the default's
-SPLIT_ONLY = ("16-wide", "wg2+split", "bwd-split", "bwd-split+pair")  # the same as another form at head_dim 64
+# the same as another form at head_dim 64 (nothing to split)
+SPLIT_ONLY = ("16-wide", "wg2+split", "bwd-unsplit", "bwd-plain")
 
 
 def variants_check(b: int = 4, n: int = 32, s: int = 4096, repeats: int = 3, check: bool = True,
@@ -221,9 +223,9 @@ def variants_check(b: int = 4, n: int = 32, s: int = 4096, repeats: int = 3, che
     head split, the paired backward): numerics against the reference (unless `check` is false; `only`: the cases
     whose name holds one of its comma-separated texts), then TFLOP/s against the default and cuDNN at the head
     dims `dims`, with ratios. Returns the number of failed numerics cases."""
-    # the numerics cases' forms, by what they split (the default splits the forward only)
-    wg2, split = VARIANTS["wg2"], BlockSizes(bwd_head_split=True)
-    both = BlockSizes(warpgroups=2, bwd_head_split=True)
+    # the numerics cases' forms, by what they split (the default splits all three kernels and pairs the backward's
+    # products; `split` waits on them one by one)
+    wg2, split, both = VARIANTS["wg2"], VARIANTS["bwd-unpaired"], BlockSizes(warpgroups=2)
     cases = [  # block_kv=64 makes a causal CTA's first warpgroup need fewer key blocks than its second
         dict(name="wg2 h80 causal GQA 8:2 left/right padding T=S=300 kv64", batch=2, t=300, s=300, n=8, kv=2, h=80,
              kind="left", bs=BlockSizes(warpgroups=2, block_kv=64, head_split=False)),
@@ -234,31 +236,31 @@ def variants_check(b: int = 4, n: int = 32, s: int = 4096, repeats: int = 3, che
                                                                        head_split=False)),
         dict(name="wg2 h80 causal q_offset 100 T=37 S=137", batch=2, t=37, s=137, n=4, kv=2, h=80, q_offset=100,
              bs=wg2),
-        dict(name="split h80 causal GQA 8:2 left/right padding T=S=300", batch=2, t=300, s=300, n=8, kv=2, h=80,
+        dict(name="bwd-unpaired h80 causal GQA 8:2 left/right padding T=S=300", batch=2, t=300, s=300, n=8, kv=2, h=80,
              kind="left", bs=split),
-        dict(name="split h80 causal packed segments T=S=256", batch=2, t=256, s=256, n=4, kv=2, h=80,
+        dict(name="bwd-unpaired h80 causal packed segments T=S=256", batch=2, t=256, s=256, n=4, kv=2, h=80,
              kind="packed", bs=split),
-        dict(name="split h96 float16 non-causal padding no-overlap T=S=129", batch=2, t=129, s=129, n=4, kv=4, h=96,
-             causal=False, kind="left", dt=jnp.float16, bs=BlockSizes(bwd_head_split=True, overlap=False)),
+        dict(name="default h96 float16 non-causal padding no-overlap T=S=129", batch=2, t=129, s=129, n=4, kv=4, h=96,
+             causal=False, kind="left", dt=jnp.float16, bs=BlockSizes(overlap=False)),
         dict(name="wg2+split h80 causal GQA 8:2 left/right padding T=S=300 kv64", batch=2, t=300, s=300, n=8, kv=2,
-             h=80, kind="left", bs=BlockSizes(warpgroups=2, bwd_head_split=True, block_kv=64)),
+             h=80, kind="left", bs=BlockSizes(warpgroups=2, block_kv=64)),
         dict(name="wg2+split h80 causal q_offset 100 T=37 S=137", batch=2, t=37, s=137, n=4, kv=2, h=80,
              q_offset=100, bs=both),
         dict(name="wg2 s3 h80 causal GQA 8:2 left/right padding T=S=300 kv64", batch=2, t=300, s=300, n=8, kv=2,
              h=80, kind="left", bs=BlockSizes(warpgroups=2, block_kv=64, slots=3, head_split=False)),
         dict(name="wg2 s3 h80 causal q_offset 263 T=37 S=300", batch=2, t=37, s=300, n=4, kv=2, h=80,
              q_offset=263, bs=VARIANTS["wg2 s3"]),
-        dict(name="bwd-pair h80 causal GQA 8:2 left/right padding T=S=300", batch=2, t=300, s=300, n=8, kv=2,
-             h=80, kind="left", bs=VARIANTS["bwd-pair"]),
-        dict(name="bwd-pair h64 causal packed segments GQA 4:2 T=S=256", batch=2, t=256, s=256, n=4, kv=2, h=64,
-             kind="packed", bs=VARIANTS["bwd-pair"]),
-        dict(name="split+bwd-pair h80 causal q_offset 100 T=37 S=137 s3", batch=2, t=37, s=137, n=4, kv=2, h=80,
-             q_offset=100, bs=BlockSizes(bwd_head_split=True, bwd_paired=True, slots=3)),
-        dict(name="split+bwd-pair h80 float16 non-causal padding T=S=129", batch=2, t=129, s=129, n=4, kv=4, h=80,
-             causal=False, kind="left", dt=jnp.float16, bs=VARIANTS["bwd-split+pair"]),
+        dict(name="bwd-unsplit h80 causal GQA 8:2 left/right padding T=S=300", batch=2, t=300, s=300, n=8, kv=2,
+             h=80, kind="left", bs=VARIANTS["bwd-unsplit"]),
+        dict(name="default h64 causal packed segments GQA 4:2 T=S=256", batch=2, t=256, s=256, n=4, kv=2, h=64,
+             kind="packed", bs=BlockSizes()),
+        dict(name="default h80 causal q_offset 100 T=37 S=137 s3", batch=2, t=37, s=137, n=4, kv=2, h=80,
+             q_offset=100, bs=BlockSizes(slots=3)),
+        dict(name="default h80 float16 non-causal padding T=S=129", batch=2, t=129, s=129, n=4, kv=4, h=80,
+             causal=False, kind="left", dt=jnp.float16, bs=BlockSizes()),
         # nothing to mask (a whole key block, no ids): failed at trace time before 2026-11-27 (the kernel fuzz)
-        dict(name="bwd-pair h64 non-causal no padding T=37 S=128", batch=2, t=37, s=128, n=4, kv=2, h=64,
-             causal=False, bs=VARIANTS["bwd-pair"]),
+        dict(name="default h64 non-causal no padding T=37 S=128", batch=2, t=37, s=128, n=4, kv=2, h=64,
+             causal=False, bs=BlockSizes()),
     ]
     cases = [c for c in cases if only is None or any(o in c["name"] for o in only.split(","))]
     n_fail = check_cases(cases, "variants numerics") if check else 0
@@ -367,12 +369,12 @@ def main() -> None:
     p.add_argument("--warpgroups", default="1", help="--ablate: profile these BlockSizes.warpgroups (e.g. 1,2)")
     p.add_argument("--head-split", default="1", help="--ablate: profile these BlockSizes.head_split (and "
                    "bwd_head_split) (e.g. 0,1)")
-    p.add_argument("--bwd-paired", default="0", help="--ablate: profile these BlockSizes.bwd_paired (e.g. 0,1)")
+    p.add_argument("--bwd-paired", default="1", help="--ablate: profile these BlockSizes.bwd_paired (e.g. 0,1)")
     p.add_argument("--variants", action="store_true",
                    help="only: the opt-in kernel forms' numerics (PASS/FAIL) and TFLOP/s against the default")
     p.add_argument("--check-only", default=None, metavar="TEXT",
                    help="--variants: only the numerics cases whose name holds one of the comma-separated TEXTs "
-                        "(e.g. s3,bwd-pair)")
+                        "(e.g. s3,bwd-unsplit)")
     p.add_argument("--decode", action="store_true", help="the decode kernel against the KV-cache read floor")
     args = p.parse_args()
 

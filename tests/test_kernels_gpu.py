@@ -5,7 +5,8 @@ Mosaic GPU interpreter on the CPU (same kernels, TMA copies, barriers and maskin
 `Warpgroups2Cases` (TestGpuWarpgroups2 / TestInterpretWarpgroups2) does the same for the warp-specialised forward,
 `BlockSizes(warpgroups=2)`: three warpgroup threads per CTA, which the interpreter runs (about 3 s per CTA).
 `HeadSplitCases` does it for `BlockSizes(head_split=True, bwd_head_split=True)` (head_dim 80 as 64 + 16, 112 as
-64 + 48); the forward's split is the default, so the plain cases at head_dim 80 run it too.
+64 + 48); the split (and the backward's paired products) is the default, so the plain cases at head_dim 80 run it
+too. `BwdFormCases` runs the backward's other forms: unpaired, unsplit, both.
 `test_export_cuda_*` lowers the compiled kernels for CUDA from this CPU and checks the Mosaic GPU custom calls.
 """
 
@@ -202,8 +203,8 @@ class TestInterpretWarpgroups2(Warpgroups2Cases):
 
 class HeadSplitCases(_KernelCheck):
     """`BlockSizes(head_split=True, bwd_head_split=True)`: a head dim that is not a multiple of 64 in a
-    multiple-of-64 part and a 16..48-wide rest, in the forward, dq and dk/dv kernels (separate TMA copies and tiles per part, QK^T as a sum
-    of per-part products, one accumulator per part for PV, dQ, dK, dV)."""
+    multiple-of-64 part and a 16..48-wide rest, in the forward, dq and dk/dv kernels (separate TMA copies and tiles
+    per part, QK^T as a sum of per-part products, one accumulator per part for PV, dQ, dK, dV)."""
 
     def test_split_fp32_h80_len129_packed_segments(self):
         self.check(t=129, s=129, n=2, kv=1, h=80, kind="packed", seed=21,
@@ -233,35 +234,36 @@ class TestInterpretHeadSplit(HeadSplitCases):
     INTERPRET = True
 
 
-class BwdPairedCases(_KernelCheck):
-    """`BlockSizes(bwd_paired=True)`: the backward kernels issue their independent products together (dq: S and
-    dP; dk/dv: S^T and dP^T, then dV and dK) and refill a slot after both have read it."""
+class BwdFormCases(_KernelCheck):
+    """The backward's forms other than the default (which splits head_dim 80 as 64 + 16 and issues its independent
+    products together, dq: S and dP; dk/dv: S^T and dP^T, then dV and dK, refilling a slot after both have read it):
+    `bwd_paired=False` waits on each product in turn; `bwd_head_split=False` tiles the head dim 16 wide."""
 
-    def test_paired_fp32_h64_gqa_8to2_len129_left_right_padding(self):  # 3 key blocks through 2 slots
+    def test_unpaired_fp32_h64_gqa_8to2_len129_left_right_padding(self):  # 3 key blocks through 2 slots
         self.check(batch=2, t=129, s=129, n=8, kv=2, h=64, kind="left", seed=31,
-                   block_sizes=BlockSizes(bwd_paired=True))
+                   block_sizes=BlockSizes(bwd_paired=False))
 
-    def test_paired_split_fp32_h80_prefill_offset_packed(self):  # 80 = 64 + 16; GQA summed in dk/dv
+    def test_unpaired_split_fp32_h80_prefill_offset_packed(self):  # 80 = 64 + 16; GQA summed in dk/dv
         self.check(t=37, s=129, n=4, kv=2, h=80, q_offset=92, kind="packed", seed=32,
-                   block_sizes=BlockSizes(bwd_paired=True, bwd_head_split=True, slots=3))
+                   block_sizes=BlockSizes(bwd_paired=False, slots=3))
 
-    def test_paired_fp32_h80_noncausal_padding(self):
+    def test_paired_unsplit_fp32_h80_noncausal_padding(self):
         self.check(t=65, s=129, n=2, kv=1, h=80, causal=False, kind="left", seed=33,
-                   block_sizes=BlockSizes(bwd_paired=True))
+                   block_sizes=BlockSizes(bwd_head_split=False))
 
-    def test_paired_bf16_h80_gqa_8to2_len256_gpu(self):
+    def test_forms_bf16_h80_gqa_8to2_len256_gpu(self):
         if self.INTERPRET:
             pytest.skip("too slow to interpret")
-        for split in (False, True):
+        for paired, split in ((False, False), (False, True), (True, False)):
             self.check(batch=2, t=256, s=256, n=8, kv=2, h=80, dtype=jnp.bfloat16, kind="left", seed=34,
-                       block_sizes=BlockSizes(bwd_paired=True, head_split=split, bwd_head_split=split))
+                       block_sizes=BlockSizes(bwd_paired=paired, head_split=split, bwd_head_split=split))
 
 
-class TestGpuBwdPaired(BwdPairedCases):
+class TestGpuBwdForms(BwdFormCases):
     INTERPRET = False
 
 
-class TestInterpretBwdPaired(BwdPairedCases):
+class TestInterpretBwdForms(BwdFormCases):
     INTERPRET = True
 
 
@@ -362,30 +364,30 @@ def _mosaic_calls(text: str) -> list[str]:
 
 
 @pytest.mark.parametrize("head_dim", [64, 80])
-def test_export_cuda_default_splits_forward_only(head_dim):
+def test_export_cuda_default_splits_every_kernel(head_dim):
     """The default BlockSizes splits a head dim that is not a multiple of 64 in the forward (measured 1.6x faster at
-    head_dim 80 on an H200) but not in the backward kernels (opt-in `bwd_head_split` until measured): at head_dim
-    80 the default's forward kernel differs from `head_split=False`'s and its dq and dk/dv kernels equal it; at
-    head_dim 64 there is nothing to split and all three are equal."""
+    head_dim 80 on an H200) and in the backward kernels (with the paired products, 1.06x on forward + backward): at
+    head_dim 80 each of the default's three kernels differs from the 16-wide form's, and `bwd_head_split=False`
+    changes only the dq and dk/dv kernels; at head_dim 64 there is nothing to split and all are equal."""
     q = jax.ShapeDtypeStruct((1, 200, 4, head_dim), jnp.bfloat16)
 
     def fwd_vjp(q, k, v, bs):
         out, vjp = jax.vjp(lambda *a: flash_attention_gpu(*a, block_sizes=bs), q, k, v)
         return out, vjp(jnp.ones_like(out))
 
-    default, unsplit, bwd_split = (
+    default, unsplit, fwd_split = (
         _mosaic_calls(_export_text(functools.partial(fwd_vjp, bs=bs), q, q, q))
-        for bs in (BlockSizes(), BlockSizes(head_split=False), BlockSizes(bwd_head_split=True)))
+        for bs in (BlockSizes(), BlockSizes(head_split=False, bwd_head_split=False),
+                   BlockSizes(bwd_head_split=False)))
     assert len(default) == len(unsplit) == 3  # forward, dq, dk/dv
-    assert (default[0] != unsplit[0]) == (head_dim == 80)
-    assert default[1:] == unsplit[1:]
-    assert (bwd_split[1:] != default[1:]) == (head_dim == 80) and bwd_split[0] == default[0]
+    assert all((d != u) == (head_dim == 80) for d, u in zip(default, unsplit))
+    assert fwd_split[0] == default[0] and fwd_split[1:] == unsplit[1:]
 
 
 @pytest.mark.parametrize("head_dim,split", [(64, False), (80, False), (80, True)])
 def test_export_cuda_bwd_paired(head_dim, split):
-    """BlockSizes(bwd_paired=True) lowers for CUDA (two accumulators in flight, register and shared-memory A
-    operands), and its backward kernels are not the default's."""
+    """BlockSizes(bwd_paired=True) (the default) lowers for CUDA (two accumulators in flight, register and
+    shared-memory A operands), and its backward kernels are not the unpaired form's."""
     q = jax.ShapeDtypeStruct((2, 200, 8, head_dim), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((2, 200, 2, head_dim), jnp.bfloat16)
 
@@ -394,9 +396,9 @@ def test_export_cuda_bwd_paired(head_dim, split):
         out, vjp = jax.vjp(lambda *a: flash_attention_gpu(*a, block_sizes=bs), q, k, v)
         return out, vjp(jnp.ones_like(out))
 
-    paired, default = (_export_text(functools.partial(fwd_vjp, paired=p), q, k, k) for p in (True, False))
+    paired, unpaired = (_export_text(functools.partial(fwd_vjp, paired=p), q, k, k) for p in (True, False))
     assert len(re.findall(r'stablehlo.custom_call @mosaic_gpu\w*', paired)) == 3  # forward, dq, dk/dv
-    assert paired != default
+    assert paired != unpaired
 
 
 @pytest.mark.parametrize("stages,paired", [(("bwd_mm",), True), (("bwd_exp",), False),

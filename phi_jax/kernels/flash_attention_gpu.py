@@ -17,14 +17,15 @@ Kernels (all `plgpu.kernel`, one warpgroup per CTA by default, K/V or Q/dO strea
   - dq: one CTA per (query block, head, batch), loops over key blocks; dS = P (dP - delta), dQ += dS K.
   - dk/dv: one CTA per (key block, KV head, batch), loops over the G query heads of its group and their query
     blocks, so GQA gradients are summed in the kernel (K/V never repeated, no reduction afterwards).
-  `BlockSizes(bwd_paired=True)` (opt-in) issues the backward's independent products together and waits once per
-  pair: dq's S = Q K^T and dP = dO V^T; dk/dv's S^T and dP^T, then dV += P^T dO and dK += dS^T Q (by default each
+  `BlockSizes.bwd_paired` (default on) issues the backward's independent products together and waits once per
+  pair: dq's S = Q K^T and dP = dO V^T; dk/dv's S^T and dP^T, then dV += P^T dO and dK += dS^T Q (`False`: each
   product is waited on before the next is issued).
   `BlockSizes.head_split` (default on, the forward and so the decode kernel) tiles a head dim that is not a
   multiple of 64 as its multiple of 64 (128-byte swizzle) plus a 16..48-wide rest (32-byte swizzle), one TMA copy
   per part: products over the head dim are one wgmma per part into one accumulator, products into it one
   accumulator per part. At head_dim 80 it ran the forward 1.6x faster on an H200 (benchmarks/RESULTS.md).
-  `BlockSizes(bwd_head_split=True)` (opt-in until its speed is measured) does the same in the dq and dk/dv kernels.
+  `BlockSizes.bwd_head_split` (default on) does the same in the dq and dk/dv kernels. With the pairing, the
+  head_dim-80 forward + backward ran 1.06x faster on an H200 (275.5 against 261.0 TFLOP/s, the fifth run).
   Causal work is skipped block-wise (with a Python-int `q_offset`); blocks wholly below the diagonal run without
   masks. Head dims are tiled natively: a multiple of 64 uses (8, 64) tiles and a 128-byte swizzle, other
   multiples of 16 (phi-2's 80) use (8, 16) tiles and a 32-byte swizzle, never padded to 128.
@@ -74,12 +75,13 @@ class BlockSizes:
     # the 128-byte swizzle and the 16..48-wide rest with the 32-byte one, each its own TMA copy (instead of 16-wide
     # tiles for all of it, whose narrow copies bound the head_dim-80 forward on an H200: 1.775 -> 1.107 ms at batch
     # 4 x 32 heads x 4096, benchmarks/RESULTS.md, 2026-11-27). `bwd_head_split`: the same in the dq and dk/dv
-    # kernels (numerics PASS on an H200; speed not measured yet, so opt-in).
+    # kernels (numerics PASS on an H200 in the fourth run).
     head_split: bool = True
-    bwd_head_split: bool = False
+    bwd_head_split: bool = True
     # Backward (dq and dk/dv kernels): issue the products that do not depend on each other together and wait once
     # per pair (dq: S and dP; dk/dv: S^T and dP^T, then dV and dK), instead of waiting on each product in turn.
-    bwd_paired: bool = False
+    # Split and paired, the head_dim-80 fwd+bwd ran at 275.5 TFLOP/s against 261.0 with neither (H200, fifth run).
+    bwd_paired: bool = True
     # Profiling only (benchmarks/gpu_attention.py --ablate): forward stages left out, so that the time each one
     # costs is the difference to the whole kernel. Any of "qk" (no QK^T matmul), "exp" (no online softmax: P is
     # S cast to 16 bits), "pv" (no PV matmul), "mask" (no masks); and in the backward kernels, "bwd_mm" (no
