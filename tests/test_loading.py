@@ -225,6 +225,27 @@ def test_corrupt_index_is_a_value_error(make_checkpoint):
         phi_jax.PhiForCausalLM.from_pretrained(d)
 
 
+@pytest.mark.parametrize("where", ["relative", "absolute"])
+def test_index_naming_a_file_outside_its_directory_is_refused(make_checkpoint, tmp_path, where):
+    """Shards lie beside their index: an index entry that names a file elsewhere (`../x`, an absolute path) is
+    refused with the entry named, even when that file holds the right tensors (it loaded before 2026-11-27)."""
+    d, _ = make_checkpoint(geometry="phi1", fmt="sharded")
+    path = os.path.join(d, "model.safetensors.index.json")
+    index = json.load(open(path))
+    shard = sorted(set(index["weight_map"].values()))[1]
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    os.replace(os.path.join(d, shard), outside / shard)
+    name = f"../elsewhere/{shard}" if where == "relative" else str(outside / shard)
+    assert os.path.exists(os.path.join(d, name))  # the entry does reach the moved shard
+    index["weight_map"] = {k: (name if v == shard else v) for k, v in index["weight_map"].items()}
+    with open(path, "w") as f:
+        json.dump(index, f)
+    with pytest.raises(ValueError, match=r"index.json: weight_map\['.+'\] = .*elsewhere.* is not a file name "
+                                         r"beside the index"):
+        phi_jax.PhiForCausalLM.from_pretrained(d)
+
+
 def test_head_class_from_base_model_checkpoint(make_checkpoint):
     """A PhiModel checkpoint has no `model.` prefix; a classifier built on it maps its keys and adds the head."""
     d, ref_model = make_checkpoint(geometry="phi1", cls="PhiModel")

@@ -31,6 +31,9 @@ def _load_index(path: str) -> dict[str, str]:
         raise ValueError(f"{path} is not a valid weight index: {e!r}") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise ValueError(f"{path} is not a valid weight index: weight_map must map tensor names to file names")
+    for key, name in weight_map.items():  # shards lie beside the index (a path elsewhere would read any file)
+        if name in ("", ".", "..") or os.path.basename(name) != name or "\\" in name:
+            raise ValueError(f"{path}: weight_map[{key!r}] = {name!r} is not a file name beside the index")
     return weight_map
 
 
