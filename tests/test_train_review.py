@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -85,6 +86,39 @@ def test_resume_refuses_another_model(tiny, make_checkpoint, tmp_path):
                                          r"this run 64 \(--model\)") as e:
         finetune(dataclasses.replace(run, model=other, resume=True))
     assert "\n" not in str(e.value)
+
+
+def test_lora_resume_refuses_another_base_of_the_same_shapes(tiny, make_checkpoint, tmp_path):
+    """A LoRA run restores only its adapters; the base comes from --model again. A model of the same architecture
+    with other weights (here another seed) is refused naming --model; it trained on silently before."""
+    path, data = tiny
+    run = RunConfig(output=str(tmp_path / "run"), steps=2, lora_rank=2, **_common(path, data))
+    finetune(run)
+    other, _ = make_checkpoint("phi1", num_hidden_layers=1, intermediate_size=128, seed=1)
+    write_char_tokenizer(other, 96)
+    with pytest.raises(ValueError, match=r"^cannot resume: the checkpoint has base_weights=\w+, this run \w+ "
+                                         r"\(--model\)"):
+        finetune(dataclasses.replace(run, model=other, resume=True))
+    assert sorted(finetune(dataclasses.replace(run, resume=True))["losses"]) == [1, 2]  # the same base resumes
+
+
+def test_weights_fingerprint():
+    """Equal for equal values (whatever the dict's order), different when one element changes, when two swap
+    places or when a name changes; None for no arrays (full fine-tuning)."""
+    from phi_jax.train.loop import weights_fingerprint
+    rng = np.random.default_rng(0)
+    a = {"w": rng.standard_normal((8, 16)).astype(np.float32), "b": rng.standard_normal(16).astype(np.float32)}
+    base = weights_fingerprint(a)
+    assert base == weights_fingerprint({"b": a["b"].copy(), "w": a["w"].copy()})
+    changed = a["w"].copy()
+    changed[3, 5] = np.nextafter(changed[3, 5], np.float32(np.inf))  # one ulp
+    swapped = a["w"].copy()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    others = [weights_fingerprint({**a, "w": changed}), weights_fingerprint({**a, "w": swapped}),
+              weights_fingerprint({"w2": a["w"], "b": a["b"]}),
+              weights_fingerprint({**a, "w": a["w"].astype(jnp.bfloat16)})]
+    assert base not in others and len(set(others)) == len(others)
+    assert weights_fingerprint({}) is None
 
 
 @pytest.mark.parametrize("rank,alpha,message", [

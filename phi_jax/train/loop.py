@@ -11,6 +11,7 @@ changes only the order of the reductions).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -128,6 +129,7 @@ _RESUME_OPTIONS = {
     "warmup_steps": "--warmup-steps", "final_lr_ratio": None, "weight_decay": "--weight-decay", "b1": None,
     "b2": None, "eps": None, "max_grad_norm": "--max-grad-norm", "accum_steps": "--accum-steps",
     "remat_policy": "--remat", "compute_dtype": "--dtype", "attn_implementation": "--attn-implementation",
+    "base_weights": "--model",  # a LoRA run's frozen base (`weights_fingerprint`), checked once the model is read
 }
 
 
@@ -150,8 +152,32 @@ def _resume_settings(run: RunConfig, rows: dict, config: PhiConfig) -> dict:
                   weight_decay=t.weight_decay, b1=t.b1, b2=t.b2, eps=t.eps, max_grad_norm=t.max_grad_norm,
                   accum_steps=t.accum_steps, remat_policy=t.remat_policy, compute_dtype=run.compute_dtype,
                   attn_implementation=run.attn_implementation)
-    assert values.keys() == _RESUME_OPTIONS.keys()
+    assert values.keys() == _RESUME_OPTIONS.keys() - {"base_weights"}
     return values
+
+
+def weights_fingerprint(arrays: dict, mesh=None) -> str | None:
+    """A digest of the values of `arrays` (name -> float array; None when empty) that does not depend on how they
+    are sharded: per array, the sum of its elements' bit patterns, each times an odd hash of its flat index, in
+    uint32 (integer sums wrap, the same in any order), hashed with the names. A LoRA run restores only its
+    adapters, so its base weights come from --model on every resume: another model of the same architecture
+    (the base merged with other adapters, another fine-tune) would train on silently. `mesh`: the arrays' mesh
+    (the sums come back replicated on it, readable on every host)."""
+    if not arrays:
+        return None
+
+    def bits(x):
+        narrow = {1: jnp.uint8, 2: jnp.uint16}.get(x.dtype.itemsize, jnp.uint32)  # wider: several uint32 each
+        b = jax.lax.bitcast_convert_type(x, narrow).reshape(-1).astype(jnp.uint32)
+        index = jax.lax.iota(jnp.uint32, b.shape[0])
+        return jnp.sum(b * (index * jnp.uint32(2654435761) + jnp.uint32(1)), dtype=jnp.uint32)
+    names = sorted(arrays)
+    out = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    sums = jax.jit(lambda xs: jnp.stack([bits(x) for x in xs]), out_shardings=out)([arrays[k] for k in names])
+    h = hashlib.sha256()
+    for name, total in zip(names, np.asarray(sums).tolist()):
+        h.update(f"{name}={total};".encode())
+    return h.hexdigest()[:16]
 
 
 def check_resume(saved: dict, settings: dict) -> list[str]:
@@ -377,6 +403,10 @@ def _finetune(run: RunConfig, model, rules, out_dir: str) -> dict:
                             remat_policy=run.train.remat_policy)
         tx = make_optimizer(dataclasses.replace(run.train, total_steps=run.steps))
         state, frozen, step_fn, batch_sh = build(split, tx, mesh, rules, run.train.accum_steps)
+        settings["base_weights"] = weights_fingerprint(frozen, mesh) if run.lora_rank else None
+        if start:
+            check_resume({k: v for k, v in ckpts.meta(start).items() if k == "base_weights"},
+                         {"base_weights": settings["base_weights"]})
         eval_fn = None
         if held_out is not None:  # the same parameters through the model with dropout off
             eval_split = dataclasses.replace(split_model(model, nnx.LoRAParam if run.lora_rank else nnx.Param,
