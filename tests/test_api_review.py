@@ -81,6 +81,7 @@ def test_causal_lm_labels(call, model):
     assert np.isfinite(float(call(IDS, labels=labels).loss))
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # numpy int64 labels warned in the loss's arange
 def test_classification_labels(path):
     """Before: PhiForSequenceClassification took labels with the wrong number of rows silently (a loss over a
     reshaped, broadcast batch; transformers raises), and class ids out of range gave NaN in both heads."""

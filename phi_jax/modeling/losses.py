@@ -18,6 +18,7 @@ def token_nll(logits: jax.Array, labels: jax.Array, ignore_index: int = IGNORE_I
     gather did for a label >= V: a bad label shows in the loss rather than passing as a logit of 0.
     """
     logits = logits.astype(jnp.float32)
+    labels = jnp.asarray(labels)  # numpy int64 labels become JAX's int32 here, not in arange (a UserWarning)
     valid = labels != ignore_index
     hit = jnp.arange(logits.shape[-1], dtype=labels.dtype) == labels[..., None]  # [..., V]
     picked = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
