@@ -63,12 +63,16 @@ fi
 step impls 90 python3 benchmarks/gpu_attn_impls.py
 # issue 10: the phi-2 forward b4x2048 against transformers (goal >= 1.5x), transformers timed first
 step forward 200 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 python3 benchmarks/attention.py --skip-kernels --budget 0.3
-# issue 10: numerics of the default kernel forms (the backward split and paired by default since the fifth run), then
-# head_dim 80 fwd and fwd+bwd of every form (the two-warpgroup 3-slot forward matched cuDNN once: confirm it)
-step variants 150 python3 benchmarks/gpu_attention.py --variants --check-only default --dims 80 --repeats 3
 # issue 12: MFU at batch 8, then the largest batch that fits (estimated about 20 in the fifth run) and its MFU
 step train 240 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 python3 benchmarks/train.py --gpu --remat \
     dots_and_attention_saveable --batch 8 --find-max --repeats 3
+# issue 12: no rematerialisation at all (everything_saveable keeps every activation: with the bf16 projection results
+# batch 8 may fit, and the backward then reruns no layer norm, GELU or residual) against the policy above
+step train_policy 150 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 python3 benchmarks/train.py --gpu --batch 8 \
+    --remat dots_and_attention_saveable,everything_saveable
+# issue 10: numerics of the default kernel forms (the backward split and paired by default since the fifth run), then
+# head_dim 80 fwd and fwd+bwd of every form (the two-warpgroup 3-slot forward matched cuDNN once: confirm it)
+step variants 150 python3 benchmarks/gpu_attention.py --variants --check-only default --dims 80 --repeats 3
 # issue 10: the decode kernel's device time per layer (12 layers in one program: with 32 the fifth run printed
 # nothing within 70 s) against the KV-cache read floor
 step decode_kernel 90 python3 benchmarks/gpu_attention.py --decode --skip-check --skip-table --repeats 3 \
@@ -89,10 +93,6 @@ step ablate 120 python3 benchmarks/gpu_attention.py --ablate --skip-check --skip
 # issue 12: where the train step's device time goes (categories, top ops, matmul TFLOP/s per form, time per phase)
 step profile_train 200 python3 benchmarks/gpu_profile.py --what train --remat dots_and_attention_saveable \
     --hlo-dir "$LOGDIR/hlo"
-# issue 12: phi_jax's policy that also keeps the attention's residuals (679.0 ms/step, 43.7% MFU in the fifth run)
-# against JAX's dots policy (746.1 ms/step, 39.7% in the third), same batch
-step train_policy 130 python3 benchmarks/train.py --gpu --batch 8 \
-    --remat dots_and_attention_saveable,dots_with_no_batch_dims_saveable
 # issue 10: kernels against cuDNN, torch SDPA, tokamax; phi-2 forward with each implementation vs transformers
 step attention 200 env PYTHONPATH="/tmp/site:$PWD" XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 python3 \
     benchmarks/attention.py --seqs 4096 --budget 0.1
