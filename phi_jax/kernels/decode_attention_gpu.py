@@ -8,8 +8,9 @@ A decode step has T = 1 (or a few) queries per sequence, so its work is reading 
 (sequence, head) leaves most of the GPU idle at small batches (phi-2 at batch 1: 32 CTAs on 132
 multiprocessors). The keys are cut into `num_splits` contiguous ranges, each a sequence of its own for the
 forward kernel of `flash_attention_gpu` (the splits are folded into the batch axis, so the one kernel runs
-B * N * splits CTAs); each returns its output normalised over its own keys and the base-2 log-sum-exp of its
-scores, and a small XLA combine weighs the splits by `2 ** (lse_i - max lse)`. A split that sees no key (past
+B * N * splits CTAs, the splits of a sequence reading its one row of queries, not a copy each); each returns its
+output normalised over its own keys and the base-2 log-sum-exp of its scores, and a small XLA combine weighs the
+splits by `2 ** (lse_i - max lse)`. A split that sees no key (past
 the query's position, or all padding) has weight 0; a query that sees no key at all returns zeros.
 
 Positions: queries sit at `q_offset + [0, T)` (an int or a traced scalar); split i holds keys
@@ -87,7 +88,7 @@ def decode_attention_gpu(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_
     qpos = jnp.broadcast_to(qpos[None], (batch, splits, t_pad)).reshape(batch * splits, t_pad)
     qseg = jnp.repeat(jnp.pad(qseg, ((0, 0), (0, t_pad - t))), splits, axis=0)  # [B * splits, T_pad]
     qmeta = jnp.stack([qpos, qseg], axis=1)  # [B * splits, 2, T_pad]
-    qs = jnp.repeat(jnp.pad(q, ((0, 0), (0, t_pad - t), (0, 0), (0, 0))), splits, axis=0)
+    qs = jnp.pad(q, ((0, 0), (0, t_pad - t), (0, 0), (0, 0)))  # each split's CTAs read their sequence's row
 
     out, lse = _fwd_call(qs, split_keys(k), split_keys(v), qmeta, kvseg, causal=bool(causal), static_offset=None,
                          use_seg=True, scale=scale, bs=bs, interpret=_interpret_params(interpret))

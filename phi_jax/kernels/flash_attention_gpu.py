@@ -293,8 +293,11 @@ def _mask(ops, shape, *, causal, use_seg, q_along, qpos, qseg, kv0, kvseg):
 # Forward.
 
 def _fwd_call(q, k, v, qmeta, kvseg, *, causal, static_offset, use_seg, scale, bs: BlockSizes, interpret):
-    batch, t_pad, n_heads, head_dim = q.shape
-    s_pad, kv_heads = k.shape[1], k.shape[2]
+    """The forward kernel over `batch = k.shape[0]` sequences. `q` may hold fewer rows than `k` (the decode
+    kernel's key splits): sequence b then reads query row b // (batch // q.shape[0]), unrepeated in memory."""
+    t_pad, n_heads, head_dim = q.shape[1:]
+    batch, s_pad, kv_heads = k.shape[:3]
+    q_groups = batch // q.shape[0]  # sequences sharing one row of q
     group = n_heads // kv_heads
     bq, bk, slots, wgs = bs.block_q, bs.block_kv, bs.slots, bs.warpgroups
     nq, nkv = t_pad // (wgs * bq), s_pad // bk  # a CTA holds wgs * bq query rows
@@ -357,7 +360,8 @@ def _fwd_call(q, k, v, qmeta, kvseg, *, causal, static_offset, use_seg, scale, b
             q_bars = tuple(q_bar.at[(nparts + 1) * wg + p] for p in range(nparts))
             meta_bar = q_bar.at[(nparts + 1) * wg + nparts]
 
-            _copy_in(q_ref, (b, pl.ds(q0, bq), h), q_c, q_bars, parts)
+            _copy_in(q_ref, (b if q_groups == 1 else lax.div(b, jnp.int32(q_groups)), pl.ds(q0, bq), h), q_c,
+                     q_bars, parts)
             plgpu.copy_gmem_to_smem(qmeta_ref.at[b, :, pl.ds(q0, bq)], qmeta_s, meta_bar)
             if wgs == 1:
                 prologue()
@@ -527,7 +531,8 @@ def _fwd_call(q, k, v, qmeta, kvseg, *, causal, static_offset, use_seg, scale, b
         threads = dict(num_threads=wgs + 1, thread_name="wg")
     return plgpu.kernel(
         body,
-        out_type=(jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((batch, n_heads, t_pad), _F32)),
+        out_type=(jax.ShapeDtypeStruct((batch, *q.shape[1:]), dtype),
+                  jax.ShapeDtypeStruct((batch, n_heads, t_pad), _F32)),
         scratch_types=scratch,
         grid=(nq, n_heads, batch),
         grid_names=("q", "h", "b"),
