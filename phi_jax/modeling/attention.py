@@ -278,13 +278,13 @@ class PhiAttention(nnx.Module):
         linear = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, precision=matmul_precision(dtype),
                       preferred_element_type=projection_result_type(dtype), dot_general=dot_general, rngs=rngs)
         self.q_proj = Linear(hidden_size, num_heads * self.head_dim, **linear,
-                                 kernel_metadata=axes("embed", "heads"), bias_metadata=axes("heads"))
+                             kernel_metadata=axes("embed", "heads"), bias_metadata=axes("heads"))
         self.k_proj = Linear(hidden_size, num_kv_heads * self.head_dim, **linear,
-                                 kernel_metadata=axes("embed", "kv_heads"), bias_metadata=axes("kv_heads"))
+                             kernel_metadata=axes("embed", "kv_heads"), bias_metadata=axes("kv_heads"))
         self.v_proj = Linear(hidden_size, num_kv_heads * self.head_dim, **linear,
-                                 kernel_metadata=axes("embed", "kv_heads"), bias_metadata=axes("kv_heads"))
+                             kernel_metadata=axes("embed", "kv_heads"), bias_metadata=axes("kv_heads"))
         self.dense = Linear(num_heads * self.head_dim, hidden_size, **linear,
-                                kernel_metadata=axes("heads", "embed"), bias_metadata=axes("norm"))
+                            kernel_metadata=axes("heads", "embed"), bias_metadata=axes("norm"))
         if qk_layernorm:
             self.q_layernorm = make_layer_norm(self.head_dim, layer_norm_eps, param_dtype, rngs)
             self.k_layernorm = make_layer_norm(self.head_dim, layer_norm_eps, param_dtype, rngs)

@@ -47,9 +47,9 @@ class PhiMLP(nnx.Module):
                       preferred_element_type=projection_result_type(dtype), dot_general=dot_general, rngs=rngs)
         self.dtype = dtype
         self.fc1 = Linear(hidden_size, intermediate_size, **linear,
-                              kernel_metadata=axes("embed", "mlp"), bias_metadata=axes("mlp"))
+                          kernel_metadata=axes("embed", "mlp"), bias_metadata=axes("mlp"))
         self.fc2 = Linear(intermediate_size, hidden_size, **linear,
-                              kernel_metadata=axes("mlp", "embed"), bias_metadata=axes("norm"))
+                          kernel_metadata=axes("mlp", "embed"), bias_metadata=axes("norm"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[B, T, D] -> [B, T, F] -> [B, T, D]`."""

@@ -405,8 +405,7 @@ def _finetune(run: RunConfig, model, rules, out_dir: str) -> dict:
         state, frozen, step_fn, batch_sh = build(split, tx, mesh, rules, run.train.accum_steps)
         settings["base_weights"] = weights_fingerprint(frozen, mesh) if run.lora_rank else None
         if start:
-            check_resume({k: v for k, v in ckpts.meta(start).items() if k == "base_weights"},
-                         {"base_weights": settings["base_weights"]})
+            check_resume(ckpts.meta(start), {"base_weights": settings["base_weights"]})
         eval_fn = None
         if held_out is not None:  # the same parameters through the model with dropout off
             eval_split = dataclasses.replace(split_model(model, nnx.LoRAParam if run.lora_rank else nnx.Param,

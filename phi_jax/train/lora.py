@@ -84,7 +84,7 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
         update = jnp.matmul(a, b, precision="highest") * getattr(lora, "lora_scale", 1.0)
         merged = lora.kernel[...] + update.astype(lora.kernel[...].dtype)
         plain = nnx.eval_shape(lambda: Linear(lora.in_features, lora.out_features, rngs=nnx.Rngs(0),
-                                                  **_linear_kwargs(lora)))
+                                              **_linear_kwargs(lora)))
         plain.kernel = nnx.Param(merged, **{k: v for k, v in lora.kernel.get_metadata().items()
                                             if k == "out_sharding"}, eager_sharding=False)
         plain.bias = lora.bias
