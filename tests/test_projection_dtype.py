@@ -65,7 +65,8 @@ def test_remat_saves_bf16_projection_outputs():
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     ids = jnp.ones((2, 16), jnp.int32)
     saved = saved_residuals(lambda p: nnx.merge(graphdef, p, rest)(ids, labels=ids).loss, params)
-    dots = [aval for aval, why in saved if "dot_general" in why and aval.ndim == 3]
+    # the projections run over rows (`projection.over_rows`): their outputs are [B * T, F]
+    dots = [aval for aval, why in saved if "dot_general" in why and aval.shape[0] == ids.size and aval.ndim == 2]
     fc1 = [aval for aval in dots if aval.shape[-1] == INTER]
     assert fc1 and all(aval.dtype == jnp.bfloat16 for aval in fc1), saved
     assert not [aval for aval in dots if aval.dtype == jnp.float32], saved

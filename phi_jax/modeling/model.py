@@ -18,6 +18,7 @@ from phi_jax.modeling.layer import PhiDecoderLayer
 from phi_jax.modeling.partitioning import axes, constrain
 from phi_jax.modeling.layernorm import layer_norm, make_layer_norm, matmul_precision
 from phi_jax.modeling.matmul import dot_general
+from phi_jax.modeling.projection import over_rows
 from phi_jax.modeling.losses import causal_lm_loss, cross_entropy, sequence_classification_loss
 from phi_jax.modeling.inputs import check_array, check_attention_mask, check_input_ids, check_labels
 from phi_jax.modeling.mask import make_attention_mask
@@ -186,8 +187,8 @@ class TiedLMHead(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((vocab_size,), param_dtype), **axes("vocab"))
 
     def __call__(self, x: jax.Array, embedding: jax.Array) -> jax.Array:
-        """`x: [B, T, D]`, `embedding: [V, D]` -> `[B, T, V]`."""
-        logits = jnp.einsum("BTD,VD->BTV", x, embedding.astype(x.dtype), preferred_element_type=jnp.float32,
+        """`x: [..., D]`, `embedding: [V, D]` -> `[..., V]`."""
+        logits = jnp.einsum("...D,VD->...V", x, embedding.astype(x.dtype), preferred_element_type=jnp.float32,
                             precision=matmul_precision(x.dtype), _dot_general=dot_general)
         return logits + self.bias[...].astype(jnp.float32)
 
@@ -212,9 +213,10 @@ class PhiForCausalLM(PhiPreTrainedModel, GenerationMixin):
         """`[B, T, D] -> [B, T, V]` float32 (matmul in the compute dtype, float32 accumulation)."""
         hidden = hidden.astype(self.model.dtype)
         if isinstance(self.lm_head, TiedLMHead):
-            logits = self.lm_head(hidden, self.model.embed_tokens.embedding[...])
+            embedding = self.model.embed_tokens.embedding[...]
+            logits = over_rows(lambda rows: self.lm_head(rows, embedding), hidden)
         else:
-            logits = self.lm_head(hidden)
+            logits = over_rows(self.lm_head, hidden)
         return constrain(logits, ("batch", None, "act_vocab"))
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, *, labels=None, cache=None,

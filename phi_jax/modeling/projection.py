@@ -32,12 +32,31 @@ def linear_apply(linear: nnx.Linear, x: jax.Array, out_sharding=None) -> jax.Arr
     return y if bias is None else add_bias(y, bias)
 
 
+def over_rows(fn, x: jax.Array) -> jax.Array:
+    """`fn(x)` for a row-wise `fn` (`[N, D] -> [N, F]`), with `x: [..., D]` viewed as one matrix of rows.
+
+    The view (and the result's back to `[..., F]`) is a bitcast. It matters for the gradient: the weight gradient of
+    `[B, T, D] @ [D, F]` contracts two axes, B and T, and XLA's CPU backend then writes a transposed copy of the
+    cotangent (recomputing the fusion that makes it) before each weight-gradient product; with one row axis the
+    product reads both operands in place. A jitted gradient of a 4-layer MLP at 4 x 128 tokens, hidden 256 (jax
+    0.10.2, 2 cores): 66.6 ms with the 3-d products, 40.7 ms over rows (benchmarks/train.py times the whole step).
+    """
+    lead = x.shape[:-1]
+    if len(lead) <= 1:
+        return fn(x)
+    y = fn(x.reshape(math.prod(lead), x.shape[-1]))
+    return y.reshape(*lead, y.shape[-1])
+
+
 class Linear(nnx.Linear):
     """The attention's and MLP's projections: `nnx.Linear` (same parameters, same forward) through `linear_apply`,
-    so that a 16-bit model's bias gradients are float32 sums over the batch (see `matmul.add_bias`)."""
+    so that a 16-bit model's bias gradients are float32 sums over the batch (see `matmul.add_bias`), over the
+    input's rows (`over_rows`)."""
 
     def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
-        return linear_apply(self, inputs, out_sharding)
+        if out_sharding is not None:  # a sharding of the [..., F] result
+            return linear_apply(self, inputs, out_sharding)
+        return over_rows(lambda rows: linear_apply(self, rows), inputs)
 
 
 def project(linear: nnx.Linear, x: jax.Array) -> jax.Array:

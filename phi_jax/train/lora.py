@@ -17,7 +17,7 @@ from flax import nnx
 from phi_jax.modeling.attention import PhiAttention
 from phi_jax.modeling.layernorm import axes
 from phi_jax.modeling.mlp import PhiMLP
-from phi_jax.modeling.projection import Linear, linear_apply
+from phi_jax.modeling.projection import Linear, linear_apply, over_rows
 
 TARGETS = {PhiAttention: ("q_proj", "k_proj", "v_proj", "dense"), PhiMLP: ("fc1", "fc2")}
 
@@ -28,6 +28,11 @@ class ScaledLoRALinear(nnx.LoRALinear):
     lora_scale: float = 1.0
 
     def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
+        if out_sharding is None:  # over rows, as the model's `Linear`
+            return over_rows(self._rows, x)
+        return self._rows(x, out_sharding)
+
+    def _rows(self, x: jax.Array, out_sharding=None) -> jax.Array:
         y = linear_apply(self, x, out_sharding)
         update = self.lora(x)
         return y + (update if self.lora_scale == 1.0 else self.lora_scale * update)
