@@ -70,6 +70,10 @@ step train 240 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 python3 benchmarks/train.
 # batch 8 may fit, and the backward then reruns no layer norm, GELU or residual) against the policy above
 step train_policy 150 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 python3 benchmarks/train.py --gpu --batch 8 \
     --remat dots_and_attention_saveable,everything_saveable
+# issue 12: the projections on [B, T, D] operands (the form before 2026-11-27; rows are the default since) at the
+# `train` step's batch and policy: rows made the CPU step 1.2-1.3x faster; check the GPU did not lose
+step train_3d 120 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 python3 benchmarks/train.py --gpu --batch 8 \
+    --remat dots_and_attention_saveable --products 3d --repeats 3
 # issue 10: numerics of the default kernel forms (the backward split and paired by default since the fifth run), then
 # head_dim 80 fwd and fwd+bwd of every form (the two-warpgroup 3-slot forward matched cuDNN once: confirm it)
 step variants 150 python3 benchmarks/gpu_attention.py --variants --check-only default --dims 80 --repeats 3

@@ -14,11 +14,13 @@ temporaries (parameters and optimizer state fixed), and runs the step at it. Att
 
     python benchmarks/train.py [--threads 2] [--repeats 15] [--profile TOP] [--phases]
     python benchmarks/train.py --gpu [--batch 8] [--remat nothing_saveable[,POLICY...]] [--attn cudnn] [--find-max]
+    (either) [--products 3d]: the projections on [B, T, D] operands, the form before 2026-11-27 (an A/B)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -38,6 +40,19 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5 lite": 197e
              "TPU v5p": 459e12, "TPU v6 lite": 918e12}
 CPU_GEOMETRY = dict(vocab_size=2048, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                     num_attention_heads=8, partial_rotary_factor=0.5)
+
+
+@contextlib.contextmanager
+def three_d_products():
+    """Programs traced inside run the projections and the LM head on `[B, T, D]` operands, as phi_jax did before
+    `projection.over_rows` (an A/B of that change)."""
+    from phi_jax.modeling import model, projection
+    saved = projection.over_rows, model.over_rows
+    projection.over_rows = model.over_rows = lambda fn, x: fn(x)
+    try:
+        yield
+    finally:
+        projection.over_rows, model.over_rows = saved
 
 
 def train_flops(cfg, batch: int, seq: int, remat: bool) -> float:
@@ -363,12 +378,17 @@ def main() -> None:
     p.add_argument("--capacity-gib", type=float, default=None, help="device memory (default: the device's)")
     p.add_argument("--find-max", action="store_true", help="with --gpu: estimate the largest batch "
                    "(the step compiled again at twice --batch: temporaries' slope) and run the step at it")
+    p.add_argument("--products", default="rows", choices=("rows", "3d"), help="the projections' and LM head's "
+                   "operands: as rows `[B * T, D]` (the library's form) or `[B, T, D]` (its form before 2026-11-27)")
     args = p.parse_args()
-    if args.gpu:
-        args.remat = args.remat or "nothing_saveable"
-        gpu(args)
-    else:
-        cpu(args)
+    with three_d_products() if args.products == "3d" else contextlib.nullcontext():
+        if args.products == "3d":
+            print("products: 3-d operands ([B, T, D] @ [D, F]), not the library's rows")
+        if args.gpu:
+            args.remat = args.remat or "nothing_saveable"
+            gpu(args)
+        else:
+            cpu(args)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,9 @@ def over_rows(fn, x: jax.Array) -> jax.Array:
     The view (and the result's back to `[..., F]`) is a bitcast. It matters for the gradient: the weight gradient of
     `[B, T, D] @ [D, F]` contracts two axes, B and T, and XLA's CPU backend then writes a transposed copy of the
     cotangent (recomputing the fusion that makes it) before each weight-gradient product; with one row axis the
-    product reads both operands in place. A jitted gradient of a 4-layer MLP at 4 x 128 tokens, hidden 256 (jax
-    0.10.2, 2 cores): 66.6 ms with the 3-d products, 40.7 ms over rows (benchmarks/train.py times the whole step).
+    product reads both operands in place. benchmarks/train.py's CPU train step (jax 0.10.2, 2 cores): 120.4 ms with
+    the 3-d products against 101.2 ms over rows (benchmarks/cpu_step_parts.py, RESULTS.md). The forward program is
+    the same either way, apart from bitcasts.
     """
     lead = x.shape[:-1]
     if len(lead) <= 1:
