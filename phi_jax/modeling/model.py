@@ -248,7 +248,7 @@ class PhiForSequenceClassification(PhiPreTrainedModel):
                  output_hidden_states: bool = False) -> PhiOutput:
         """`logits: [B, C]`; `labels: [B]` (or `[B, C]` floats for regression / multi-label)."""
         out = self.model(input_ids, attention_mask, position_ids, output_hidden_states=output_hidden_states)
-        logits = self.score(out.last_hidden_state)  # [B, T, C]
+        logits = over_rows(self.score, out.last_hidden_state)  # [B, T, C]
         b, t = input_ids.shape
         pad = self.config.pad_token_id
         if pad is None:
@@ -303,7 +303,7 @@ class PhiForTokenClassification(PhiPreTrainedModel):
         out = self.model(input_ids, attention_mask, position_ids, output_hidden_states=output_hidden_states)
         if labels is not None:
             _check_class_labels(labels, jnp.shape(input_ids), self.config.num_labels)
-        logits = self.score(self.dropout(out.last_hidden_state))
+        logits = over_rows(self.score, self.dropout(out.last_hidden_state))
         loss = None if labels is None else cross_entropy(logits, labels)
         return out.replace(logits=logits, loss=loss)
 
