@@ -13,6 +13,7 @@ import os
 import platform
 import socket
 import sys
+import time
 
 
 def pin_threads(n: int | None) -> int:
@@ -66,3 +67,21 @@ def median_time(fn, repeats: int) -> float:
     """Median wall time of `repeats` calls of `fn` (which must block until its result is ready)."""
     from phi_jax.parity import median_seconds
     return median_seconds(fn, repeats)
+
+
+def interleaved(fns: dict, rounds: int, *, calls: int = 1, stat=None) -> dict[str, float]:
+    """Seconds per call of each of `fns` (blocking callables): each is warmed up once, then every round times
+    `calls` calls of one after another, so that load drifting on a shared host hits all of them alike. `stat`
+    (the median by default) over the rounds."""
+    import numpy as np
+    stat = stat or np.median
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[name].append((time.perf_counter() - t0) / calls)
+    return {name: float(stat(ts)) for name, ts in times.items()}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -24,7 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench_env import header, pin_threads  # noqa: E402
+from bench_env import header, interleaved, pin_threads  # noqa: E402
 
 SHAPES = (  # (name, batch, seq, heads, head_dim, with backward)
     ("phi-2 heads, 1 x 512", 1, 512, 32, 80, False),
@@ -36,16 +35,8 @@ SHAPES = (  # (name, batch, seq, heads, head_dim, with backward)
 
 def interleaved_ms(fns, calls: int, rounds: int) -> list[float]:
     """Median ms per call of each of `fns`, timed round by round (`calls` calls of each in turn per round)."""
-    for fn in fns:
-        fn()
-    times = [[] for _ in fns]
-    for _ in range(rounds):
-        for fn, ts in zip(fns, times):
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            ts.append((time.perf_counter() - t0) / calls)
-    return [1e3 * float(np.median(ts)) for ts in times]
+    med = interleaved(dict(enumerate(fns)), rounds, calls=calls)
+    return [1e3 * med[i] for i in range(len(fns))]
 
 
 @contextlib.contextmanager

@@ -18,9 +18,8 @@ import contextlib
 import os
 import sys
 import tempfile
-import time
 
-from bench_env import header, pin_threads
+from bench_env import header, interleaved, pin_threads
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -49,21 +48,6 @@ def ablations() -> dict:
         "no-softmax": lambda: patched(attention, "_softmax", lambda x: jnp.clip(x, -1.0, 1.0) * 1e-3),
         "3-d products": three_d_products,
     }
-
-
-def interleaved(fns: dict, rounds: int, calls: int = 1) -> dict:
-    """Median seconds per call of each of `fns`, timed round by round."""
-    import numpy as np
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            times[name].append((time.perf_counter() - t0) / calls)
-    return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
 def step_parts(rounds: int) -> None:

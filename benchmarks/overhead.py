@@ -22,7 +22,6 @@ import datetime
 import os
 import platform
 import sys
-import time
 
 import flax
 import jax
@@ -31,23 +30,10 @@ import numpy as np
 from flax import nnx
 
 import phi_jax
+from bench_env import interleaved
 from phi_jax.compilation import split_cached
 from phi_jax.generation.generate import _generate_program, _prepare, generate
 from phi_jax.generation.sampling import Greedy
-
-
-def interleaved(fns: dict, repeats: int, stat=np.median) -> dict[str, float]:
-    """Seconds per call of each function (`stat` over the calls, the median by default), calls interleaved;
-    each is warmed up first."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: float(stat(t)) for name, t in times.items()}
 
 
 def main(argv=None) -> int:
@@ -79,9 +65,9 @@ def main(argv=None) -> int:
         "compiled": lambda: fwd(ids).logits.block_until_ready(),
         "own jit over split state": lambda: own(state, ids).block_until_ready(),
         "jit over flat arrays": lambda: flat(leaves, ids).block_until_ready(),
-    }, args.repeats, stat)
+    }, args.repeats, stat=stat)
     # timed apart: its 20+ ms of allocations between the calls above would slow whichever call follows it
-    t.update(interleaved({"nnx.split alone": lambda: nnx.split(model)}, max(5, args.repeats // 10), stat))
+    t.update(interleaved({"nnx.split alone": lambda: nnx.split(model)}, max(5, args.repeats // 10), stat=stat))
     base = t["jit over flat arrays"]
     print("\nforward, batch 1 x 16 tokens (ms per call):")
     for name, v in t.items():
@@ -102,7 +88,7 @@ def main(argv=None) -> int:
         return np.asarray(tokens)
 
     np.testing.assert_array_equal(generate(model, prompt, **kw)[:, 16:], bare()[:, :1])
-    g = interleaved({"generate": lambda: generate(model, prompt, **kw), "bare program": bare}, args.repeats, stat)
+    g = interleaved({"generate": lambda: generate(model, prompt, **kw), "bare program": bare}, args.repeats, stat=stat)
     print("\ngenerate(max_new_tokens=1), batch 1 x 16 tokens (ms per call):")
     for name, v in g.items():
         print(f"  {name:26s} {v * 1e3:7.3f}")
