@@ -36,13 +36,12 @@ def test_same_values_as_the_linear_layer():
     np.testing.assert_array_equal(np.asarray(project(lin, xs)), np.asarray(lin(xs)))
 
 
-
 def test_weight_gradients_read_the_activations_in_place():
     """The projections and the LM head run over rows (`over_rows`): each weight gradient contracts one token axis,
     the major axis of both operands as they are in memory (`dot(x, g)`, contracting dims {0} and {0}). On `[B, T, D]`
     operands it contracted two, and XLA's CPU backend fed each weight-gradient product a transposed copy of the
     cotangent (contracting dims {0} and {1}), made by a fusion that re-read it column by column: the CPU train step
-    was 1.2x slower (benchmarks/cpu_step_parts.py)."""
+    was about 1.2x slower (benchmarks/cpu_step_parts.py)."""
     import phi_jax
     cfg = phi_jax.phi_2(vocab_size=128, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                         num_attention_heads=4, bos_token_id=None, eos_token_id=None, pad_token_id=None)

@@ -8,6 +8,9 @@ so on CUDA and ROCm a single row is padded with a row of zeros inside the produc
 On the CPU (and TPU) the plain one-row product stays: there a [2, D] GEMM ran 1.4x slower than the [1, D]
 matrix-vector product (float32, [2048, 8192], jax 0.10.2). The form is chosen per platform when the program
 is lowered (`jax.lax.platform_dependent`); it changes the layout of one product, never what is computed.
+
+`Linear` (the attention's and MLP's projections) and the model's heads apply their products to the input's rows
+(`over_rows`: `[..., D]` viewed as `[N, D]`), for their weight gradients' sake.
 """
 
 from __future__ import annotations
