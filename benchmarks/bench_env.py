@@ -7,6 +7,7 @@ phi_jax and transformers get the same number of threads.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib
 import os
@@ -85,3 +86,15 @@ def interleaved(fns: dict, rounds: int, *, calls: int = 1, stat=None) -> dict[st
                 fn()
             times[name].append((time.perf_counter() - t0) / calls)
     return {name: float(stat(ts)) for name, ts in times.items()}
+
+
+@contextlib.contextmanager
+def patched(obj, name: str, value):
+    """`obj.name = value` inside the block, restored after: programs traced inside see the patched function (an
+    ablation or the library's older form, for an A/B)."""
+    saved = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, saved)

@@ -14,7 +14,6 @@ on a shared host hits all three alike), torch / phi_jax (above 1: phi_jax is fas
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -23,7 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench_env import header, interleaved, pin_threads  # noqa: E402
+from bench_env import header, interleaved, patched, pin_threads  # noqa: E402
 
 SHAPES = (  # (name, batch, seq, heads, head_dim, with backward)
     ("phi-2 heads, 1 x 512", 1, 512, 32, 80, False),
@@ -39,16 +38,10 @@ def interleaved_ms(fns, calls: int, rounds: int) -> list[float]:
     return [1e3 * med[i] for i in range(len(fns))]
 
 
-@contextlib.contextmanager
 def positions_major():
     """Programs traced inside take the GPU/TPU layout of the attention's products on the CPU too."""
     from phi_jax.modeling import attention
-    saved = attention._CPU_PRODUCTS
-    attention._CPU_PRODUCTS = attention._PRODUCTS
-    try:
-        yield
-    finally:
-        attention._CPU_PRODUCTS = saved
+    return patched(attention, "_CPU_PRODUCTS", attention._PRODUCTS)
 
 
 def main() -> None:

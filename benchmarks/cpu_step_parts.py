@@ -1,9 +1,9 @@
 """Where benchmarks/train.py's CPU step spends its time: the whole step with one part taken out, and the parts' rates.
 
 1. The train step of benchmarks/train.py (hidden 256, 4 layers, 8 heads, 4 x 128 tokens, float32, AdamW),
-   compiled once as it is and once per ablation, timed in interleaved rounds: `no-attention` (the attention returns its
-   queries), `no-gelu` (the MLP's activation is the identity), `no-softmax` (the attention's softmax is a clip and a scale),
-   and `3-d products` (the projections and LM head as `[B, T, D] @ [D, F]`, the form before `projection.over_rows`).
+   compiled once as it is and once per ablation, timed in interleaved rounds: `no-attention` (the attention returns
+   its queries), `no-gelu` (the MLP's activation is the identity), `no-softmax` (the attention's softmax is a clip
+   and a scale), and `3-d products` (the projections and LM head as `[B, T, D] @ [D, F]`, the form before `projection.over_rows`).
    The time an ablation saves is what that part costs inside the step (XLA fuses across parts, so roughly).
 2. The same parts alone against torch, interleaved: the attention's batched products at the step's shapes, and
    elementwise transcendentals (tanh, exp) against a multiply, per element, in XLA loop fusions.
@@ -19,19 +19,9 @@ import os
 import sys
 import tempfile
 
-from bench_env import header, interleaved, pin_threads
+from bench_env import header, interleaved, patched, pin_threads
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-
-@contextlib.contextmanager
-def patched(obj, name, value):
-    saved = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, saved)
 
 
 def ablations() -> dict:

@@ -34,7 +34,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench_env import median_time  # noqa: E402
+from bench_env import median_time, patched  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5 lite": 197e12, "TPU v4": 275e12,
              "TPU v5p": 459e12, "TPU v6 lite": 918e12}
@@ -42,17 +42,14 @@ CPU_GEOMETRY = dict(vocab_size=2048, hidden_size=256, intermediate_size=1024, nu
                     num_attention_heads=8, partial_rotary_factor=0.5)
 
 
-@contextlib.contextmanager
 def three_d_products():
     """Programs traced inside run the projections and the LM head on `[B, T, D]` operands, as phi_jax did before
     `projection.over_rows` (an A/B of that change)."""
     from phi_jax.modeling import model, projection
-    saved = projection.over_rows, model.over_rows
-    projection.over_rows = model.over_rows = lambda fn, x: fn(x)
-    try:
-        yield
-    finally:
-        projection.over_rows, model.over_rows = saved
+    stack = contextlib.ExitStack()
+    for module in (projection, model):
+        stack.enter_context(patched(module, "over_rows", lambda fn, x: fn(x)))
+    return stack
 
 
 def train_flops(cfg, batch: int, seq: int, remat: bool) -> float:
